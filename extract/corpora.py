@@ -1,0 +1,45 @@
+"""Which corpora exist, their defaults, and one entry point to read any of them.
+
+Each corpus module exposes `read(root, classes, strict, **options) -> Corpus`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from extract.records import CLASSES_4, Corpus, CorpusError
+
+# dataset name -> (module, default --max-seconds). 19 s / 16 s are the paper's truncation.
+DATASETS: dict[str, tuple[str, float]] = {
+    "iemocap": ("extract.iemocap", 19.0),
+    "kemdy19": ("extract.kemdy19", 16.0),
+    "kemdy20": ("extract.kemdy20", 16.0),
+    "manifest": ("extract.manifest", 0.0),
+    "synthetic": ("extract.synthetic", 0.0),
+}
+
+
+def default_max_seconds(dataset: str) -> float:
+    """The truncation a dataset gets unless the user says otherwise (0 = none)."""
+    return DATASETS[check_dataset(dataset)][1]
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise CorpusError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    return dataset
+
+
+def read_corpus(
+    dataset: str,
+    root: str | Path,
+    classes: tuple[str, ...] = CLASSES_4,
+    strict: bool = False,
+    **options,
+) -> Corpus:
+    """Read a corpus by name; `options` are the reader's own (e.g. ties='skip')."""
+    module = importlib.import_module(DATASETS[check_dataset(dataset)][0])
+    if not Path(root).exists():
+        raise CorpusError(f"{dataset} root {str(root)!r} does not exist")
+    return module.read(Path(root), classes=tuple(classes), strict=strict, **options)

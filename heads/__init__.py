@@ -1,0 +1,1 @@
+"""Pooling, the multi-task head, folds, training, metrics, reports and end-to-end fine-tuning."""
