@@ -1,0 +1,66 @@
+"""The SR/MTL head: layer use -> pooling -> 32-d projection -> emotion classifier + valence/arousal regressors.
+
+Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
+says "projected into 32 dimensions"; the non-linearity lets the three tasks
+share a non-linear bottleneck (without it proj + classifier is just a
+rank-32 linear map), and dropout because a head on ~4k utterances overfits
+the training speakers quickly.
+
+Valence/arousal are predicted in standardized units (training-split mean
+and std, kept as buffers `va_mean`/`va_std`, saved with the weights);
+`to_corpus_scale` inverts them for predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heads.layers import LayerMix
+from heads.pooling import make_pooling, speech_frames
+
+
+@dataclass
+class HeadOutput:
+    logits: torch.Tensor  # (B, C)
+    va: torch.Tensor  # (B, 2) valence, arousal in standardized units
+    no_speech: torch.Tensor  # (B,) bool: VAD found no speech frame, SAP used all frames
+
+
+class SERHead(nn.Module):
+    """Layer mix + pooling + shared projection + 4-way classifier + two regressors."""
+
+    def __init__(self, hidden_size: int, n_layers: int, n_classes: int, *, pooling: str = "sr",
+                 proj_dim: int = 32, heads: int = 8, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.mix = LayerMix(n_layers, hidden_size)
+        self.pool = make_pooling(pooling, hidden_size, heads=heads)
+        self.proj = nn.Sequential(nn.Linear(self.pool.output_size, proj_dim), nn.GELU(), nn.Dropout(dropout))
+        self.classifier = nn.Linear(proj_dim, n_classes)
+        self.regressor = nn.Linear(proj_dim, 2)  # two regressors (valence, arousal) as one 2-output layer
+        self.register_buffer("va_mean", torch.zeros(2))
+        self.register_buffer("va_std", torch.ones(2))
+        self.input_size = hidden_size
+        self.output_size = n_classes + 2
+
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
+        """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
+        x = self.mix(features)  # (B, T, D)
+        pooled = self.pool(x, padding_mask, vad_mask)  # (B, P)
+        z = self.proj(pooled)  # (B, proj_dim)
+        _, no_speech = speech_frames(padding_mask, vad_mask)
+        return HeadOutput(self.classifier(z), self.regressor(z), no_speech)
+
+    def set_target_scale(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.va_mean.copy_(mean)
+        self.va_std.copy_(std)
+
+    def scale_targets(self, va: torch.Tensor) -> torch.Tensor:
+        """(B, 2) corpus-scale valence/arousal -> standardized units (NaN stays NaN)."""
+        return (va - self.va_mean) / self.va_std
+
+    def to_corpus_scale(self, va: torch.Tensor) -> torch.Tensor:
+        """(B, 2) standardized predictions -> the corpus's own scale (e.g. 1-5)."""
+        return va * self.va_std + self.va_mean

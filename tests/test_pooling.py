@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+
+from heads.head import SERHead
+from heads.layers import LayerMix
+from heads.pooling import GAP, SAP, SR, attention_heads, compact, speech_frames
+
+D = 16
+
+
+def batch(seed=0, lengths=(7, 12, 3, 9), speech_p=0.6):
+    """(B, T, D) features with garbage in the padding, masks, and per-row lengths."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    x = torch.randn(B, T, D, generator=g)
+    pad = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    vad = (torch.rand(B, T, generator=g) < speech_p) & pad
+    vad[:, 0] |= pad[:, 0]  # at least one speech frame per row
+    x[~pad] = 1e3  # padding values must never matter
+    return x, pad, vad
+
+
+def test_gap_is_the_numpy_mean_of_real_frames():
+    x, pad, vad = batch()
+    got = GAP(D)(x, pad, vad).numpy()
+    for b in range(x.shape[0]):
+        real = x[b].numpy()[pad[b].numpy()]
+        np.testing.assert_allclose(got[b], real.mean(axis=0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [SAP, SR])
+def test_sap_ignores_non_speech_and_padding_values(cls):
+    torch.manual_seed(0)
+    pool = cls(D, heads=4).eval()
+    x, pad, vad = batch(1)
+    ref = pool(x, pad, vad)
+    y = x.clone()
+    y[pad & ~vad] = torch.randn(int((pad & ~vad).sum()), D) * 5  # non-speech frames change
+    y[~pad] = -7.0  # padding changes
+    out = pool(y, pad, vad)
+    if cls is SAP:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    else:  # GAP half sees non-speech frames (by design), the SAP half must not
+        torch.testing.assert_close(out[:, D:], ref[:, D:], atol=1e-5, rtol=0)
+        assert not torch.allclose(out[:, :D], ref[:, :D])
+    # ... but speech frames do matter
+    z = x.clone()
+    z[vad] += 1.0
+    assert not torch.allclose(pool(z, pad, vad)[:, -D:], ref[:, -D:])
+
+
+@pytest.mark.parametrize("cls", [GAP, SAP, SR])
+def test_padded_batch_equals_one_utterance_at_a_time(cls):
+    torch.manual_seed(0)
+    pool = cls(D) if cls is GAP else cls(D, heads=4)
+    pool.eval()
+    x, pad, vad = batch(2, lengths=(5, 17, 1, 11, 8))
+    together = pool(x, pad, vad)
+    for b in range(x.shape[0]):
+        n = int(pad[b].sum())
+        alone = pool(x[b : b + 1, :n], pad[b : b + 1, :n], vad[b : b + 1, :n])
+        torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_sap_matches_explicit_attention_over_speech_frames():
+    torch.manual_seed(0)
+    pool = SAP(D, heads=4).eval()
+    x, pad, vad = batch(3)
+    got = pool(x, pad, vad)
+    for b in range(x.shape[0]):
+        speech = x[b][vad[b]].unsqueeze(0)  # (1, S, D): g(X), eq. 4
+        h, _ = pool.mhsa(speech, speech, speech, need_weights=False)
+        torch.testing.assert_close(got[b], h[0].mean(0), atol=1e-5, rtol=0)
+
+
+def test_no_speech_falls_back_to_all_real_frames_and_is_flagged():
+    torch.manual_seed(0)
+    pool = SR(D, heads=4)
+    x, pad, vad = batch(4)
+    vad[1] = False  # VAD found nothing in utterance 1
+    x.requires_grad_(True)
+    out = pool(x, pad, vad)
+    mask, flags = speech_frames(pad, vad)
+    assert flags.tolist() == [False, True, False, False]
+    assert torch.equal(mask[1], pad[1])
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # the fallback equals SAP over a VAD mask that marks every real frame
+    alone = pool.sap(x[1:2].detach(), pad[1:2], pad[1:2])
+    torch.testing.assert_close(out[1:2, D:].detach(), alone, atol=1e-5, rtol=0)
+
+
+def test_a_row_without_any_frame_stays_finite():
+    pool = SAP(D, heads=4)
+    x = torch.randn(2, 4, D, requires_grad=True)
+    pad = torch.tensor([[True, True, False, False], [False] * 4])
+    out = pool(x, pad, pad.clone())
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(out[1], torch.zeros(D))
+
+
+def test_compact_keeps_selected_frames_in_order():
+    x = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)
+    mask = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
+    xc, mc = compact(x, mask)
+    assert xc[..., 0].tolist() == [[1, 3, 4], [5, 6, 7]]
+    assert mc.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_sizes_and_head_counts():
+    assert (GAP(D).output_size, SAP(D).output_size, SR(D).output_size) == (D, D, 2 * D)
+    assert attention_heads(1024, 8) == 8 and attention_heads(768, 5) == 4 and attention_heads(30, 8) == 6
+    assert SAP(30, heads=8).heads == 6
+    head = SERHead(D, 3, 4, pooling="sr", proj_dim=32)
+    assert (head.input_size, head.output_size) == (D, 6)
+
+
+def test_layer_mix_is_a_softmax_weighted_sum():
+    mix = LayerMix(3, D)
+    with torch.no_grad():
+        mix.logits.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    x = torch.randn(2, 5, 3, D)
+    w = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    expected = (x * w[None, None, :, None]).sum(2)
+    torch.testing.assert_close(mix(x), expected)
+    assert torch.equal(LayerMix(1, D)(x[:, :, :1]), x[:, :, 0])
+    with pytest.raises(ValueError):
+        mix(torch.randn(2, 5, 4, D))
