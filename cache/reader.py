@@ -1,0 +1,249 @@
+"""FeatureCache: random access to a finished cache (one file or a set of shards).
+
+The HDF5 files are opened lazily, once per process: a DataLoader worker (fork or spawn)
+opens its own handles on first use, because an HDF5 handle must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from cache.format import (
+    FEATURES,
+    N_VAD_MODES,
+    VAD,
+    CacheError,
+    find_shards,
+    fingerprint_diff,
+    parse_shard_name,
+    parts_dir,
+)
+from cache.writer import read_contents
+
+PUBLIC_META = ("speaker", "session", "emotion", "valence", "arousal", "n_frames", "duration",
+               "truncated", "path", "dataset", "float32_fallback")
+
+
+def resolve_paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files that make up a cache: F.h5 itself, or its complete set of shards."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        if path.exists():
+            return [path]
+        shards = find_shards(path)
+        if not shards:
+            if parts_dir(path).exists():
+                raise CacheError(f"{path} is unfinished (its writer was interrupted); rerun the same extract command to complete it")
+            raise CacheError(f"no cache at {path} (and no shard files {path.stem}.shard-*-of-*.h5 beside it)")
+        paths = shards
+    else:
+        paths = [Path(p) for p in path]
+        if not paths:
+            raise CacheError("no cache files given")
+        for p in paths:
+            if not p.exists():
+                raise CacheError(f"no cache file at {p}")
+    if len(paths) == 1 and not parse_shard_name(paths[0]):
+        return paths
+    named = [parse_shard_name(p) for p in paths]
+    if any(n is None for n in named):
+        raise CacheError(f"several files given, but {paths[named.index(None)]} is not named like a shard (F.shard-i-of-n.h5)")
+    counts = {n for _, _, n in named}
+    if len(counts) != 1:
+        raise CacheError(f"the shard files come from different splits (of {sorted(counts)})")
+    n = counts.pop()
+    have = {i for _, i, _ in named}
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        raise CacheError(f"shard(s) {', '.join(map(str, missing))} of {n} missing beside {paths[0]}; finish them or merge what exists")
+    by_index = {i: p for p, (_, i, _) in zip(paths, named)}
+    return [by_index[i] for i in range(n)]
+
+
+class FeatureCache:
+    """A read-only view of a cache: metadata in RAM, features read on demand (or preloaded)."""
+
+    def __init__(self, path: str | Path | Sequence[str | Path]) -> None:
+        self.paths = resolve_paths(path)
+        self.path = Path(path) if isinstance(path, (str, Path)) else self.paths[0]
+        contents = [read_contents(p) for p in self.paths]
+        fp0 = contents[0].fingerprint
+        for c in contents[1:]:
+            keys = fingerprint_diff(fp0, c.fingerprint, ignore=("shard",))
+            if keys:
+                raise CacheError(f"{c.path} was made differently from {self.paths[0]} ({', '.join(keys)} differ)")
+        self.fingerprint: dict[str, Any] = {k: v for k, v in fp0.items() if k != "shard" or len(self.paths) == 1}
+        self.classes: tuple[str, ...] = tuple(fp0["classes"])
+        self.layers: tuple[int, ...] = tuple(int(x) for x in fp0["layers"])
+        self.dtype = np.dtype(fp0["dtype"])
+        self.hidden_size = max((c.hidden_size for c in contents), default=0)
+        frames = []
+        for i, c in enumerate(contents):
+            df = pd.DataFrame(c.meta)
+            df["_file"] = i
+            frames.append(df)
+        meta = pd.concat(frames, ignore_index=True)
+        dup = meta["utt_id"][meta["utt_id"].duplicated()]
+        if len(dup):
+            raise CacheError(f"utterance {dup.iloc[0]!r} appears in more than one shard")
+        meta = meta.sort_values("utt_id").set_index("utt_id")
+        meta["emotion"] = pd.Series([e or None for e in meta["emotion"]], index=meta.index, dtype=object)
+        self._file = meta["_file"].to_dict()
+        self._key = meta["key"].to_dict()
+        self.meta: pd.DataFrame = meta[list(PUBLIC_META)].copy()
+        self.skipped: pd.DataFrame = pd.concat([pd.DataFrame(c.skipped) for c in contents], ignore_index=True)
+        self.skipped = self.skipped.drop_duplicates(["item", "reason"]).sort_values(["item", "reason"]).reset_index(drop=True)
+        self._pid: int | None = None
+        self._handles: list[h5py.File] = []
+        self._ram: _Preloaded | None = None
+
+    # -- handles ----------------------------------------------------------------------
+
+    def _files(self) -> list[h5py.File]:
+        if self._pid != os.getpid():  # first use, or first use after a fork
+            self._handles = []
+            for p in self.paths:
+                try:
+                    self._handles.append(h5py.File(p, "r"))
+                except OSError as err:
+                    raise CacheError(f"{p} is not an HDF5 file or is corrupted ({err})") from None
+            self._pid = os.getpid()
+        return self._handles
+
+    def _read(self, group: str, utt_id: str, index: Any) -> np.ndarray:
+        try:
+            f = self._files()[self._file[utt_id]]
+        except KeyError:
+            raise CacheError(f"utterance {utt_id!r} is not in {self.path}") from None
+        try:
+            return f[group][self._key[utt_id]][index]
+        except (KeyError, OSError) as err:
+            raise CacheError(f"{f.filename}: cannot read {group} of {utt_id!r}; the file is damaged ({err})") from None
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for h in self._handles:
+                h.close()
+        self._handles, self._pid = [], None
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawn-started workers: never ship open HDF5 handles.
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = [], None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    # -- access -----------------------------------------------------------------------
+
+    def positions(self, layers: Sequence[int] | None) -> list[int]:
+        """Stored positions of hidden-state indices; CacheError naming what is available."""
+        if layers is None:
+            return list(range(len(self.layers)))
+        if len(layers) == 0:
+            raise CacheError(f"no layers selected; this cache holds layers {_ranges(self.layers)}")
+        where = {layer: i for i, layer in enumerate(self.layers)}
+        missing = [int(x) for x in layers if int(x) not in where]
+        if missing:
+            raise CacheError(f"layer(s) {', '.join(map(str, missing))} not in this cache; it holds layers {_ranges(self.layers)}")
+        return [where[int(x)] for x in layers]
+
+    def features(self, utt_id: str, layers: Sequence[int] | None = None) -> np.ndarray:
+        """(T, L_sel, D) in the stored dtype (a view when preloaded: do not modify)."""
+        pos = self.positions(layers)
+        if self._ram is not None and utt_id in self._ram.offsets and set(pos) <= set(self._ram.positions):
+            start, t = self._ram.offsets[utt_id]
+            cols = [self._ram.positions.index(p) for p in pos]
+            block = self._ram.features[start:start + t]  # (T, L_ram, D)
+            return block if cols == list(range(len(self._ram.positions))) else block[:, cols]
+        if pos == list(range(pos[0], pos[-1] + 1)):
+            x = self._read(FEATURES, utt_id, np.s_[pos[0]:pos[-1] + 1])  # (L_sel, T, D), one chunk per layer
+        else:
+            x = np.stack([self._read(FEATURES, utt_id, p) for p in pos])
+        return x.transpose(1, 0, 2)  # (T, L_sel, D)
+
+    def vad(self, utt_id: str, mode: int) -> np.ndarray:
+        """(T,) bool: WebRTC VAD at aggressiveness `mode` on the feature frames."""
+        check_vad_mode(mode)
+        if self._ram is not None and utt_id in self._ram.offsets:
+            start, t = self._ram.offsets[utt_id]
+            return self._ram.vad[mode, start:start + t]
+        return self._read(VAD, utt_id, mode).astype(bool)
+
+    def preload(self, layers: Sequence[int] | None, budget_bytes: int) -> None:
+        """Copy the chosen layers of every utterance into one RAM array (T_total, L_sel, D).
+
+        float32 when any utterance needed the float32 fallback (else the stored dtype).
+        """
+        pos = self.positions(layers)
+        dtype = np.dtype(np.float32) if self.meta["float32_fallback"].any() else self.dtype
+        n_frames = self.meta["n_frames"].to_numpy(np.int64)
+        total = int(n_frames.sum())
+        need = total * len(pos) * self.hidden_size * dtype.itemsize + N_VAD_MODES * total
+        if need > budget_bytes:
+            raise CacheError(
+                f"preloading {len(pos)} layer(s) needs {need / 2**30:.2f} GiB, over the budget of "
+                f"{budget_bytes / 2**30:.2f} GiB; choose fewer layers or raise the budget"
+            )
+        feats = np.empty((total, len(pos), self.hidden_size), dtype=dtype)  # (T_total, L_sel, D)
+        vad = np.empty((N_VAD_MODES, total), dtype=bool)
+        offsets: dict[str, tuple[int, int]] = {}
+        self._ram = None  # read from disk below
+        start = 0
+        for utt_id, t in zip(self.meta.index, n_frames):
+            feats[start:start + t] = self.features(utt_id, [self.layers[p] for p in pos])
+            vad[:, start:start + t] = self._read(VAD, utt_id, np.s_[:]).astype(bool)
+            offsets[utt_id] = (start, int(t))
+            start += int(t)
+        self._ram = _Preloaded(pos, feats, vad, offsets)
+
+    @property
+    def preloaded_bytes(self) -> int:
+        return 0 if self._ram is None else self._ram.features.nbytes + self._ram.vad.nbytes
+
+    def preloaded(self) -> tuple[np.ndarray, dict[str, tuple[int, int]]] | None:
+        """The RAM array (T_total, L_sel, D) and utt_id -> (offset, T), or None."""
+        return None if self._ram is None else (self._ram.features, self._ram.offsets)
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+
+class _Preloaded:
+    def __init__(self, positions: list[int], features: np.ndarray, vad: np.ndarray,
+                 offsets: dict[str, tuple[int, int]]) -> None:
+        self.positions, self.features, self.vad, self.offsets = positions, features, vad, offsets
+
+
+def check_vad_mode(mode: int) -> int:
+    if mode not in range(N_VAD_MODES):
+        raise CacheError(f"unknown VAD mode {mode!r}; choose 0, 1, 2 or 3 (WebRTC aggressiveness)")
+    return mode
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> '0-2, 5, 7-8'."""
+    out, vals = [], sorted(values)
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out)
+

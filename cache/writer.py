@@ -1,0 +1,574 @@
+"""CacheWriter: append utterances to a cache, crash-safe and off the model's critical path.
+
+Why parts: an HDF5 file being written is not safe to kill (a SIGKILL mid-write can leave
+its B-trees or superblock inconsistent). So nothing is ever written in place: a background
+thread writes batches of utterances into `F.parts/part-NNNNNN.h5.tmp`, fsyncs it and renames
+it to `part-NNNNNN.h5`. A part that has its final name is complete; a `.tmp` is garbage from a
+kill and is deleted on the next open. `close()` builds `F.h5.tmp` from the old `F.h5` (if
+any) and every part, fsyncs and renames it over `F.h5`, then deletes the parts. A kill
+during that leaves either the old file plus the parts or the new file plus (already merged)
+parts, and utterances are de-duplicated by id when merging. So a kill at any moment loses
+only the utterances not yet in a renamed part, and a rerun stores each utterance once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cache.format import (
+    FEATURES,
+    FINGERPRINT_ATTR,
+    FLOAT16_MAX,
+    FORMAT_ATTR,
+    FORMAT_VERSION,
+    META,
+    META_COLUMNS,
+    N_VAD_MODES,
+    NOT_DONE_REASONS,
+    SKIP_COLUMNS,
+    SKIPPED,
+    STR_COLUMNS,
+    VAD,
+    CacheError,
+    describe_diff,
+    fingerprint_diff,
+    fsync_dir,
+    lock_path,
+    normalize_fingerprint,
+    parse_shard_name,
+    parts_dir,
+    read_columns,
+    shard_path,
+    utt_key,
+    write_columns,
+)
+from extract.records import Skip, Utterance
+
+PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
+PART_BYTES = 256 << 20  # ... or this many bytes of features, whichever comes first
+QUEUE_BYTES = 1 << 30  # add() blocks only when this much is waiting for the disk
+_PART_GLOB = "part-*.h5"
+
+
+# --- the lock -------------------------------------------------------------------------
+
+
+class _Lock:
+    """An flock'ed file holding the writer's PID: released by the kernel when the PID dies,
+    so a lock file left by a killed writer is simply taken over."""
+
+    def __init__(self, path: Path, cache: Path) -> None:
+        self.path = path
+        for _ in range(5):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CacheError(
+                    f"{cache} is being written by another process (PID {holder}, lock file {path}); "
+                    "wait for it to finish or stop it"
+                ) from None
+            # A finishing writer unlinks the file while holding the lock; if we locked that
+            # unlinked inode, try again on the new file.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self.fd: int | None = fd
+                return
+            os.close(fd)
+        raise CacheError(f"could not take the lock file {path}; another writer keeps replacing it")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: see the inode check above
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+# --- what a part or a cache file holds ------------------------------------------------
+
+
+@dataclass
+class _Contents:
+    """The rows of one cache or part file (no feature arrays)."""
+
+    path: Path
+    fingerprint: dict[str, Any]
+    hidden_size: int
+    meta: dict[str, list] = field(default_factory=dict)
+    skipped: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def utt_ids(self) -> list[str]:
+        return self.meta.get("utt_id", [])
+
+
+def read_contents(path: Path) -> _Contents:
+    """Header, metadata and skip list of a cache-format file; CacheError if it is not one."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise CacheError(f"{path} is not an HDF5 file or is corrupted ({_short(err)})") from None
+    with f:
+        if FORMAT_ATTR not in f.attrs or FINGERPRINT_ATTR not in f.attrs:
+            raise CacheError(f"{path} is not a sapser feature cache (no {FORMAT_ATTR!r} attribute)")
+        version = int(f.attrs[FORMAT_ATTR])
+        if version > FORMAT_VERSION:
+            raise CacheError(f"{path} has cache format {version}; this sapser reads up to {FORMAT_VERSION}")
+        try:
+            return _Contents(
+                path=path,
+                fingerprint=json.loads(f.attrs[FINGERPRINT_ATTR]),
+                hidden_size=int(f.attrs.get("hidden_size", 0)),
+                meta=read_columns(f[META], META_COLUMNS, STR_COLUMNS),
+                skipped=read_columns(f[SKIPPED], SKIP_COLUMNS, SKIP_COLUMNS),
+            )
+        except (KeyError, OSError, ValueError) as err:
+            raise CacheError(f"{path} is a damaged sapser cache ({_short(err)})") from None
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:160]
+
+
+def _root_attrs(f: h5py.File, fingerprint: dict[str, Any], hidden_size: int) -> None:
+    f.attrs[FORMAT_ATTR] = FORMAT_VERSION
+    f.attrs[FINGERPRINT_ATTR] = json.dumps(fingerprint, sort_keys=True)
+    f.attrs["classes"] = json.dumps(list(fingerprint["classes"]))
+    f.attrs["layers"] = np.asarray(fingerprint["layers"], dtype=np.int64)
+    f.attrs["hidden_size"] = int(hidden_size)
+    f.attrs["dtype"] = fingerprint["dtype"]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_error(err: OSError, path: Path) -> CacheError | None:
+    """ENOSPC (h5py sometimes only says so in the message) -> the user-facing error."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+        return CacheError(
+            f"out of disk space while writing {path}; free some space and rerun the same command "
+            "to complete the cache (finished parts are kept)"
+        )
+    return None
+
+
+# --- merging finished files into one cache --------------------------------------------
+
+
+def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any]) -> Path:
+    """Write every utterance and skip of `sources` once into `out`, atomically.
+
+    Rows are sorted by utt_id and skips by (item, reason), so any split of the same work
+    (parts, resumes, shards) gives a file with the same content. Features are copied chunk
+    by chunk with H5Ocopy (no decode/encode), so they stay bit-identical.
+    """
+    contents = [read_contents(p) for p in sources]
+    sizes = {c.hidden_size for c in contents if c.hidden_size}
+    if len(sizes) > 1:
+        raise CacheError(f"the files to merge disagree on the hidden size ({sorted(sizes)})")
+    hidden_size = sizes.pop() if sizes else int(fingerprint.get("hidden_size", 0))
+    need = sum(p.stat().st_size for p in sources)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise CacheError(
+            f"out of disk space: finishing {out} needs about {need / 1e9:.2f} GB and {free / 1e9:.2f} GB "
+            "is free; free some space and rerun the same command to complete the cache"
+        )
+    owner: dict[str, tuple[int, int]] = {}  # utt_id -> (source index, row)
+    for s, c in enumerate(contents):
+        for r, utt_id in enumerate(c.utt_ids):
+            owner.setdefault(utt_id, (s, r))
+    first_skip: dict[tuple[str, str], str] = {}  # (item, reason) -> detail, first one wins
+    for c in contents:
+        for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
+            first_skip.setdefault((item, reason), detail)
+    skips = [(item, reason, first_skip[item, reason]) for item, reason in sorted(first_skip)]
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as dst:
+            _root_attrs(dst, fingerprint, hidden_size)
+            feats, vads = dst.create_group(FEATURES), dst.create_group(VAD)
+            handles = [h5py.File(p, "r") for p in sources]
+            try:
+                for utt_id in sorted(owner):
+                    s, r = owner[utt_id]
+                    key = contents[s].meta["key"][r]
+                    handles[s].copy(handles[s][FEATURES][key], feats, name=key)
+                    handles[s].copy(handles[s][VAD][key], vads, name=key)
+            finally:
+                for h in handles:
+                    h.close()
+            meta = {k: [contents[owner[u][0]].meta[k][owner[u][1]] for u in sorted(owner)] for k in META_COLUMNS}
+            write_columns(dst.create_group(META), meta, STR_COLUMNS)
+            write_columns(dst.create_group(SKIPPED), {k: [row[i] for row in skips] for i, k in enumerate(SKIP_COLUMNS)},
+                          SKIP_COLUMNS)
+        _fsync_file(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise (_disk_error(err, out) or err) from None
+    return out
+
+
+def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
+    """Merge shard files into one cache equal in content to a single (unsharded) run."""
+    from cache.reader import resolve_paths  # the reader knows how to find and check a shard set
+
+    files = resolve_paths([Path(p) for p in paths] if not isinstance(paths, (str, Path)) else paths)
+    contents = [read_contents(p) for p in files]
+    first = contents[0].fingerprint
+    for c in contents[1:]:
+        keys = fingerprint_diff(first, c.fingerprint, ignore=("shard",))
+        if keys:
+            raise CacheError(f"{c.path} was made differently from {files[0]} ({', '.join(keys)} differ)")
+    fp = {k: v for k, v in first.items() if k != "shard"}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(lock_path(out), out)
+    try:
+        seen: dict[str, Path] = {}
+        for c in contents:
+            for u in c.utt_ids:
+                if u in seen:
+                    raise CacheError(f"utterance {u!r} is in two shards ({seen[u]} and {c.path})")
+                seen[u] = c.path
+        return consolidate(files, out, fp)
+    finally:
+        lock.release()
+
+
+# --- the writer -----------------------------------------------------------------------
+
+
+class CacheWriter:
+    """Append utterances to a cache; resume it after a kill; one writer per file.
+
+    `add()` only checks shapes and queues the arrays (it takes ownership: do not modify
+    them afterwards); a background thread converts to the storage dtype and writes parts.
+    Errors from that thread (e.g. out of disk space) are raised by the next add/skip/close.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: dict[str, Any],
+        *,
+        shard: tuple[int, int] | None = None,
+        part_utterances: int = PART_UTTERANCES,
+        part_bytes: int = PART_BYTES,
+        queue_bytes: int = QUEUE_BYTES,
+    ) -> None:
+        base = Path(path)
+        if parse_shard_name(base):
+            raise CacheError(f"give the base path (e.g. {parse_shard_name(base)[0]}.h5) and shard=(i, n), not a shard file")
+        self.path = shard_path(base, shard) if shard else base
+        fp = normalize_fingerprint(fingerprint)
+        if shard:
+            fp["shard"] = [shard[0], shard[1]]
+        self.fingerprint = fp
+        self.layers: tuple[int, ...] = tuple(int(x) for x in fp["layers"])
+        self.dtype = np.dtype(fp["dtype"])
+        self.hidden_size = int(fp.get("hidden_size", 0))
+        self.part_utterances, self.part_bytes, self.queue_bytes = part_utterances, part_bytes, queue_bytes
+        self.parts = parts_dir(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _Lock(lock_path(self.path), self.path)
+        try:
+            self._recover()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.n_added = 0  # utterances queued in this session
+        self.n_fallback = 0  # utterances stored in float32 because float16 would overflow
+        self.n_nonfinite = 0  # utterances turned into model_error skips
+        self._queue: queue.Queue = queue.Queue()
+        self._queued_bytes = 0
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="sapser-cache-writer", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # -- resume -----------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Check every existing piece against our fingerprint; fill `done` from them."""
+        self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
+        self._sources: list[Path] = [self.path] if self.path.exists() else []
+        self.parts.mkdir(exist_ok=True)
+        for tmp in self.parts.glob("*.tmp"):
+            tmp.unlink()
+        fp_file = self.parts / "fingerprint.json"
+        if fp_file.exists():
+            try:
+                self._check_fingerprint(json.loads(fp_file.read_text()), fp_file)
+            except ValueError:
+                pass  # a torn write of this small file; the parts carry the fingerprint too
+        parts = sorted(self.parts.glob(_PART_GLOB))
+        self._sources += parts
+        self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=0)
+        self.stored: set[str] = set()
+        self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
+        for src in self._sources:
+            c = read_contents(src)
+            self._check_fingerprint(c.fingerprint, src)
+            if c.hidden_size:
+                self._check_hidden(c.hidden_size, src)
+            self.stored.update(c.utt_ids)
+            for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
+                self._skips.setdefault((item, reason), detail)
+        self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
+        self.resumed = bool(self._sources)
+        _atomic_write_text(fp_file, json.dumps(self.fingerprint, sort_keys=True))
+
+    def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
+        keys = fingerprint_diff(self.fingerprint, theirs)
+        if keys:
+            raise CacheError(
+                f"{where} was made with different settings ({describe_diff(keys, self.fingerprint, theirs)}); "
+                f"use another --out or delete it"
+            )
+
+    def _check_hidden(self, size: int, where: Any) -> None:
+        if self.hidden_size and size != self.hidden_size:
+            raise CacheError(f"{where} has hidden size {size}, this run {self.hidden_size}")
+        self.hidden_size = size
+
+    # -- the model thread's side ------------------------------------------------------
+
+    def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool) -> None:
+        """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool."""
+        self._raise_pending()
+        if utt.utt_id in self.stored:
+            raise ValueError(f"utterance {utt.utt_id!r} is already in the cache (check writer.done first)")
+        features, vad = np.asarray(features), np.asarray(vad)
+        if features.ndim != 3 or features.shape[0] < 1:
+            raise ValueError(f"{utt.utt_id}: features must be (T, L, D) with T >= 1, got {features.shape}")
+        t, n_layers, d = features.shape
+        if n_layers != len(self.layers):
+            raise ValueError(f"{utt.utt_id}: features have {n_layers} layers, the fingerprint lists {len(self.layers)}")
+        if features.dtype not in (np.float16, np.float32):
+            raise ValueError(f"{utt.utt_id}: features must be float16 or float32, got {features.dtype}")
+        if vad.shape != (N_VAD_MODES, t):
+            raise ValueError(f"{utt.utt_id}: VAD mask is {vad.shape} but features have {t} frames; expected ({N_VAD_MODES}, {t})")
+        self._check_hidden(d, utt.utt_id)
+        row = {
+            "utt_id": utt.utt_id, "key": utt_key(utt.utt_id), "speaker": utt.speaker, "session": utt.session,
+            "emotion": utt.emotion or "", "path": str(utt.path), "dataset": utt.dataset,
+            "valence": float(utt.valence), "arousal": float(utt.arousal), "duration": float(duration),
+            "n_frames": int(t), "truncated": bool(truncated), "float32_fallback": False,
+        }
+        self.stored.add(utt.utt_id)
+        self.done.add(utt.utt_id)
+        self.n_added += 1
+        self._put(("utt", row, features, vad.astype(bool)), features.nbytes)
+
+    def skip(self, item: str, reason: str, detail: str = "") -> None:
+        """Record an item not stored, with a SKIP_REASONS key; recording it twice is a no-op."""
+        self._raise_pending()
+        Skip(item, reason, detail)  # validates the reason
+        key = (str(item), reason)
+        if key in self._skips:
+            return  # e.g. a reader's skips, recorded again by a resumed run
+        self._skips[key] = str(detail)
+        if reason not in NOT_DONE_REASONS:
+            self.done.add(key[0])
+        self._put(("skip", (key[0], reason, str(detail))), 0)
+
+    def _put(self, msg: tuple, nbytes: int) -> None:
+        with self._room:
+            # Block only when the disk is this far behind; one item always fits.
+            while self._queued_bytes and self._queued_bytes + nbytes > self.queue_bytes and self._error is None:
+                self._room.wait()
+            self._queued_bytes += nbytes
+        self._queue.put((msg, nbytes))
+        self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            self._stop_thread()
+            self._closed = True
+            self._lock.release()
+            raise err
+
+    @property
+    def skipped(self) -> list[Skip]:
+        return [Skip(item, reason, detail) for (item, reason), detail in sorted(self._skips.items())]
+
+    def close(self) -> Path:
+        """Write what is queued, consolidate everything into one file, release the lock."""
+        if self._closed:
+            return self.path
+        self._closed = True
+        try:
+            self._stop_thread()
+            if self._error is not None:
+                raise self._error
+            parts = sorted(self.parts.glob(_PART_GLOB))
+            if parts or not self.path.exists():
+                sources = ([self.path] if self.path.exists() else []) + parts
+                if sources:
+                    consolidate(sources, self.path, self.fingerprint)
+                else:
+                    self._empty_cache()
+            for p in parts:
+                p.unlink()
+            (self.parts / "fingerprint.json").unlink(missing_ok=True)
+            try:
+                self.parts.rmdir()
+            except OSError:
+                pass  # someone else's file in there; leave it
+            fsync_dir(self.path.parent)
+        finally:
+            self._lock.release()
+        return self.path
+
+    def abort(self) -> None:
+        """Keep every finished utterance in parts (a rerun completes the cache); no merge."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._stop_thread()
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _stop_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put((None, 0))
+            self._thread.join()
+
+    def _empty_cache(self) -> None:
+        """A run where nothing was added or skipped still leaves a valid (empty) cache."""
+        self._write_part_file(self.path.with_name(self.path.name + ".tmp"), self.path, [], [], {})
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _drain(self) -> None:
+        rows: list[dict] = []
+        skips: list[tuple[str, str, str]] = []
+        arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        pending_bytes = 0
+        while True:
+            msg, nbytes = self._queue.get()
+            with self._room:
+                self._queued_bytes -= nbytes
+                self._room.notify_all()
+            if self._error is not None:
+                if msg is None:
+                    return
+                continue  # drain without writing so add() never blocks forever
+            try:
+                if msg is not None and msg[0] == "utt":
+                    _, row, features, vad = msg
+                    stored = self._encode(row, features)
+                    if stored is None:
+                        skips.append((row["utt_id"], "model_error", "non-finite feature values"))
+                    else:
+                        rows.append(row)
+                        arrays[row["key"]] = (stored, vad)
+                        pending_bytes += stored.nbytes
+                elif msg is not None:
+                    skips.append(msg[1])
+                full = len(rows) >= self.part_utterances or pending_bytes >= self.part_bytes
+                if (msg is None or full) and (rows or skips):
+                    self._flush(rows, skips, arrays)
+                    rows, skips, arrays, pending_bytes = [], [], {}, 0
+                if msg is None:
+                    return
+            except BaseException as err:  # noqa: BLE001 - handed to the model thread
+                self._error = (_disk_error(err, self.parts) if isinstance(err, OSError) else None) or err
+                with self._room:
+                    self._room.notify_all()
+                if msg is None:
+                    return
+
+    def _encode(self, row: dict, features: np.ndarray) -> np.ndarray | None:
+        """(T, L, D) -> (L, T, D) in the storage dtype; float32 when float16 would overflow."""
+        peak = float(np.max(np.abs(features)))  # NaN propagates, inf is inf
+        if not np.isfinite(peak):
+            self.n_nonfinite += 1
+            return None
+        dtype = self.dtype
+        if dtype == np.float16 and peak > FLOAT16_MAX:
+            dtype = np.dtype(np.float32)
+            row["float32_fallback"] = True
+            self.n_fallback += 1
+        return np.ascontiguousarray(features.transpose(1, 0, 2), dtype=dtype)  # (L, T, D)
+
+    def _flush(self, rows: list[dict], skips: list, arrays: dict) -> None:
+        final = self.parts / f"part-{self._next_part:06d}.h5"
+        self._next_part += 1
+        self._write_part_file(final.with_name(final.name + ".tmp"), final, rows, skips, arrays)
+
+    def _write_part_file(self, tmp: Path, final: Path, rows: list[dict], skips: list, arrays: dict) -> None:
+        try:
+            with h5py.File(tmp, "w") as f:
+                _root_attrs(f, self.fingerprint, self.hidden_size)
+                feats, vads = f.create_group(FEATURES), f.create_group(VAD)
+                for row in rows:
+                    x, v = arrays[row["key"]]
+                    # One chunk per layer: reading layer l touches only (T, D) values on disk.
+                    feats.create_dataset(row["key"], data=x, chunks=(1,) + x.shape[1:])
+                    vads.create_dataset(row["key"], data=v.astype(np.uint8))
+                write_columns(f.create_group(META), {k: [r[k] for r in rows] for k in META_COLUMNS}, STR_COLUMNS)
+                write_columns(f.create_group(SKIPPED), {k: [s[i] for s in skips] for i, k in enumerate(SKIP_COLUMNS)},
+                              SKIP_COLUMNS)
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise (_disk_error(err, path) or err) from None
