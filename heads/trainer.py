@@ -1,0 +1,407 @@
+"""The training loop for one fold: AdamW, warm-up + cosine, early stopping, best checkpoint, fold outputs.
+
+`Trainer` is built to be subclassed. End-to-end fine-tuning changes how
+features are produced and which parameters train, not the loop; it
+overrides these hooks (everything else is shared):
+
+    feature_shape() -> (n_layers, hidden_size)   what the head's input looks like
+    build_model()   -> SERHead                   the head (or a module wrapping backbone + head)
+    make_loader(split) -> iterable of batches    "train" | "val" | "test"; each batch a dict
+                                                 with "emotion" (B,), "valence"/"arousal" (B,),
+                                                 "utt_id" (list) plus whatever encode needs
+    encode(batch)   -> (features, padding_mask, vad_mask)
+                       features (B, T, L, D) or (B, T, D) on self.device, masks (B, T) bool
+    param_groups()  -> list of AdamW parameter groups (e.g. backbone at 3e-5, head at 1e-3)
+    head(model)     -> the SERHead inside self.model (identity here)
+
+Gradient accumulation: `TrainConfig.grad_accum = k` steps the optimizer
+every k micro-batches (and after the last one of an epoch); the schedule
+counts optimizer steps.
+
+Checkpoints for --resume: `state_dict()` returns plain tensors, numbers,
+strings, lists and dicts only (model, optimizer, scheduler, epoch, early
+stopping state incl. the best weights, history, torch RNG states), so
+`torch.save(trainer.state_dict(), p)` and
+`trainer.load_state_dict(torch.load(p, weights_only=True))` resume the run
+where it stopped. Batch order depends only on `seed + epoch`, not on RNG
+state carried between epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from extract.errors import UserError
+from heads.data import FoldData
+from heads.head import HeadOutput, SERHead
+from heads.loss import LossParts, MTLLoss, class_weights, target_scale
+from heads.metrics import classification_metrics, json_safe, regression_metrics
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a NaN loss); the message names the epoch and batch."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices."""
+
+    pooling: str = "sr"  # sr | gap | sap
+    layer: int | None = None  # None: learnable softmax mix of every cached layer
+    vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # head on frozen features; the paper's 3e-5 is for 316M fine-tuned parameters
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    patience: int = 5
+    seed: int = 0
+    alpha: float = 0.5
+    beta: float = 0.25
+    gamma: float = 0.25
+    proj_dim: int = 32
+    heads: int = 8
+    dropout: float = 0.1
+    grad_accum: int = 1
+    memory_gb: float = 8.0
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        checks = [
+            (self.pooling in ("sr", "gap", "sap"), f"--pooling must be sr, gap or sap; got {self.pooling!r}"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.patience >= 1, "--patience must be at least 1"),
+            (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
+            (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
+            (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
+            (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
+            (self.memory_gb >= 0, "--memory-gb must not be negative"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda; got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same machine -> same numbers (deterministic kernels where torch has them)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """LR factor: linear 0 -> 1 over the warm-up steps, then cosine 1 -> 0 (transformers' schedule)."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class Predictions:
+    """A split's outputs in loader order."""
+
+    utt_id: list[str]
+    probs: np.ndarray  # (N, C)
+    va: np.ndarray  # (N, 2) corpus scale
+    emotion: np.ndarray  # (N,) true index, -1 = none
+    va_true: np.ndarray  # (N, 2) NaN = none
+    no_speech: np.ndarray  # (N,) bool
+    loss: float  # total loss over the split
+
+
+@dataclass
+class EarlyStop:
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False
+
+    def update(self, epoch: int, loss: float, patience: int) -> bool:
+        """Record an epoch's validation loss; True when it is the best so far."""
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        self.stopped = self.bad_epochs >= patience
+        return False
+
+
+@dataclass
+class FoldResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    test: Predictions
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Train, validate and test one fold. See the module docstring for the hooks."""
+
+    def __init__(self, config: TrainConfig, data: FoldData, *, cache: Any = None, layers: list[int] | None = None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.data = data
+        self.cache = cache
+        self.layers = layers
+        self.on_epoch = on_epoch
+        self.classes = data.classes
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+        train = data.labels.loc[data.train]
+        self.class_weights = class_weights(train["emotion"].to_numpy(), len(self.classes))
+        self.va_mean, self.va_std = target_scale(train[["valence", "arousal"]].to_numpy())
+        self.model = self.build_model().to(self.device)
+        self.head(self.model).set_target_scale(self.va_mean.to(self.device), self.va_std.to(self.device))
+        self.loss_fn = MTLLoss(self.class_weights, config.alpha, config.beta, config.gamma).to(self.device)
+        self.loaders = {name: self.make_loader(name) for name in ("train", "val", "test")}
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
+        steps = config.epochs * math.ceil(len(self.loaders["train"]) / config.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, config.warmup_ratio))
+        self.epoch = 0
+        self.early = EarlyStop()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ---- hooks (override for end-to-end fine-tuning) ----
+
+    def feature_shape(self) -> tuple[int, int]:
+        """(n_layers the head mixes, hidden size D)."""
+        return len(self.layers), int(self.cache.hidden_size)
+
+    def build_model(self) -> torch.nn.Module:
+        n_layers, hidden = self.feature_shape()
+        c = self.config
+        return SERHead(hidden, n_layers, len(self.classes), pooling=c.pooling, proj_dim=c.proj_dim,
+                       heads=c.heads, dropout=c.dropout)
+
+    def head(self, model: torch.nn.Module) -> SERHead:
+        return model  # type: ignore[return-value]
+
+    def make_loader(self, split: str) -> Iterable[dict]:
+        from heads.data import make_loader
+
+        c = self.config
+        return make_loader(self.cache, self.data.split(split), layers=self.layers, vad_mode=c.vad_mode,
+                           batch_size=c.batch_size, shuffle=split == "train", seed=c.seed)
+
+    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.device
+        return (batch["features"].to(dev, non_blocking=True), batch["padding_mask"].to(dev),
+                batch["vad_mask"].to(dev))
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def forward(self, batch: dict) -> HeadOutput:
+        return self.model(*self.encode(batch))
+
+    # ---- the loop ----
+
+    def targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) emotion index and (B, 2) standardized valence/arousal on the device."""
+        emotion = batch["emotion"].to(self.device)
+        va = torch.stack([batch["valence"], batch["arousal"]], dim=1).float().to(self.device)
+        return emotion, self.head(self.model).scale_targets(va)
+
+    def loss(self, out: HeadOutput, batch: dict) -> LossParts:
+        emotion, va = self.targets(batch)
+        return self.loss_fn(out.logits, out.va, emotion, va)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the training split; the mean total loss over micro-batches."""
+        self.model.train()
+        loader = self.loaders["train"]
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        k = self.config.grad_accum
+        n = len(loader)
+        total, count = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(loader):
+            parts = self.loss(self.forward(batch), batch)
+            if not torch.isfinite(parts.total):
+                ids = ", ".join(batch["utt_id"][:5]) + (" ..." if len(batch["utt_id"]) > 5 else "")
+                raise TrainingError(f"the loss became {parts.total.item()} at epoch {epoch}, batch {i + 1} "
+                                    f"(utterances {ids}); stopping this fold")
+            (parts.total / k).backward()
+            if (i + 1) % k == 0 or i + 1 == n:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += parts.total.item()
+            count += 1
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, split: str) -> Predictions:
+        """Outputs for a whole split, and its total loss computed over all of it at once."""
+        self.model.eval()
+        head = self.head(self.model)
+        ids, logits, va, emo, va_true, flags, raw = [], [], [], [], [], [], []
+        for batch in self.loaders[split]:
+            out = self.forward(batch)
+            e, v = self.targets(batch)
+            ids += list(batch["utt_id"])
+            logits.append(out.logits.float())
+            va.append(out.va.float())
+            emo.append(e)
+            va_true.append(v)
+            raw.append(torch.stack([batch["valence"], batch["arousal"]], dim=1).double())
+            flags.append(out.no_speech)
+        logits_t, va_t, emo_t, va_true_t = (torch.cat(x) for x in (logits, va, emo, va_true))
+        loss = self.loss_fn(logits_t, va_t, emo_t, va_true_t).total.item()
+        return Predictions(
+            utt_id=ids,
+            probs=torch.softmax(logits_t, dim=1).cpu().numpy(),
+            va=head.to_corpus_scale(va_t).cpu().numpy(),
+            emotion=emo_t.cpu().numpy(),
+            va_true=torch.cat(raw).numpy(),
+            no_speech=torch.cat(flags).cpu().numpy(),
+            loss=loss,
+        )
+
+    def fit(self) -> None:
+        """Train until the epochs run out or validation loss stops improving; restore the best weights."""
+        c = self.config
+        while self.epoch < c.epochs and not self.early.stopped:
+            epoch = self.epoch + 1
+            lr = self.optimizer.param_groups[-1]["lr"]
+            train_loss = self.train_epoch(epoch)
+            val = self.predict("val")
+            if not math.isfinite(val.loss):
+                raise TrainingError(f"the validation loss became {val.loss} at epoch {epoch}; stopping this fold")
+            scores = classification_metrics(val.emotion, val.probs.argmax(1), self.classes)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": scores["ua"],
+                   "val_wa": scores["wa"], "lr": lr}
+            self.history.append(row)
+            if self.early.update(epoch, val.loss, c.patience):
+                self.best_state = self.snapshot()
+            self.epoch = epoch
+            if self.on_epoch:
+                self.on_epoch(row)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable model's weights (the best checkpoint is kept in RAM)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def test(self) -> FoldResult:
+        """Metrics and predictions of the (restored best) model on the test speaker."""
+        pred = self.predict("test")
+        fold = self.data.fold
+        cls = classification_metrics(pred.emotion, pred.probs.argmax(1), self.classes)
+        val_m = regression_metrics(pred.va_true[:, 0], pred.va[:, 0])
+        aro_m = regression_metrics(pred.va_true[:, 1], pred.va[:, 1])
+        metrics = {
+            "fold": fold.fold, "test_speaker": fold.test_speaker, "val_speaker": fold.val_speaker,
+            "labels": list(self.classes), **cls,
+            "valence_mae": val_m["mae"], "arousal_mae": aro_m["mae"],
+            "valence_ccc": val_m["ccc"], "arousal_ccc": aro_m["ccc"],
+            "best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
+            "no_speech": int(pred.no_speech.sum()), "n_test": len(pred.utt_id),
+            "n_train": len(self.data.train), "n_val": len(self.data.val), "test_loss": pred.loss,
+        }
+        mix = getattr(self.head(self.model), "mix", None)
+        if mix is not None and getattr(mix, "logits", None) is not None:
+            metrics["layer_weights"] = dict(zip([str(x) for x in self.layers or []], mix.weights().tolist()))
+        return FoldResult(metrics, list(self.history), pred)
+
+    def run(self) -> FoldResult:
+        self.fit()
+        return self.test()
+
+    # ---- checkpoint state (for --resume in subclasses) ----
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "early": asdict(self.early),
+            "best_state": self.best_state,
+            "history": copy.deepcopy(self.history),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.early = EarlyStop(**state["early"])
+        self.best_state = state["best_state"]
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...], model: torch.nn.Module,
+               config: dict[str, Any]) -> Path:
+    """RUN/fold-KK/{metrics.json, predictions.csv, head.safetensors, history.csv}; returns the folder."""
+    fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    (fold_dir / "metrics.json").write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
+    write_predictions(fold_dir / "predictions.csv", result.test, classes)
+    with (fold_dir / "history.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
+        writer.writeheader()
+        writer.writerows(result.history)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(fold_dir / "head.safetensors"),
+              metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
+    return fold_dir
+
+
+def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...]) -> None:
+    cols = ["utt_id", "true", "pred", *[f"prob_{c}" for c in classes], "valence", "arousal",
+            "valence_true", "arousal_true"]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(cols)
+        for i, utt in enumerate(pred.utt_id):
+            true = classes[pred.emotion[i]] if pred.emotion[i] >= 0 else ""
+            writer.writerow([utt, true, classes[int(pred.probs[i].argmax())],
+                             *[f"{p:.6f}" for p in pred.probs[i]],
+                             *[_num(x) for x in (*pred.va[i], *pred.va_true[i])]])
+
+
+def _num(x: float) -> str:
+    return "" if not math.isfinite(x) else f"{x:.6f}"
