@@ -7,10 +7,13 @@ with exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Annotated, Callable
 
 import typer
+from rich.console import Console
 
 from extract.errors import UserError
 
@@ -38,6 +41,133 @@ def user_errors(fn: Callable) -> Callable:
 
 
 # --- commands (each one: options, then one call into extract/, cache/ or heads/) ---
+
+
+@app.command()
+@user_errors
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folder(s) from train-head; several are shown side by side")],
+    as_json: Annotated[bool, typer.Option("--json", help="print only JSON: one run's summary, or a list for several")] = False,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="do not write RUN/confusion.png and RUN/curves.png")] = False,
+) -> None:
+    """UA/WA mean and 95% CI over folds (the paper's Table 1), macro-F1, per-class recall,
+    valence/arousal MAE and CCC; writes the confusion-matrix and training-curve plots."""
+    from heads.metrics import json_safe
+    from heads.plots import write_run_plots  # matplotlib only when this command runs
+    from heads.report import load_run, render_folds, render_table, render_tables, summarize, table_width
+
+    loaded = [load_run(r) for r in runs]
+    summaries = [summarize(r) for r in loaded]
+    written = [] if no_plots else [p for r in loaded for p in write_run_plots(r)]
+    for r in loaded:
+        if r.unfinished:
+            typer.echo(f"note: {r.path} has unfinished folds that are not counted: {', '.join(r.unfinished)}", err=True)
+    if as_json:
+        typer.echo(json.dumps(json_safe(summaries[0] if len(summaries) == 1 else summaries), indent=2, allow_nan=False))
+        return
+    console = Console()
+    if console.is_terminal:
+        tables = render_tables(summaries, console.width)
+    else:  # a file or a pipe: one table at its full width, nothing wrapped or cut
+        tables = [render_table(summaries)]
+        console = Console(width=max(table_width(tables[0]), table_width(render_folds(loaded[0]))))
+    for table in tables:
+        console.print(table)
+    if len(loaded) == 1:
+        console.print(render_folds(loaded[0]))
+    for p in written:
+        console.print(f"wrote {p}", highlight=False)
+
+
+@app.command()
+@user_errors
+def info(
+    cache: Annotated[Path, typer.Argument(help="cache file F.h5 (or its base path when only F.shard-i-of-n.h5 files exist)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+) -> None:
+    """What a feature cache holds: utterances, hours, layers, model, VAD, counts, skipped items."""
+    from cache.info import cache_info, info_table  # h5py/pandas only when this command runs
+
+    summary = cache_info(cache)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        Console().print(info_table(summary))
+
+
+# Options shared by `train-head` and `ablate` (defaults: heads.trainer.TrainConfig, README "Training heads").
+CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
+LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]
+VadOpt = Annotated[int, typer.Option("--vad-mode", help="WebRTC VAD aggressiveness 0-3 whose mask SAP uses")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="maximum epochs")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batch")]
+LrOpt = Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (head on frozen features)")]
+WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay")]
+PatienceOpt = Annotated[int, typer.Option("--patience", help="early stopping: epochs without a better validation loss")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="weight of the weighted cross-entropy")]
+BetaOpt = Annotated[float, typer.Option("--beta", help="weight of the valence MAE")]
+GammaOpt = Annotated[float, typer.Option("--gamma", help="weight of the arousal MAE")]
+ProjOpt = Annotated[int, typer.Option("--proj-dim", help="projection size before the classifier and regressors")]
+HeadsOpt = Annotated[int, typer.Option("--heads", help="SAP self-attention heads (a divisor of the feature size is used)")]
+MemOpt = Annotated[float, typer.Option("--memory-gb", help="RAM budget for preloading features (split over --jobs)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
+JobsOpt = Annotated[int, typer.Option("--jobs", help="folds trained in parallel processes")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _train_config(**options) -> "TrainConfig":
+    from heads.trainer import TrainConfig
+
+    return TrainConfig(**options)
+
+
+@app.command("train-head")
+@user_errors
+def train_head(
+    cache: CacheOpt,
+    fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
+    all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
+    pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
+    out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
+    layer: LayerOpt = None, vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
+    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
+    heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out)."""
+    from heads.run import train_folds
+
+    if (fold is None) == (not all_folds):
+        raise UserError("give exactly one of --fold K or --all-folds")
+    config = _train_config(pooling=pooling, layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size,
+                           lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
+                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device)
+    run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
+    typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
+
+
+@app.command()
+@user_errors
+def ablate(
+    cache: CacheOpt,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
+    layer: LayerOpt = None, vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+    lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
+    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
+    heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
+    quiet: QuietOpt = False,
+) -> None:
+    """GAP, SAP and SR over all folds of one cache, then the three side by side (the paper's Tables 1 and 3)."""
+    from heads.report import render_runs
+    from heads.run import ablate as run_ablation
+
+    config = _train_config(layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
+                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device)
+    runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet)
+    Console(width=200).print(render_runs(runs, title=f"Pooling ablation on {cache.name}"))
 
 
 if __name__ == "__main__":

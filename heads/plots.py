@@ -1,0 +1,107 @@
+"""PNG figures of a run: the confusion matrix (the paper's Figure 2) and training curves.
+
+Figures are built on matplotlib's object API with an Agg canvas, never
+pyplot: no global backend state, no display needed, safe in worker processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from extract.errors import UserError
+from heads.report import Run, load_histories
+
+
+class PlotError(UserError):
+    """A figure that could not be written (e.g. a read-only run folder)."""
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as err:
+        raise PlotError(f"cannot write {path}: {err.strerror or err}") from None
+    return path
+
+
+def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
+                  *, title: str = "") -> Path:
+    """Row-normalized percentages with the counts under them; rows = true class, columns = predicted."""
+    cm = np.asarray(confusion, dtype=np.int64)  # (C, C)
+    totals = cm.sum(axis=1, keepdims=True)  # (C, 1) test utterances per true class
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(totals > 0, 100.0 * cm / totals, np.nan)  # (C, C) percent of the row
+    n = len(labels)
+    fig = Figure(figsize=(1.2 * n + 2.2, 1.1 * n + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.nan_to_num(share), cmap="Blues", vmin=0, vmax=100)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of true class")
+    for i in range(n):
+        for j in range(n):
+            text = "–" if np.isnan(share[i, j]) else f"{share[i, j]:.1f}%\n({cm[i, j]})"
+            # White on dark cells, black on light ones, so every number stays legible.
+            dark = not np.isnan(share[i, j]) and share[i, j] > 55
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(n), labels=list(labels))
+    ax.set_yticks(range(n), labels=[f"{c}\n(n={int(t)})" for c, t in zip(labels, totals[:, 0])])
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title(title or f"Confusion matrix, summed over folds (N={int(cm.sum())})")
+    return _save(fig, Path(path))
+
+
+def curves_png(histories: Sequence[tuple[int, pd.DataFrame, int | None]], path: str | Path,
+               *, title: str = "") -> Path:
+    """Train/val loss and validation UA per fold against epoch; a ring marks each fold's best epoch.
+
+    `histories` is (fold, history.csv frame, best_epoch) as `report.load_histories` returns it.
+    """
+    fig = Figure(figsize=(11, 4.2))
+    loss_ax, ua_ax = fig.subplots(1, 2)
+    colours = _fold_colours(len(histories))
+    for (fold, hist, best), colour in zip(histories, colours):
+        loss_ax.plot(hist["epoch"], hist["train_loss"], color=colour, lw=1.2, alpha=0.8)
+        loss_ax.plot(hist["epoch"], hist["val_loss"], color=colour, lw=1.2, ls="--", alpha=0.8)
+        ua_ax.plot(hist["epoch"], 100 * hist["val_ua"], color=colour, lw=1.2, alpha=0.8, label=f"fold {fold}")
+        kept = hist[hist["epoch"] == best]
+        if len(kept):
+            loss_ax.plot(kept["epoch"], kept["val_loss"], "o", mfc="none", mec=colour, ms=8, mew=1.5)
+            ua_ax.plot(kept["epoch"], 100 * kept["val_ua"], "o", mfc="none", mec=colour, ms=8, mew=1.5)
+    # Style legend (solid/dashed/ring) on the loss plot, fold colours on the UA plot.
+    loss_ax.plot([], [], color="grey", label="train loss")
+    loss_ax.plot([], [], color="grey", ls="--", label="validation loss")
+    loss_ax.plot([], [], "o", mfc="none", mec="grey", label="best epoch (kept)")
+    loss_ax.legend(fontsize=8)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ua_ax.set(xlabel="epoch", ylabel="validation UA (%)", title="Validation UA")
+    if len(histories) <= 12:  # 40 KEMDy19 folds would bury the curves under their legend
+        ua_ax.legend(fontsize=8, ncol=2)
+    for ax in (loss_ax, ua_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, Path(path))
+
+
+def _fold_colours(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def write_run_plots(run: Run) -> list[Path]:
+    """RUN/confusion.png (summed over folds) and, when folds logged a history, RUN/curves.png."""
+    total = np.sum([m["confusion"] for m in run.folds], axis=0)  # (C, C)
+    written = [confusion_png(total, run.labels, run.path / "confusion.png",
+                             title=f"{run.name}: confusion over {len(run.folds)} folds (N={int(total.sum())})")]
+    histories = load_histories(run)
+    if histories:
+        written.append(curves_png(histories, run.path / "curves.png", title=f"{run.name}: training curves"))
+    return written
