@@ -16,7 +16,8 @@ overrides these hooks (everything else is shared):
 
 Gradient accumulation: `TrainConfig.grad_accum = k` steps the optimizer
 every k micro-batches (and after the last one of an epoch); the schedule
-counts optimizer steps.
+counts optimizer steps. Fine-tuning overrides `steps_per_epoch`, `ends_step`,
+`backward` and `optimizer_step` (variable micro-batches per step, DDP, AMP).
 
 Checkpoints for --resume: `state_dict()` returns plain tensors, numbers,
 strings, lists and dicts only (model, optimizer, scheduler, epoch, early
@@ -186,7 +187,7 @@ class Trainer:
         self.loss_fn = MTLLoss(self.class_weights, config.alpha, config.beta, config.gamma).to(self.device)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val", "test")}
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
-        steps = config.epochs * math.ceil(len(self.loaders["train"]) / config.grad_accum)
+        steps = config.epochs * self.steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, config.warmup_ratio))
         self.epoch = 0
         self.early = EarlyStop()
@@ -226,6 +227,26 @@ class Trainer:
     def forward(self, batch: dict) -> HeadOutput:
         return self.model(*self.encode(batch))
 
+    # Accumulation hooks: fine-tuning packs a variable number of micro-batches
+    # per optimizer step (an audio-seconds budget) and needs DDP/AMP-aware steps.
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch (sizes the warm-up + cosine schedule)."""
+        return math.ceil(len(self.loaders["train"]) / self.config.grad_accum)
+
+    def ends_step(self, i: int, n: int, batch: dict) -> bool:
+        """Whether the optimizer steps after micro-batch i (0-based) of the epoch's n."""
+        return (i + 1) % self.config.grad_accum == 0 or i + 1 == n
+
+    def backward(self, loss: torch.Tensor, batch: dict) -> None:
+        """Accumulate one micro-batch's gradient."""
+        (loss / self.config.grad_accum).backward()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     # ---- the loop ----
 
     def targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +266,6 @@ class Trainer:
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        k = self.config.grad_accum
         n = len(loader)
         total, count = 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,11 +275,9 @@ class Trainer:
                 ids = ", ".join(batch["utt_id"][:5]) + (" ..." if len(batch["utt_id"]) > 5 else "")
                 raise TrainingError(f"the loss became {parts.total.item()} at epoch {epoch}, batch {i + 1} "
                                     f"(utterances {ids}); stopping this fold")
-            (parts.total / k).backward()
-            if (i + 1) % k == 0 or i + 1 == n:
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            self.backward(parts.total, batch)
+            if self.ends_step(i, n, batch):
+                self.optimizer_step()
             total += parts.total.item()
             count += 1
         return total / max(count, 1)
