@@ -1,0 +1,202 @@
+"""A Hugging Face speech SSL model loaded for training: what is trained, how, and its frame grid.
+
+Two modes (README, "End-to-end fine-tuning"):
+- full (`--full`, the paper): every transformer parameter is trained; the
+  convolutional feature encoder is frozen unless `--no-freeze-feature-encoder`
+  (freezing it is the usual wav2vec2/WavLM recipe and removes the largest
+  activations from the backward pass: the 512-channel conv outputs at 3.2 kHz).
+- top-K (default, K = 4): only the top K transformer layers (plus the final
+  layer norm of stable-layer-norm models such as WavLM Large) are trained.
+  Everything below runs with `requires_grad=False`, so autograd stores no
+  activations for it: memory and backward time scale with K, not the depth.
+
+Regularizers the checkpoint's config carries are kept as they are (SpecAugment:
+`mask_time_prob`, `mask_time_length`, `mask_feature_prob`; for WavLM Large
+0.05 / 10 / 0). In top-K mode the masked-frame embedding sits below the
+trained layers and stays frozen at its pretrained value.
+
+LayerDrop: the checkpoint's `layerdrop` (0.1 for WavLM Large) is used only in a
+single process without gradient checkpointing, and forced to 0 otherwise:
+- under DDP every rank must produce a gradient for every trainable parameter at
+  every step; a dropped layer leaves its parameters unused, which DDP rejects
+  unless `find_unused_parameters=True` (an extra graph walk per step), and the
+  ranks would drop different layers, so the all-reduce would mix gradients of
+  different networks;
+- gradient checkpointing is how we fit the paper's batch in memory, and its
+  recomputation assumes the forward graph of a step is fixed: HF decides the
+  drop outside the checkpointed layer, so a layer skipped in the forward is
+  not recomputed, but the memory plan (and the bench figures) assume every
+  layer runs. Keeping the graph static keeps one GPU and N GPUs the same model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from extract.errors import UserError
+from extract.frames import FrameGrid, conv_grid
+
+
+class BackboneError(UserError):
+    """A model that cannot be fine-tuned here (not found, not a speech SSL model, bad K)."""
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    model: str  # HF hub id or local folder
+    full: bool = False  # True: all transformer layers trained (the paper)
+    top_layers: int = 4  # trained transformer layers when not full
+    freeze_feature_encoder: bool = True
+    grad_checkpointing: bool = True
+    distributed: bool = False  # DDP world size > 1
+
+    @property
+    def mode(self) -> str:
+        return "finetune-full" if self.full else f"finetune-top{self.top_layers}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Backbone(nn.Module):
+    """Waveforms (B, N) -> last hidden state (B, T, D) and its (B, T) frame mask."""
+
+    def __init__(self, model: nn.Module, normalize: bool, use_attention_mask: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = normalize  # zero-mean unit-variance per utterance (feature-extractor config)
+        self.use_attention_mask = use_attention_mask
+        config = model.config
+        self.grid: FrameGrid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
+        self.hidden_size: int = int(config.hidden_size)
+        self.n_layers: int = int(config.num_hidden_layers)
+        self.settings: BackboneSettings | None = None  # set by load_backbone
+
+    def forward(self, waves: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """waves (B, N) float32 zero-padded, wave_mask (B, N) bool -> (B, T, D), (B, T) bool."""
+        if self.normalize:
+            waves = normalize_waves(waves, wave_mask)
+        attention_mask = wave_mask.long() if self.use_attention_mask else None
+        with warnings.catch_warnings():
+            # WavLM mixes a bool padding mask with a float position bias; torch warns, the result is right.
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            hidden = self.model(waves, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        lengths = wave_mask.sum(dim=1)  # (B,)
+        frames = self.frame_counts(lengths)  # (B,)
+        t = torch.arange(hidden.shape[1], device=hidden.device)
+        frame_mask = t[None, :] < frames[:, None]  # (B, T)
+        return hidden, frame_mask
+
+    def frame_counts(self, n_samples: torch.Tensor) -> torch.Tensor:
+        """(B,) samples -> (B,) frames, the grid's formula (equal to the model's own, tested)."""
+        w, s = self.grid.window, self.grid.stride
+        return torch.where(n_samples < w, torch.zeros_like(n_samples), (n_samples - w) // s + 1)
+
+
+def normalize_waves(waves: torch.Tensor, wave_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B, N): per-utterance zero mean, unit variance over real samples; padding stays 0.
+
+    The same rule as Wav2Vec2FeatureExtractor(do_normalize=True), which the
+    checkpoints were pretrained with, done on the device in one pass.
+    """
+    m = wave_mask.to(waves.dtype)  # (B, N)
+    n = m.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    mean = (waves * m).sum(dim=1, keepdim=True) / n
+    var = (((waves - mean) * m) ** 2).sum(dim=1, keepdim=True) / n
+    return (waves - mean) / torch.sqrt(var + 1e-7) * m
+
+
+def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | None = None) -> Backbone:
+    """Load `settings.model` for training (or, with `from_config_dir`, its architecture only).
+
+    `from_config_dir` rebuilds a fine-tuned model's architecture from its saved
+    config without downloading the base weights (predict on a --full run).
+    """
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per fold's load clutters the training progress
+    source = str(from_config_dir) if from_config_dir is not None else settings.model
+    keep_layerdrop = not (settings.distributed or settings.grad_checkpointing)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        if not keep_layerdrop and hasattr(config, "layerdrop"):
+            config.layerdrop = 0.0
+        if from_config_dir is not None:
+            model = AutoModel.from_config(config)
+        else:
+            model = AutoModel.from_pretrained(source, config=config)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"cannot load model {source!r}: {str(exc).splitlines()[0][:200]}") from None
+    if not hasattr(config, "conv_kernel") or not hasattr(model, "encoder"):
+        raise BackboneError(
+            f"{source!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)"
+        )
+    normalize, use_mask = _feature_extractor_flags(source)
+    backbone = Backbone(model, normalize=normalize, use_attention_mask=use_mask)
+    backbone.settings = settings
+    configure_training(backbone, settings)
+    return backbone
+
+
+def _feature_extractor_flags(source: str) -> tuple[bool, bool]:
+    """(do_normalize, return_attention_mask) from the checkpoint's preprocessor config.
+
+    Group-norm models (wav2vec2-base) were trained without attention masks and
+    say so here; we follow the checkpoint rather than guess from the architecture.
+    """
+    from transformers import AutoFeatureExtractor
+
+    try:
+        fe = AutoFeatureExtractor.from_pretrained(source)
+    except (OSError, ValueError):
+        return True, True
+    return bool(getattr(fe, "do_normalize", True)), bool(getattr(fe, "return_attention_mask", True))
+
+
+def configure_training(backbone: Backbone, settings: BackboneSettings) -> None:
+    """Set requires_grad for the mode, freeze the conv encoder, enable checkpointing."""
+    model = backbone.model
+    layers = model.encoder.layers
+    if not settings.full and not 1 <= settings.top_layers <= len(layers):
+        raise BackboneError(f"--top-layers must be between 1 and {len(layers)} for this model, got {settings.top_layers}")
+    if settings.full:
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        for layer in layers[len(layers) - settings.top_layers :]:
+            layer.requires_grad_(True)
+        if getattr(model.config, "do_stable_layer_norm", False):
+            # Stable-layer-norm models apply encoder.layer_norm after the last layer.
+            model.encoder.layer_norm.requires_grad_(True)
+    if settings.freeze_feature_encoder:
+        model.feature_extractor.requires_grad_(False)
+    if settings.grad_checkpointing:
+        # Non-reentrant: works with frozen inputs (top-K) and with DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Parameters that were trained plus every buffer, keyed as in `model.state_dict()`.
+
+    Full mode saves the whole model (self-contained); top-K saves only what
+    differs from the base checkpoint, which predict loads first.
+    """
+    model = backbone.model
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    if backbone.settings.full:
+        return {k: v.detach() for k, v in state.items()}
+    return {k: v.detach() for k, v in state.items() if k in trained}
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
