@@ -97,10 +97,10 @@ def _utterance(
         return None
     written = Path(row["path"])
     path = folder / written
-    utt_id = row.get("utt_id") or _derived_id(path, folder)
     if not written.is_absolute() and not inside(folder, path):
-        record(log, utt_id, "path_outside_root", row["path"])
+        record(log, row.get("utt_id") or where, "path_outside_root", row["path"])
         return None
+    utt_id = row.get("utt_id") or _derived_id(path, folder)
     emotion: str | None = row["emotion"].lower() or None
     if emotion is None and math.isnan(valence) and math.isnan(arousal):
         record(log, utt_id, "unlabelled", "no emotion, valence or arousal")
