@@ -45,6 +45,41 @@ def user_errors(fn: Callable) -> Callable:
 
 @app.command()
 @user_errors
+def manifest(
+    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
+    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the normalized manifest here, and skipped.csv beside it")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only one JSON object: counts, folds, skips")] = False,
+    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad item instead of skipping it")] = False,
+    ties: Annotated[str | None, typer.Option("--ties", help="KEMDy19/20 tied labels: skip (default), first or selected")] = None,
+) -> None:
+    """Read a corpus: counts per class and speaker, the fold plan, every skipped item by reason."""
+    from extract.corpora import read_corpus
+    from extract.records import write_manifest
+    from extract.summary import summarize, summary_tables
+
+    options = {}
+    if ties is not None:
+        if dataset not in ("kemdy19", "kemdy20"):
+            raise UserError("--ties applies only to kemdy19 and kemdy20 (the corpora with tied labels)")
+        options["ties"] = ties
+    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    corpus = read_corpus(dataset, root, classes=class_set, strict=strict, **options)
+    summary = summarize(corpus)
+    written = write_manifest(corpus, out) if out is not None else ()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    for table in summary_tables(corpus, summary):
+        console.print(table)
+    if written:
+        console.print(f"wrote {written[0]} and {written[1]}", highlight=False)
+
+
+@app.command()
+@user_errors
 def report(
     runs: Annotated[list[Path], typer.Argument(help="run folder(s) from train-head; several are shown side by side")],
     as_json: Annotated[bool, typer.Option("--json", help="print only JSON: one run's summary, or a list for several")] = False,

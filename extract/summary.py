@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from extract.records import Corpus
+from rich.table import Table
+
+from extract.records import SKIP_REASONS, Corpus
 from heads.folds import FoldError, plan_folds
 
 
@@ -54,3 +56,38 @@ def speaker_classes(corpus: Corpus) -> dict[str, dict[str, int]]:
         spk: {c: counts.get((spk, c), 0) for c in corpus.classes}
         for spk in sorted({u.speaker for u in corpus.utterances})
     }
+
+
+def summary_tables(corpus: Corpus, summary: dict) -> list[Table]:
+    """Rich tables for the console: per speaker x class, folds, skips by reason."""
+    sessions = sessions_of(corpus)
+    counts = Table(title=f"{summary['dataset']}: {summary['utterances']} utterances ({summary['root']})")
+    counts.add_column("speaker")
+    counts.add_column("session")
+    for c in corpus.classes:
+        counts.add_column(c, justify="right")
+    counts.add_column("total", justify="right")
+    for spk, per_class in speaker_classes(corpus).items():
+        counts.add_row(spk, sessions[spk], *map(str, per_class.values()), str(summary["speakers"][spk]))
+    counts.add_row("all", "", *map(str, summary["classes"].values()), str(summary["utterances"]), style="bold")
+
+    folds = Table(title="leave-one-speaker-out folds")
+    for name in ("fold", "test speaker", "validation speaker", "test utterances"):
+        folds.add_column(name, justify="right" if name in ("fold", "test utterances") else "left")
+    for f in summary["folds"]:
+        folds.add_row(str(f["fold"]), f["test_speaker"], f["val_speaker"], str(f["n_test"]))
+    if "folds_note" in summary:
+        folds.caption = summary["folds_note"]
+
+    skipped = Table(title="skipped items")
+    skipped.add_column("reason")
+    skipped.add_column("count", justify="right")
+    skipped.add_column("meaning")
+    for reason, n in summary["skipped"].items():
+        skipped.add_row(reason, str(n), SKIP_REASONS[reason])
+    notes = [f"{k.replace('_', ' ')}: {v} (into 1-5)" for k, v in summary.get("adjusted", {}).items()]
+    if summary.get("no_emotion"):
+        notes.append(f"{summary['no_emotion']} utterances have valence/arousal only (no emotion)")
+    if notes:
+        skipped.caption = "; ".join(notes)
+    return [counts, folds, skipped]
