@@ -108,7 +108,8 @@ def _parse_line(
         valence, arousal, _dominance = (float(v) for v in vad_text.split(","))
     except ValueError:
         ids = None
-    if ids is None:
+    if ids is None or ids.group(1) != f"Ses0{session_dir.name[-1]}":
+        # An id of another session would point at a wav folder that is not its own.
         record(log, where, "malformed_line", line.strip()[:80])
         return None
     emotion = _emotion(utt_id, code, classes, merge_exc, log)

@@ -86,7 +86,8 @@ def read(
 
 def _annotation_pairs(root: Path) -> dict[str, dict[str, Path]]:
     """Session number -> {"F": path, "M": path}; both files of a session are required."""
-    expected = f"{root} does not look like KEMDy19: expected annotation/SessionNN_F_res.csv, SessionNN_M_res.csv and wav/"
+    expected = (f"{root} does not look like KEMDy19: "
+                "expected annotation/SessionNN_F_res.csv, SessionNN_M_res.csv and wav/")
     ann = root / "annotation"
     if not ann.is_dir() or not (root / "wav").is_dir():
         raise CorpusError(expected)

@@ -38,7 +38,8 @@ def summarize(corpus: Corpus) -> dict:
         summary["folds_note"] = str(err)
         return summary
     summary["folds"] = [
-        {"fold": f.fold, "test_speaker": f.test_speaker, "val_speaker": f.val_speaker, "n_test": speakers[f.test_speaker]}
+        {"fold": f.fold, "test_speaker": f.test_speaker, "val_speaker": f.val_speaker,
+         "n_test": speakers[f.test_speaker]}
         for f in folds
     ]
     return summary

@@ -89,7 +89,8 @@ def build_iemocap(tmp: Path) -> Path:
         ])
     # Session1: files the reader must not read.
     label_dir = root / "Session1" / "dialog" / "EmoEvaluation"
-    (label_dir / "._Ses01F_impro01.txt").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork [1 - 2]\tSes01F_impro01_F009\tang\t[1, 2, 3]")
+    (label_dir / "._Ses01F_impro01.txt").write_bytes(
+        b"\x00\x05\x16\x07 Mac OS X resource fork [1 - 2]\tSes01F_impro01_F009\tang\t[1, 2, 3]")
     for sub in ("Categorical", "Attribute", "Self-evaluation"):
         (label_dir / sub).mkdir()
         (label_dir / sub / "Ses01F_impro01_e1.txt").write_text(

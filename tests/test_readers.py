@@ -92,7 +92,9 @@ def test_iemocap_class_options(trees):
 
 
 def test_iemocap_strict_stops_at_the_first_bad_item_but_not_at_label_selection(trees):
-    with pytest.raises(CorpusError, match=r"^Ses02F_impro01_M003: the emotion label is not one the reader knows: zzz \(strict mode\)$"):
+    # Session1's xxx and fru lines come first: selection must not stop a strict read.
+    message = r"^Ses02F_impro01_M003: the emotion label is not one the reader knows: zzz \(strict mode\)$"
+    with pytest.raises(CorpusError, match=message):
         read_corpus("iemocap", trees["iemocap"], strict=True)
 
 
@@ -275,3 +277,12 @@ def test_summary_with_too_few_speakers(tmp_path):
     assert summary["folds"] == []
     assert "at least 3 speakers" in summary["folds_note"]
     assert summary["speakers"] == {"spk1": 1, "spk2": 1}
+
+
+def test_iemocap_line_of_another_session_is_malformed(tmp_path):
+    root = build_iemocap(tmp_path)
+    txt = root / "Session1" / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt"
+    txt.write_text(txt.read_text() + "[1.0 - 2.0]\tSes02F_impro01_F000\tneu\t[2.5, 2.5, 2.5]\n")
+    corpus = read_corpus("iemocap", root)
+    assert corpus.skip_counts()["malformed_line"] == 2
+    assert corpus.speaker_counts()["Ses02F"] == 2
