@@ -322,7 +322,7 @@ def render_runs(run_dirs: Sequence[str | Path | Run], title: str | None = None) 
 def render_folds(run: Run | str | Path) -> Table:
     """One row per fold: who was tested, the fold's scores, the epoch kept."""
     run = _as_run(run)
-    table = Table(title=f"{run.name}: per fold", title_justify="left")
+    table = Table(title=f"{run.name}: per fold", title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("Fold", "Test", "Val", "N", "UA %", "WA %", "F1 %", "Best epoch", "No speech"):
         table.add_column(name, justify="left" if name in ("Test", "Val") else "right")
     for m in run.folds:
