@@ -1,0 +1,210 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from extract.records import CLASSES_4
+from heads.data import BucketBatchSampler, FoldData
+from heads.folds import Fold
+from heads.loss import MTLLoss, class_weights, masked_mae, target_scale
+from heads.trainer import EarlyStop, Trainer, TrainConfig, TrainingError, warmup_cosine
+
+D, L = 8, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to other processes on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class InMemoryTrainer(Trainer):
+    """Features from a dict of tensors instead of a cache: the hooks fine-tuning overrides."""
+
+    def __init__(self, config, data, feats, **kw):
+        self.feats = feats  # utt_id -> ((T, L, D) tensor, (T,) vad)
+        super().__init__(config, data, **kw)
+
+    def feature_shape(self):
+        return L, D
+
+    def make_loader(self, split):
+        ids = self.data.split(split)
+        bs = self.config.batch_size
+        return [self.batch(ids[i : i + bs]) for i in range(0, len(ids), bs)]
+
+    def batch(self, ids):
+        t = max(self.feats[u][0].shape[0] for u in ids)
+        x = torch.zeros(len(ids), t, L, D)
+        pad = torch.zeros(len(ids), t, dtype=torch.bool)
+        vad = torch.zeros(len(ids), t, dtype=torch.bool)
+        for i, u in enumerate(ids):
+            f, v = self.feats[u]
+            x[i, : len(f)], pad[i, : len(f)], vad[i, : len(f)] = f, True, v
+        lab = self.data.labels.loc[ids]
+        return {"features": x, "padding_mask": pad, "vad_mask": vad, "utt_id": list(ids),
+                "emotion": torch.tensor(lab["emotion"].to_numpy()),
+                "valence": torch.tensor(lab["valence"].to_numpy(), dtype=torch.float32),
+                "arousal": torch.tensor(lab["arousal"].to_numpy(), dtype=torch.float32)}
+
+
+def toy(counts=(10, 20, 30, 40), n_other=8, seed=0):
+    """FoldData + features: training class counts as given, val/test with other counts."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(4, D, generator=g) * 2
+    rows, feats = {}, {}
+    spec = [("train", c, n) for c, n in enumerate(counts)] + [(s, c, n_other) for s in ("val", "test") for c in range(4)]
+    split_ids = {"train": [], "val": [], "test": []}
+    for split, c, n in spec:
+        for i in range(n):
+            u = f"{split}-{c}-{i:02d}"
+            t = int(torch.randint(4, 12, (1,), generator=g))
+            x = torch.randn(t, L, D, generator=g) + means[c]
+            feats[u] = (x, torch.rand(t, generator=g) < 0.7)
+            rows[u] = {"emotion": c, "valence": 1.0 + c, "arousal": 5.0 - c}
+            split_ids[split].append(u)
+    labels = pd.DataFrame.from_dict(rows, orient="index")
+    fold = Fold(1, "test", "val", ("train",))
+    return FoldData(fold, split_ids["train"], split_ids["val"], split_ids["test"], labels, CLASSES_4), feats
+
+
+def config(**kw):
+    base = dict(epochs=4, batch_size=16, lr=3e-3, patience=10, heads=2, device="cpu", pooling="sr")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_class_weights_are_inverse_frequency_from_the_training_split():
+    w = class_weights(np.array([0] * 10 + [1] * 20 + [2] * 30 + [3] * 40 + [-1] * 7), 4)
+    np.testing.assert_allclose(w.numpy(), [100 / 40, 100 / 80, 100 / 120, 100 / 160], rtol=1e-6)
+    # an absent class gets 0, the others are normalized over the classes present
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 1, 3, 3, 3]), 4).numpy(), [1.0, 2.0, 0.0, 2 / 3], rtol=1e-6)
+    data, feats = toy(counts=(10, 20, 30, 40))
+    trainer = InMemoryTrainer(config(), data, feats)  # val/test are balanced: must not count
+    np.testing.assert_allclose(trainer.class_weights.numpy(), [2.5, 1.25, 100 / 120, 0.625], rtol=1e-6)
+
+
+def test_weighted_ce_is_torchs_and_ignores_unlabelled():
+    logits = torch.randn(6, 4)
+    y = torch.tensor([0, 1, 2, 3, 1, -1])
+    w = torch.tensor([2.0, 0.5, 1.0, 3.0])
+    loss = MTLLoss(w, 1.0, 0.0, 0.0)
+    got = loss.weighted_ce(logits, y)
+    torch.testing.assert_close(got, F.cross_entropy(logits[:5], y[:5], weight=w))
+    assert loss.weighted_ce(logits, torch.full((6,), -1)).item() == 0.0
+
+
+def test_nan_valence_arousal_drop_their_terms():
+    pred = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], requires_grad=True)
+    true = torch.tensor([[1.0, math.nan], [math.nan, math.nan], [1.0, 7.0]])
+    mae = masked_mae(pred, true)
+    torch.testing.assert_close(mae, torch.tensor([(1.0 + 3.0) / 2, 2.0]))
+    mae.sum().backward()
+    assert pred.grad[1].abs().sum() == 0 and torch.isfinite(pred.grad).all()
+    none = masked_mae(pred, torch.full((3, 2), math.nan))
+    assert none.tolist() == [0.0, 0.0]
+    loss = MTLLoss(torch.ones(4))
+    logits = torch.randn(3, 4)
+    parts = loss(logits, pred, torch.tensor([0, 1, 2]), torch.full((3, 2), math.nan))
+    torch.testing.assert_close(parts.total, 0.5 * F.cross_entropy(logits, torch.tensor([0, 1, 2])))
+    mean, std = target_scale(np.array([[1.0, math.nan], [3.0, math.nan]]))
+    assert mean.tolist() == [2.0, 0.0] and std.tolist() == [1.0, 1.0]
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = warmup_cosine(100, 0.1)
+    assert f(0) < f(5) < f(9) <= 1.0 and f(10) == 1.0
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_bucket_sampler_covers_every_item_once_and_depends_only_on_seed_and_epoch():
+    lengths = list(np.random.default_rng(0).integers(1, 100, 203))
+    s = BucketBatchSampler(lengths, 16, shuffle=True, seed=3)
+    s.set_epoch(2)
+    a = list(s)
+    assert sorted(i for b in a for i in b) == list(range(203)) and len(a) == len(s) == 13
+    t = BucketBatchSampler(lengths, 16, shuffle=True, seed=3)
+    t.set_epoch(2)
+    assert list(t) == a
+    t.set_epoch(3)
+    assert list(t) != a
+    ordered = [i for b in BucketBatchSampler(lengths, 16, shuffle=False) for i in b]
+    assert [lengths[i] for i in ordered] == sorted(lengths)
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    data, feats = toy()
+    script = iter([1.0, 0.8, 0.9, 1.2, 0.1, 0.1])
+
+    class Scripted(InMemoryTrainer):
+        def predict(self, split):
+            pred = super().predict(split)
+            if split == "val":
+                pred.loss = next(script)
+            return pred
+
+    seen = {}
+    trainer = Scripted(config(epochs=6, patience=2), data, feats,
+                       on_epoch=lambda row: seen.setdefault(row["epoch"], trainer.snapshot()))
+    trainer.fit()
+    assert [r["epoch"] for r in trainer.history] == [1, 2, 3, 4]  # 0.9, 1.2: two bad epochs after epoch 2
+    assert trainer.early.best_epoch == 2 and trainer.early.stopped
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v.cpu(), seen[2][k]), k
+    assert not all(torch.equal(seen[4][k], v) for k, v in seen[2].items())
+    assert EarlyStop().update(1, 1.0, 1) is True
+
+
+def test_training_learns_and_is_deterministic():
+    data, feats = toy()
+    a = InMemoryTrainer(config(epochs=8), data, feats).run()
+    b = InMemoryTrainer(config(epochs=8), data, feats).run()
+    assert a.metrics["ua"] > 0.6  # chance: 0.25
+    assert a.metrics == b.metrics
+    np.testing.assert_array_equal(a.test.probs, b.test.probs)
+
+
+def test_resume_from_state_dict_continues_exactly(tmp_path):
+    data, feats = toy()
+    full = InMemoryTrainer(config(epochs=4), data, feats)
+    full.fit()
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(row):
+        if row["epoch"] == 2:
+            torch.save(first.state_dict(), tmp_path / "state.pt")
+            raise Killed
+
+    first = InMemoryTrainer(config(epochs=4), data, feats, on_epoch=save_then_die)
+    with pytest.raises(Killed):
+        first.fit()
+    resumed = InMemoryTrainer(config(epochs=4), data, feats)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    resumed.fit()
+    assert resumed.history == full.history
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
+def test_gradient_accumulation_steps_every_k_batches():
+    data, feats = toy()
+    t = InMemoryTrainer(config(epochs=1, batch_size=8, grad_accum=3), data, feats)
+    n = len(t.loaders["train"])  # 100 / 8 -> 13 micro-batches
+    t.train_epoch(1)
+    assert n == 13 and t.scheduler.last_epoch == math.ceil(13 / 3)
+
+
+def test_a_nan_loss_names_the_epoch_and_batch():
+    data, feats = toy()
+    bad = data.train[20]
+    feats[bad][0][0, 0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=rf"epoch 1, batch 2 \(utterances .*{bad}"):
+        InMemoryTrainer(config(), data, feats).fit()

@@ -1,0 +1,182 @@
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cache.reader import FeatureCache
+from cli import app
+from head_fixtures import make_cache
+from heads.report import load_run
+
+runner = CliRunner()
+FOLD_FILES = {"metrics.json", "predictions.csv", "head.safetensors", "history.csv"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache") / "synth.h5")
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def metrics(run, k):
+    return json.loads((run / f"fold-{k:02d}" / "metrics.json").read_text())
+
+
+def test_all_folds_through_the_cli_learn_and_write_the_run_folder(cache, tmp_path):
+    run = tmp_path / "run"
+    code, out = cli("train-head", "--cache", cache, "--all-folds", "--out", run, "--quiet")
+    assert code == 0, out
+    assert "fold 06" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["pooling"] == "sr" and config["settings"]["lr"] == 1e-3
+    assert config["fingerprint"]["model"] == "synthetic-test" and config["layers"] == [0, 1, 2]
+    for k in range(1, 7):
+        assert {p.name for p in (run / f"fold-{k:02d}").iterdir()} == FOLD_FILES
+    loaded = load_run(run)  # the report's own contract check of every metrics.json
+    assert len(loaded.folds) == 6
+    ua = [m["ua"] for m in loaded.folds]
+    assert np.mean(ua) > 0.6, ua  # chance is 0.25
+    code, out = cli("report", run, "--json", "--no-plots")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["folds"] == 6 and summary["ua"]["mean"] == pytest.approx(np.mean(ua))
+    m = metrics(run, 3)
+    assert (m["test_speaker"], m["val_speaker"], m["n_test"], m["no_speech"]) == ("S2F", "S2M", 24, 0)
+    assert 1 <= m["best_epoch"] <= m["epochs_run"]
+    assert np.mean([f["valence_ccc"] for f in loaded.folds]) > 0.1  # the regressors learn too
+    with (run / "fold-03" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["utt_id", "true", "pred", "prob_angry", "prob_happy", "prob_neutral", "prob_sad",
+                             "valence", "arousal", "valence_true", "arousal_true"]
+    assert len(rows) == 24 and all(r["utt_id"].startswith("S2F_") for r in rows)
+    acc = np.mean([r["true"] == r["pred"] for r in rows])
+    assert acc == pytest.approx(m["wa"])
+    with FeatureCache(cache) as fc:
+        assert float(rows[0]["valence_true"]) == pytest.approx(fc.meta.loc[rows[0]["utt_id"], "valence"], abs=1e-6)
+    with (run / "fold-03" / "history.csv").open() as fh:
+        assert next(csv.reader(fh)) == ["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"]
+
+
+def test_same_seed_same_metrics_and_parallel_jobs_match(cache, tmp_path):
+    args = ("--cache", cache, "--epochs", 4, "--quiet")
+    assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "a")[0] == 0
+    assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "b")[0] == 0
+    assert metrics(tmp_path / "a", 2) == metrics(tmp_path / "b", 2)
+    assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "c", "--seed", 1)[0] == 0
+    assert metrics(tmp_path / "c", 2) != metrics(tmp_path / "a", 2)
+    # two folds in two processes, each with one thread: the same numbers as in this process
+    code, out = cli("train-head", *args, "--all-folds", "--out", tmp_path / "p", "--jobs", 2)
+    assert code == 0, out
+    assert metrics(tmp_path / "p", 2) == metrics(tmp_path / "a", 2)
+
+
+def test_fixed_layer_gap_and_no_speech_counting(tmp_path):
+    cache = make_cache(tmp_path / "ns.h5", no_speech_every=5, per_class=3)
+    code, out = cli("train-head", "--cache", cache, "--fold", 1, "--layer", 2, "--pooling", "gap", "--epochs", 3,
+                    "--out", tmp_path / "run", "--quiet")
+    assert code == 0, out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["layers"] == [2]
+    with FeatureCache(cache) as fc:
+        test_ids = fc.meta.index[fc.meta["speaker"] == "S1F"]
+        expected = sum(not fc.vad(u, 3).any() for u in test_ids)
+    assert expected > 0 and metrics(tmp_path / "run", 1)["no_speech"] == expected
+
+
+def test_corpora_with_only_one_kind_of_label(tmp_path):
+    dims = make_cache(tmp_path / "dims.h5", emotions=False, per_class=3)
+    code, out = cli("train-head", "--cache", dims, "--fold", 1, "--epochs", 3, "--out", tmp_path / "d", "--quiet")
+    assert code == 0, out
+    m = metrics(tmp_path / "d", 1)
+    assert m["ua"] is None and m["valence_mae"] is not None and np.isfinite(m["arousal_ccc"])
+    cats = make_cache(tmp_path / "cats.h5", dims=False, per_class=3)
+    code, out = cli("train-head", "--cache", cats, "--fold", 1, "--epochs", 3, "--out", tmp_path / "c", "--quiet")
+    assert code == 0, out
+    m = metrics(tmp_path / "c", 1)
+    assert m["ua"] is not None and m["valence_mae"] is None and m["arousal_ccc"] is None
+
+
+def test_ablate_runs_gap_sap_and_sr_and_prints_them_side_by_side(cache, tmp_path):
+    code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--epochs", 2, "--quiet")
+    assert code == 0, out
+    for pooling in ("gap", "sap", "sr"):
+        assert json.loads((tmp_path / "abl" / pooling / "config.json").read_text())["settings"]["pooling"] == pooling
+        assert len(load_run(tmp_path / "abl" / pooling).folds) == 6
+    assert "GAP" in out and "SAP" in out and "SR" in out
+
+
+def unlabelled_speaker_cache(path, speaker="S1F"):
+    """A copy of the synthetic cache where one speaker's labels are all removed (plain h5py edit)."""
+    make_cache(path, per_class=3)
+    with h5py.File(path, "r+") as f:
+        spk = f["meta/speaker"].asstr()[:]
+        emo = f["meta/emotion"].asstr()[:].astype(object)
+        emo[spk == speaker] = ""
+        del f["meta/emotion"]
+        f.create_dataset("meta/emotion", data=emo.astype("S"), dtype=h5py.string_dtype())
+        for col in ("valence", "arousal"):
+            v = f[f"meta/{col}"][:]
+            v[spk == speaker] = np.nan
+            f[f"meta/{col}"][:] = v
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("layer", "the cache holds layers 0, 1, 2; layer 24 is not among them"),
+    ("vad", "--vad-mode must be one of 0, 1, 2, 3"),
+    ("fold", "fold 7 is out of range: this corpus has folds 1 to 6"),
+    ("neither", "give exactly one of --fold K or --all-folds"),
+    ("missing", "does not exist"),
+    ("garbage", "is not an HDF5 file or is corrupted"),
+    ("truncated", "is not an HDF5 file or is corrupted"),
+    ("no_labels", "has no labels at all"),
+    ("empty_test_speaker", "fold 1 cannot be trained: its test speaker S1F has no labelled utterances"),
+    ("empty_val_speaker", "fold 1 cannot be trained: its validation speaker S1M has no labelled utterances"),
+    ("other_settings", "already holds a run with other settings"),
+])
+def test_bad_input_is_one_sentence(cache, tmp_path, case, expected):
+    target, extra = cache, []
+    if case == "layer":
+        extra = ["--layer", 24]
+    elif case == "vad":
+        extra = ["--vad-mode", 4]
+    elif case == "fold":
+        extra = ["--fold", 7]
+    elif case == "missing":
+        target = tmp_path / "nope.h5"
+    elif case == "garbage":
+        target = tmp_path / "garbage.h5"
+        target.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif case == "truncated":
+        target = tmp_path / "cut.h5"
+        target.write_bytes(cache.read_bytes()[:6000])
+    elif case == "no_labels":
+        target = make_cache(tmp_path / "none.h5", emotions=False, dims=False, per_class=1)
+    elif case == "empty_test_speaker":
+        target = unlabelled_speaker_cache(tmp_path / "u.h5", "S1F")
+    elif case == "empty_val_speaker":
+        target = unlabelled_speaker_cache(tmp_path / "u.h5", "S1M")
+    elif case == "other_settings":
+        assert cli("train-head", "--cache", cache, "--fold", 1, "--epochs", 1, "--out", tmp_path / "r", "--quiet")[0] == 0
+        extra = ["--pooling", "gap"]
+    fold = [] if case in ("neither", "fold") else ["--fold", 1]
+    code, out = cli("train-head", "--cache", target, *fold, *extra, "--epochs", 1, "--out", tmp_path / "r", "--quiet")
+    assert code == 2, out
+    lines = [x for x in out.strip().splitlines() if x]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out
+    assert "Traceback" not in out
