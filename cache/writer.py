@@ -20,6 +20,7 @@ import os
 import queue
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ from extract.records import Skip, Utterance
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
 PART_BYTES = 256 << 20  # ... or this many bytes of features, whichever comes first
 QUEUE_BYTES = 1 << 30  # add() blocks only when this much is waiting for the disk
+# float32 -> float16 in numpy is ~5 ns/value on one core, the writer's biggest CPU cost;
+# numpy releases the GIL while casting, so a few threads scale it (and the model never waits).
+ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 _PART_GLOB = "part-*.h5"
 
 
@@ -286,6 +290,7 @@ class CacheWriter:
         part_utterances: int = PART_UTTERANCES,
         part_bytes: int = PART_BYTES,
         queue_bytes: int = QUEUE_BYTES,
+        encode_threads: int = ENCODE_THREADS,
     ) -> None:
         base = Path(path)
         if parse_shard_name(base):
@@ -311,6 +316,7 @@ class CacheWriter:
         self.n_fallback = 0  # utterances stored in float32 because float16 would overflow
         self.n_nonfinite = 0  # utterances turned into model_error skips
         self._queue: queue.Queue = queue.Queue()
+        self._encoder = ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="sapser-cache-encode")
         self._queued_bytes = 0
         self._room = threading.Condition()
         self._error: BaseException | None = None
@@ -390,7 +396,8 @@ class CacheWriter:
         self.stored.add(utt.utt_id)
         self.done.add(utt.utt_id)
         self.n_added += 1
-        self._put(("utt", row, features, vad.astype(bool)), features.nbytes)
+        encoded = self._encoder.submit(self._encode, row, features)
+        self._put(("utt", row, encoded, vad.astype(bool)), features.nbytes)
 
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         """Record an item not stored, with a SKIP_REASONS key; recording it twice is a no-op."""
@@ -437,12 +444,14 @@ class CacheWriter:
             parts = sorted(self.parts.glob(_PART_GLOB))
             if parts or not self.path.exists():
                 sources = ([self.path] if self.path.exists() else []) + parts
-                if sources:
+                if sources == parts[:1] and len(parts) == 1:
+                    os.replace(parts[0], self.path)  # already a complete cache: no copy
+                elif sources:
                     consolidate(sources, self.path, self.fingerprint)
                 else:
                     self._empty_cache()
             for p in parts:
-                p.unlink()
+                p.unlink(missing_ok=True)  # gone when renamed above
             (self.parts / "fingerprint.json").unlink(missing_ok=True)
             try:
                 self.parts.rmdir()
@@ -476,6 +485,7 @@ class CacheWriter:
         if self._thread.is_alive():
             self._queue.put((None, 0))
             self._thread.join()
+        self._encoder.shutdown(wait=True, cancel_futures=True)
 
     def _empty_cache(self) -> None:
         """A run where nothing was added or skipped still leaves a valid (empty) cache."""
@@ -499,9 +509,11 @@ class CacheWriter:
                 continue  # drain without writing so add() never blocks forever
             try:
                 if msg is not None and msg[0] == "utt":
-                    _, row, features, vad = msg
-                    stored = self._encode(row, features)
+                    _, row, encoded, vad = msg
+                    stored = encoded.result()  # written in add() order, encoded in parallel
+                    self.n_fallback += row["float32_fallback"]
                     if stored is None:
+                        self.n_nonfinite += 1
                         skips.append((row["utt_id"], "model_error", "non-finite feature values"))
                     else:
                         rows.append(row)
@@ -524,15 +536,13 @@ class CacheWriter:
 
     def _encode(self, row: dict, features: np.ndarray) -> np.ndarray | None:
         """(T, L, D) -> (L, T, D) in the storage dtype; float32 when float16 would overflow."""
-        peak = float(np.max(np.abs(features)))  # NaN propagates, inf is inf
+        peak = max(-float(features.min()), float(features.max()))  # NaN propagates, inf is inf
         if not np.isfinite(peak):
-            self.n_nonfinite += 1
             return None
         dtype = self.dtype
         if dtype == np.float16 and peak > FLOAT16_MAX:
             dtype = np.dtype(np.float32)
             row["float32_fallback"] = True
-            self.n_fallback += 1
         return np.ascontiguousarray(features.transpose(1, 0, 2), dtype=dtype)  # (L, T, D)
 
     def _flush(self, rows: list[dict], skips: list, arrays: dict) -> None:
@@ -541,6 +551,8 @@ class CacheWriter:
         self._write_part_file(final.with_name(final.name + ".tmp"), final, rows, skips, arrays)
 
     def _write_part_file(self, tmp: Path, final: Path, rows: list[dict], skips: list, arrays: dict) -> None:
+        # Sorted like a finished cache, so a run that fits in one part just renames it.
+        rows, skips = sorted(rows, key=lambda r: r["utt_id"]), sorted(skips)
         try:
             with h5py.File(tmp, "w") as f:
                 _root_attrs(f, self.fingerprint, self.hidden_size)
