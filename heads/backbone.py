@@ -42,6 +42,11 @@ from extract.errors import UserError
 from extract.frames import FrameGrid, conv_grid
 
 
+# WavLM mixes a bool padding mask with a float position bias; torch warns on every
+# forward (and on every recomputation under gradient checkpointing), the result is right.
+warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+
+
 class BackboneError(UserError):
     """A model that cannot be fine-tuned here (not found, not a speech SSL model, bad K)."""
 
@@ -82,10 +87,7 @@ class Backbone(nn.Module):
         if self.normalize:
             waves = normalize_waves(waves, wave_mask)
         attention_mask = wave_mask.long() if self.use_attention_mask else None
-        with warnings.catch_warnings():
-            # WavLM mixes a bool padding mask with a float position bias; torch warns, the result is right.
-            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            hidden = self.model(waves, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        hidden = self.model(waves, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         lengths = wave_mask.sum(dim=1)  # (B,)
         frames = self.frame_counts(lengths)  # (B,)
         t = torch.arange(hidden.shape[1], device=hidden.device)
@@ -174,11 +176,16 @@ def configure_training(backbone: Backbone, settings: BackboneSettings) -> None:
         if getattr(model.config, "do_stable_layer_norm", False):
             # Stable-layer-norm models apply encoder.layer_norm after the last layer.
             model.encoder.layer_norm.requires_grad_(True)
-    if settings.freeze_feature_encoder:
-        model.feature_extractor.requires_grad_(False)
+    if settings.freeze_feature_encoder or not settings.full:
+        # The model's own method, not just requires_grad: it also stops the encoder from
+        # marking its output as requiring grad, which would run the conv backward anyway.
+        model.freeze_feature_encoder()
     if settings.grad_checkpointing:
         # Non-reentrant: works with frozen inputs (top-K) and with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
