@@ -205,5 +205,87 @@ def ablate(
     Console(width=200).print(render_runs(runs, title=f"Pooling ablation on {cache.name}"))
 
 
+@app.command()
+@user_errors
+def finetune(
+    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
+    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
+    all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
+    full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = False,
+    top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = 4,
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder of a speech SSL model")] = "microsoft/wavlm-large",
+    cache: Annotated[Path | None, typer.Option("--cache", help="reuse this feature cache's VAD masks (same model grid and truncation)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<dataset>-<model>-<mode>]")] = None,
+    pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
+    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="utterances per optimizer step (gradient accumulation keeps it)")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate of the backbone (the paper: 3e-5)")] = 3e-5,
+    head_lr: Annotated[float | None, typer.Option("--head-lr", help="learning rate of the head [default: --lr]")] = None,
+    weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
+    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32, heads: HeadsOpt = 8,
+    step_seconds: Annotated[float, typer.Option("--step-seconds", help="padded audio seconds per micro-batch (the memory bound)")] = 200.0,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")] = None,
+    freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder/--no-freeze-feature-encoder", help="keep the convolutional front end frozen")] = True,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute transformer layers in the backward pass to save memory")] = True,
+    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")] = "auto",
+    device: DeviceOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="audio decoding processes per rank")] = 2,
+    resume: Annotated[bool, typer.Option("--resume", help="continue interrupted folds from their checkpoints, skip finished ones")] = False,
+    max_epochs_this_run: Annotated[int | None, typer.Option("--max-epochs-this-run", help="stop after N epochs (checkpointed) and exit; continue with --resume")] = None,
+    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
+    from heads.finetune import FinetuneSettings, finetune_config, run_finetune
+
+    if (fold is None) == (not all_folds):
+        raise UserError("give exactly one of --fold K or --all-folds")
+    config = finetune_config(pooling=pooling, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
+                             gamma=gamma, proj_dim=proj_dim, heads=heads, device=device)
+    settings = FinetuneSettings(model=model, full=full, top_layers=top_layers, head_lr=head_lr,
+                                step_seconds=step_seconds, max_seconds=max_seconds,
+                                freeze_feature_encoder=freeze_feature_encoder, grad_checkpointing=grad_checkpointing,
+                                amp=amp, workers=workers)
+    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    result = run_finetune(dataset, root, config, settings, folds=None if all_folds else [fold], out=out,
+                          cache_path=str(cache) if cache else None, resume=resume,
+                          max_epochs_this_run=max_epochs_this_run, classes=class_set, progress=not quiet,
+                          log=lambda line: typer.echo(line, err=True))
+    if result.is_main:
+        if result.unfinished:
+            typer.echo(f"run folder: {result.out} (folds {', '.join(map(str, result.unfinished))} unfinished: rerun with --resume)")
+        else:
+            typer.echo(f"run folder: {result.out} (summarize with `cli report {result.out}`)")
+
+
+@app.command()
+@user_errors
+def predict(
+    audio: Annotated[list[Path], typer.Argument(help="audio files (any format soundfile reads)")],
+    run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK (train-head or finetune)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list instead of a line per file")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "cpu",
+) -> None:
+    """Emotion probabilities, valence, arousal and the VAD speech ratio of each file; bad files are reported, not fatal."""
+    from heads.metrics import json_safe
+    from heads.predict import Predictor, format_line
+
+    predictor = Predictor(run, device=device)
+    results = []
+    for path in audio:
+        p = predictor.predict_one(path)
+        results.append(p)
+        if not as_json:
+            typer.echo(format_line(p), err=not p.ok)
+    if as_json:
+        typer.echo(json.dumps(json_safe([p.as_dict() for p in results]), indent=2, allow_nan=False))
+    failed = sum(not p.ok for p in results)
+    if failed:
+        typer.echo(f"error: {failed} of {len(results)} files could not be read", err=True)
+        raise typer.Exit(code=1)
+
+
 if __name__ == "__main__":
     app()
