@@ -130,6 +130,39 @@ def info(
         Console().print(info_table(summary))
 
 
+@app.command()
+@user_errors
+def extract(
+    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
+    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<dataset>-<model>.h5]")] = None,
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder, or fbank / egemaps")] = "microsoft/wavlm-large",
+    layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")] = None,
+    batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="padded audio seconds per model batch")] = 100.0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
+    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none")] = "auto",
+    workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes [default: cores - 1, at most 8]")] = None,
+    shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
+    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """SSL hidden states (or fbank / eGeMAPS) and VAD masks of every utterance into a resumable HDF5 cache."""
+    from extract.pipeline import run_extract, summary_table
+
+    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    summary = run_extract(dataset, root, out=out, model=model, layers=layers, max_seconds=max_seconds,
+                          batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers,
+                          shard=shard, strict=strict, classes=class_set, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        Console().print(summary_table(summary))
+
+
 # Options shared by `train-head` and `ablate` (defaults: heads.trainer.TrainConfig, README "Training heads").
 CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
 LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]

@@ -171,10 +171,7 @@ class HFBackend:
             ) from None
         if getattr(fe, "sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
             raise BackendError(f"{model!r} expects {fe.sampling_rate} Hz audio; only 16 kHz models are supported")
-        try:
-            self.model = AutoModel.from_pretrained(model).eval()
-        except Exception as exc:
-            raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
+        self.model = _quiet_from_pretrained(AutoModel, model).eval()
         self.config = self.model.config
         self.normalize = bool(getattr(fe, "do_normalize", False))
         self.pads = self.config.feat_extract_norm == "layer"
@@ -267,6 +264,21 @@ class HFBackend:
         assert feats.shape[1] == max(n_frames), f"model gave {feats.shape[1]} frames, expected {max(n_frames)}"
         feats = feats.float().cpu().numpy()
         return [np.ascontiguousarray(feats[i, :t]) for i, t in enumerate(n_frames)]  # (T_i, L, D)
+
+
+def _quiet_from_pretrained(auto_class, model: str) -> torch.nn.Module:
+    """from_pretrained without transformers' own progress bar (the extractor draws one)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(model)
+    except Exception as exc:
+        raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

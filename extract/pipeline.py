@@ -1,0 +1,500 @@
+"""The extraction loop: a corpus in, a finished (or resumable) feature cache out.
+
+Three stages run at once, each on its own core(s):
+
+    worker processes          main thread               cache writer thread
+    decode + resample + VAD ─► backend(batch of waves) ─► float16 + HDF5 part files
+    (ProcessPool, bounded     (length-sorted batches    (bounded queue, see
+     look-ahead)               of <= batch_seconds)      cache.writer)
+
+Memory is bounded by the look-ahead (PREFETCH_BATCHES batches of audio), one
+batch of features and the writer's queue, never by the corpus size.
+
+Batches: utterances are sorted by length, longest first, and cut so that
+padded length x batch size <= batch_seconds of audio; the longest batch comes
+first, so a model that runs out of memory does so at once.
+
+Bad items never stop a run: an AudioError, an utterance shorter than the
+backend's frame window, or a model error on one item (a failed batch is
+retried one utterance at a time to find it) becomes a skip with its reason.
+`strict=True` turns each of them into an error instead.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import soundfile as sf
+
+from extract.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioError, load_audio
+from extract.errors import UserError
+from extract.frames import FrameGrid
+from extract.records import SKIP_REASONS, Corpus, Utterance
+from extract.vad import vad_masks, vad_settings
+
+if TYPE_CHECKING:
+    from extract.backends import Backend
+
+PREFETCH_BATCHES = 3  # batches of audio decoded ahead of the model
+# A model that fails on this many utterances before it has produced one set of
+# features is broken, not unlucky: stop instead of skipping the whole corpus.
+MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
+
+
+class ExtractError(UserError):
+    """An extraction that cannot go on (strict mode, or a model that fails on everything)."""
+
+
+# --------------------------------------------------------------------------- the fingerprint
+
+
+def fingerprint(corpus: Corpus, backend: Backend, *, max_seconds: float, dtype: str = "float16") -> dict:
+    """Everything that decides the cached arrays; a resume with any other value is refused."""
+    return {
+        **backend.describe(),
+        "layers": list(backend.layers),
+        "hidden_size": backend.hidden_size,
+        "dtype": dtype,
+        "sample_rate": SAMPLE_RATE,
+        "resample": f"soxr {RESAMPLE_QUALITY}",
+        **backend.grid.as_dict(),
+        **vad_settings(),
+        "max_seconds": float(max_seconds),
+        "dataset": corpus.name,
+        "classes": list(corpus.classes),
+    }
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def estimate_samples(utt: Utterance, max_seconds: float) -> int:
+    """16 kHz samples the utterance will have, from the file header only (0 if unreadable).
+
+    Only for ordering and batching: the real length comes from load_audio.
+    """
+    try:
+        info = sf.info(utt.path)
+    except Exception:  # the loader reports the real reason later
+        return 0
+    seconds = info.frames / info.samplerate if info.samplerate else 0.0
+    end = seconds if math.isnan(utt.end) else min(seconds, utt.end)
+    span = max(end - utt.start, 0.0)
+    if max_seconds > 0:
+        span = min(span, max_seconds)
+    return int(span * SAMPLE_RATE)
+
+
+def plan_batches(lengths: Sequence[int], batch_seconds: float) -> list[list[int]]:
+    """Indices into `lengths`, longest first, cut so max length x count <= batch_seconds.
+
+    Every batch holds at least one utterance (a longer one runs alone).
+    Ties are broken by index, so a plan is deterministic.
+    """
+    budget = batch_seconds * SAMPLE_RATE
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and longest * (len(current) + 1) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def select_shard(utts: Sequence[Utterance], shard: tuple[int, int] | None) -> list[Utterance]:
+    """The utterances of shard (i, n), 0 <= i < n: a stable hash of the utt_id, as the cache uses."""
+    if shard is None:
+        return list(utts)
+    from cache.format import shard_of
+
+    i, n = shard
+    return [u for u in utts if shard_of(u.utt_id, n) == i]
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+@dataclass
+class Loaded:
+    utt: Utterance
+    samples: np.ndarray  # (N,) float32, 16 kHz
+    vad: np.ndarray  # (4, T) bool on the backend's grid
+    truncated: bool
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass
+class Failed:
+    utt: Utterance
+    reason: str  # a SKIP_REASONS key
+    detail: str
+    message: str  # one sentence, for strict mode
+
+
+def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | Failed:
+    """Decode, resample and compute the VAD masks of one utterance (runs in a worker process)."""
+    try:
+        audio = load_audio(utt.path, start=utt.start, end=utt.end, max_seconds=max_seconds)
+    except AudioError as err:
+        return Failed(utt, err.reason, err.detail, str(err))
+    n = len(audio.samples)
+    if grid.n_frames(n) == 0:
+        detail = f"{n} samples, the backend's frame needs {grid.window}"
+        return Failed(utt, "too_short", detail, f"{utt.path}: {SKIP_REASONS['too_short']} ({detail})")
+    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
+
+
+class _Inline(Executor):
+    """workers=0: load in the main thread (no processes; for debugging and tiny runs)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # noqa: BLE001 - delivered through the future, as a pool would
+            future.set_exception(err)
+        return future
+
+
+def _executor(workers: int) -> Executor:
+    if workers <= 0:
+        return _Inline()
+    # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,
+             ahead: int = PREFETCH_BATCHES) -> Iterator[list[Loaded | Failed]]:
+    """Yield each batch's loaded items in order while the next `ahead` batches load."""
+    pending: deque[list[Future]] = deque()
+    upcoming = iter(batches)
+
+    def submit_next() -> None:
+        batch = next(upcoming, None)
+        if batch is not None:
+            pending.append([executor.submit(load_item, u, max_seconds, grid) for u in batch])
+
+    for _ in range(ahead + 1):
+        submit_next()
+    while pending:
+        futures = pending.popleft()
+        submit_next()
+        yield [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Tally:
+    written: int = 0
+    audio_seconds: float = 0.0
+    skipped: Counter = field(default_factory=Counter)
+    model_errors_before_success: int = 0
+
+
+def extract_corpus(
+    corpus: Corpus,
+    out: str | Path,
+    backend: Backend,
+    *,
+    max_seconds: float,
+    batch_seconds: float,
+    workers: int,
+    shard: tuple[int, int] | None,
+    progress: bool = True,
+    strict: bool = False,
+    dtype: str = "float16",
+) -> dict[str, Any]:
+    """Extract every utterance of `corpus` (of shard (i, n), 0-based) into the cache at `out`.
+
+    Resumes a cache with the same fingerprint (utterances already stored or
+    skipped are not redone). `workers` processes decode audio and compute VAD
+    masks (0 = in the main thread). Returns a summary (see `summarize`).
+    """
+    from cache.writer import CacheWriter  # h5py only in the parent, never in the workers
+
+    if batch_seconds <= 0:
+        raise ExtractError(f"--batch-seconds must be positive, got {batch_seconds}")
+    started = time.perf_counter()
+    tally = _Tally()
+    fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=dtype)
+    with CacheWriter(out, fp, shard=shard) as writer:
+        already = len(writer.done)
+        for s in select_shard_skips(corpus, shard):
+            writer.skip(s.item, s.reason, s.detail)
+        todo = [u for u in select_shard(corpus.utterances, shard) if u.utt_id not in writer.done]
+        with ThreadPoolExecutor(max_workers=8) as headers:  # file headers: I/O-bound, threads suffice
+            lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), todo))
+        batches = [[todo[i] for i in b] for b in plan_batches(lengths, batch_seconds)]
+        pool = _executor(workers)
+        try:
+            with _progress_bar(progress, len(todo), sum(lengths) / SAMPLE_RATE) as bar:
+                loop_started = time.perf_counter()
+                for items in prefetch(batches, pool, max_seconds, backend.grid):
+                    _run_batch(items, backend, writer, tally, strict)
+                    bar.advance(len(items), sum(it.seconds for it in items if isinstance(it, Loaded)))
+                loop_seconds = time.perf_counter() - loop_started
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        path = writer.close()
+    # the writer turns non-finite features into model_error skips itself
+    tally.written -= writer.n_nonfinite
+    if writer.n_nonfinite:
+        tally.skipped["model_error"] += writer.n_nonfinite
+    return summarize(path, tally, already=already, todo=len(todo), wall=time.perf_counter() - started,
+                     loop_seconds=loop_seconds, fallback=writer.n_fallback, model=backend.name)
+
+
+def select_shard_skips(corpus: Corpus, shard: tuple[int, int] | None) -> list:
+    """The reader's skips that belong in this shard's skip list (each in exactly one shard)."""
+    if shard is None:
+        return list(corpus.skipped)
+    from cache.format import shard_of
+
+    i, n = shard
+    return [s for s in corpus.skipped if shard_of(s.item, n) == i]
+
+
+def _run_batch(items: list[Loaded | Failed], backend: Backend, writer: Any, tally: _Tally, strict: bool) -> None:
+    loaded = [it for it in items if isinstance(it, Loaded)]
+    for it in items:
+        if isinstance(it, Failed):
+            if strict:
+                raise ExtractError(f"{it.message} (strict mode)")
+            _skip(writer, tally, it.utt.utt_id, it.reason, it.detail)
+    if not loaded:
+        return
+    try:
+        feats = backend([it.samples for it in loaded])
+        pairs = list(zip(loaded, feats))
+    except Exception:  # one bad item must not take its batch with it: find it
+        _free_accelerator_memory()
+        pairs = []
+        for it in loaded:
+            try:
+                pairs.append((it, backend([it.samples])[0]))
+            except Exception as err:
+                _free_accelerator_memory()
+                detail = f"{type(err).__name__}: {_first_line(err)}"
+                if strict:
+                    raise ExtractError(f"{it.utt.utt_id}: the model failed ({detail}) (strict mode)") from err
+                tally.model_errors_before_success += tally.written == 0
+                if tally.model_errors_before_success >= MAX_ERRORS_BEFORE_FIRST_SUCCESS:
+                    raise ExtractError(
+                        f"the model failed on the first {tally.model_errors_before_success} utterances "
+                        f"and worked on none ({detail}); check the model and --device"
+                    ) from err
+                _skip(writer, tally, it.utt.utt_id, "model_error", detail)
+    for it, f in pairs:
+        # the backend's grid and the VAD's grid are the same object; a mismatch is a bug, not bad input
+        assert f.shape[0] == it.vad.shape[1], f"{it.utt.utt_id}: {f.shape[0]} frames vs VAD {it.vad.shape[1]}"
+        writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated)
+        tally.written += 1
+        tally.audio_seconds += it.seconds
+
+
+def _skip(writer: Any, tally: _Tally, item: str, reason: str, detail: str) -> None:
+    writer.skip(item, reason, detail)
+    tally.skipped[reason] += 1
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else "")[:160]
+
+
+# --------------------------------------------------------------------------- progress and summary
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, n_utts: int, seconds: float) -> None:
+        return None
+
+
+class _Bar(_NoBar):
+    """rich progress over audio seconds (so the ETA weighs long utterances right) with rates."""
+
+    def __init__(self, n_utts: int, total_seconds: float) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("extract"), BarColumn(),
+            TextColumn("{task.fields[utts]}/{task.fields[n_utts]} utt"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=True), refresh_per_second=4,
+        )
+        self.task = self.progress.add_task("extract", total=max(total_seconds, 1e-9), utts=0,
+                                           n_utts=n_utts, rate="")
+        self.utts = 0
+        self.seconds = 0.0
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def advance(self, n_utts: int, seconds: float) -> None:
+        self.utts += n_utts
+        self.seconds += seconds
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = f"{self.utts / elapsed:.1f} utt/s, {self.seconds / elapsed:.1f}x real time"
+        self.progress.update(self.task, advance=seconds, utts=self.utts, rate=rate)
+
+
+def _progress_bar(show: bool, n_utts: int, total_seconds: float) -> _NoBar:
+    return _Bar(n_utts, total_seconds) if show and n_utts else _NoBar()
+
+
+def summarize(path: Path, tally: _Tally, *, already: int, todo: int, wall: float, loop_seconds: float,
+              fallback: int, model: str) -> dict[str, Any]:
+    """What this run did, and what the cache (or shard) file now holds, read back from it."""
+    from cache.writer import read_contents  # reads one file, shard or not
+
+    contents = read_contents(path)
+    return {
+        "out": str(path),
+        "size_bytes": path.stat().st_size if path.exists() else 0,
+        "model": model,
+        "written": tally.written,
+        "resumed_from": already,
+        "planned": todo,
+        "skipped": dict(sorted(tally.skipped.items())),
+        "audio_hours": tally.audio_seconds / 3600.0,
+        "seconds": wall,  # the whole call: planning, extraction, consolidating the file
+        "x_real_time": tally.audio_seconds / loop_seconds if loop_seconds > 0 else 0.0,
+        "float32_fallback": fallback,
+        "cache_utterances": len(contents.utt_ids),
+        "cache_skipped": dict(sorted(Counter(contents.skipped["reason"]).items())),
+    }
+
+
+# --------------------------------------------------------------------------- the `cli extract` entry
+
+
+DEFAULT_MODEL = "microsoft/wavlm-large"
+DEFAULT_BATCH_SECONDS = 100.0
+
+
+def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None:
+    """`--shard i/n` (1-based, 1 <= i <= n) -> (i - 1, n); without it, torchrun's RANK/WORLD_SIZE."""
+    if spec is None:
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+        return (int(env.get("RANK", "0") or 0), world) if world > 1 else None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ExtractError(f"--shard must look like i/n (e.g. 1/4), got {spec!r}") from None
+    if not 1 <= i <= n:
+        raise ExtractError(f"--shard {spec}: i must be between 1 and n")
+    return (i - 1, n) if n > 1 else None
+
+
+def default_workers(env: dict[str, str]) -> int:
+    """Audio worker processes: the cores not driving the model, split over local torchrun ranks."""
+    local = max(int(env.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(1, min(8, (os.cpu_count() or 2) // local - 1))
+
+
+def default_out(dataset: str, model: str) -> Path:
+    from extract.backends import model_slug
+
+    return Path("features") / f"{dataset}-{model_slug(model)}.h5"
+
+
+def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None, model: str = DEFAULT_MODEL,
+                layers: str = "all", max_seconds: float | None = None,
+                batch_seconds: float = DEFAULT_BATCH_SECONDS, device: str = "auto", dtype: str = "float16",
+                amp: str = "auto", workers: int | None = None, shard: str | None = None, strict: bool = False,
+                classes: Sequence[str] | None = None, progress: bool = True,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
+    from extract.backends import load_backend, parse_layers
+    from extract.corpora import default_max_seconds, read_corpus
+    from extract.records import CLASSES_4
+
+    env = dict(os.environ) if env is None else env
+    if dtype not in ("float16", "float32"):
+        raise ExtractError(f"--dtype is the storage dtype: float16 or float32, got {dtype!r}")
+    if amp not in ("auto", "bf16", "fp16", "none"):
+        raise ExtractError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+    shard_ = parse_shard(shard, env)
+    if device == "auto" and "LOCAL_RANK" in env:
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per torchrun rank
+            device = f"cuda:{int(env['LOCAL_RANK'])}"
+    max_s = default_max_seconds(dataset) if max_seconds is None else float(max_seconds)
+    if max_s < 0:
+        raise ExtractError(f"--max-seconds must be >= 0 (0 = no truncation), got {max_s}")
+    corpus = read_corpus(dataset, root, classes=tuple(classes or CLASSES_4), strict=strict)
+    backend = load_backend(model, layers=parse_layers(layers), device=device,
+                           dtype={"none": "float32", "auto": "auto"}.get(amp, amp))
+    summary = extract_corpus(
+        corpus, Path(out) if out is not None else default_out(dataset, model), backend,
+        max_seconds=max_s, batch_seconds=batch_seconds,
+        workers=default_workers(env) if workers is None else workers,
+        shard=shard_, progress=progress, strict=strict, dtype=dtype,
+    )
+    summary["reader_skipped"] = corpus.skip_counts()
+    return summary
+
+
+def summary_table(summary: dict[str, Any]):
+    """The end-of-run summary as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="extraction", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    skipped = summary["skipped"]
+    rows = [
+        ("written", f"{summary['written']:,} utterances, {summary['audio_hours']:.3f} h of audio"),
+        ("skipped", ", ".join(f"{r} {n}" for r, n in skipped.items()) if skipped else "none"),
+        ("reader skipped", ", ".join(f"{r} {n}" for r, n in summary.get("reader_skipped", {}).items()) or "none"),
+        ("already in cache", f"{summary['resumed_from']:,}"),
+        ("speed", f"{summary['x_real_time']:.1f}x real time ({summary['seconds']:.1f} s in all)"),
+        ("cache", f"{summary['out']} ({summary['size_bytes'] / 2**20:.1f} MiB, "
+                  f"{summary['cache_utterances']:,} utterances)"),
+    ]
+    if summary.get("float32_fallback"):
+        rows.append(("float32 fallback", f"{summary['float32_fallback']} utterances overflowed float16"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
