@@ -289,6 +289,18 @@ def test_out_of_disk_space_is_a_clear_error_and_a_rerun_completes(tmp_path, monk
     assert contents(w.path) == contents(write(tmp_path / "one.h5", range(9)))
 
 
+def test_too_little_space_for_the_final_merge_keeps_the_parts(tmp_path, monkeypatch):
+    real = writer_module.shutil.disk_usage
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CacheError, match="out of disk space: finishing .* needs about"):
+        write(tmp_path / "c.h5", range(9), part_utterances=3)
+    assert len(list((tmp_path / "c.parts").glob("part-*.h5"))) == 4  # 3 + the skip; nothing lost
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", real)
+    with CacheWriter(tmp_path / "c.h5", FP) as w:
+        assert len(w.done) == 10
+    assert contents(w.path) == contents(write(tmp_path / "one.h5", range(9)))
+
+
 def test_not_a_cache_and_damaged_files_are_clear_errors(tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5 at all" * 100)
