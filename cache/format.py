@@ -137,7 +137,7 @@ def shard_path(path: str | Path, shard: tuple[int, int]) -> Path:
     if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
         raise CacheError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     path = Path(path)
-    stem = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.name
+    stem = path.name.removesuffix(".h5")
     return path.with_name(f"{stem}.shard-{i}-of-{n}.h5")
 
 
@@ -153,7 +153,7 @@ def parse_shard_name(path: str | Path) -> tuple[str, int, int] | None:
 def find_shards(path: str | Path) -> list[Path]:
     """The shard files written for base path `F.h5` (any n), sorted by shard index."""
     path = Path(path)
-    stem = path.name[: -len(".h5")] if path.name.endswith(".h5") else path.name
+    stem = path.name.removesuffix(".h5")
     found = []
     if path.parent.is_dir():
         for p in path.parent.iterdir():
@@ -173,7 +173,7 @@ def lock_path(path: Path) -> Path:
 
 
 def parts_dir(path: Path) -> Path:
-    return path.with_name(path.name[: -len(".h5")] + ".parts" if path.name.endswith(".h5") else path.name + ".parts")
+    return path.with_name(path.name.removesuffix(".h5") + ".parts")
 
 
 def fsync_dir(path: Path) -> None:

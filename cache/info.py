@@ -20,7 +20,7 @@ def cache_info(path: str | Path | Sequence[str | Path]) -> dict[str, Any]:
         return {
             "path": str(cache.path),
             "files": [str(p) for p in cache.paths],
-            "utterances": int(len(meta)),
+            "utterances": len(meta),
             "frames": int(meta["n_frames"].sum()),
             "hours": float(meta["duration"].sum()) / 3600.0,
             "layers": list(cache.layers),

@@ -133,7 +133,7 @@ class FeatureCache:
                 h.close()
         self._handles, self._pid = [], None
 
-    def __enter__(self) -> FeatureCache:
+    def __enter__(self) -> FeatureCache:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,8 +20,8 @@ import os
 import queue
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,9 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
 
 def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
     """Merge shard files into one cache equal in content to a single (unsharded) run."""
-    from cache.reader import resolve_paths  # the reader knows how to find and check a shard set
+    from cache.reader import (
+        resolve_paths,  # the reader knows how to find and check a shard set
+    )
 
     files = resolve_paths([Path(p) for p in paths] if not isinstance(paths, (str, Path)) else paths)
     contents = [read_contents(p) for p in files]
@@ -332,20 +334,20 @@ class CacheWriter:
         self._sources: list[Path] = [self.path] if self.path.exists() else []
         self.parts.mkdir(exist_ok=True)
         for tmp in self.parts.glob("*.tmp"):
-            tmp.unlink()
-        fp_file = self.parts / "fingerprint.json"
-        if fp_file.exists():
-            try:
-                self._check_fingerprint(json.loads(fp_file.read_text()), fp_file)
-            except ValueError:
-                pass  # a torn write of this small file; the parts carry the fingerprint too
+            tmp.unlink()  # torn by a kill before its rename: its utterances are not done
         parts = sorted(self.parts.glob(_PART_GLOB))
         self._sources += parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=0)
         self.stored: set[str] = set()
         self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
         for src in self._sources:
-            c = read_contents(src)
+            try:
+                c = read_contents(src)
+            except CacheError as err:
+                if src == self.path:
+                    raise
+                # Only a storage failure can damage a renamed (fsynced) part.
+                raise CacheError(f"{err}; delete that part and rerun: its utterances will be extracted again") from None
             self._check_fingerprint(c.fingerprint, src)
             if c.hidden_size:
                 self._check_hidden(c.hidden_size, src)
@@ -354,7 +356,6 @@ class CacheWriter:
                 self._skips.setdefault((item, reason), detail)
         self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
         self.resumed = bool(self._sources)
-        _atomic_write_text(fp_file, json.dumps(self.fingerprint, sort_keys=True))
 
     def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
         keys = fingerprint_diff(self.fingerprint, theirs)
@@ -452,7 +453,6 @@ class CacheWriter:
                     self._empty_cache()
             for p in parts:
                 p.unlink(missing_ok=True)  # gone when renamed above
-            (self.parts / "fingerprint.json").unlink(missing_ok=True)
             try:
                 self.parts.rmdir()
             except OSError:
@@ -472,7 +472,7 @@ class CacheWriter:
         finally:
             self._lock.release()
 
-    def __enter__(self) -> CacheWriter:
+    def __enter__(self) -> CacheWriter:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -572,15 +572,3 @@ class CacheWriter:
             tmp.unlink(missing_ok=True)
             raise
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise (_disk_error(err, path) or err) from None

@@ -165,11 +165,12 @@ def test_a_second_live_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_
     first = CacheWriter(path, FP)
     with pytest.raises(CacheError, match=f"being written by another process \\(PID {os.getpid()}"):
         CacheWriter(path, FP)
-    other = subprocess.run([sys.executable, "-c", "import sys; from cache.writer import CacheWriter; "
-                            f"CacheWriter({str(path)!r}, {FP!r})"], capture_output=True, text=True)
+    code = f"from cache.writer import CacheWriter; CacheWriter({str(path)!r}, {FP!r})"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert other.returncode != 0 and "being written by another process" in other.stderr
     first.close()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     (tmp_path / "c.h5.lock").write_text(dead.stdout)  # a stale lock: its PID is gone
     CacheWriter(path, FP).close()
 
@@ -314,10 +315,9 @@ def test_not_a_cache_and_damaged_files_are_clear_errors(tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.h5"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CacheError, match="cut.h5"):
-        with FeatureCache(cut) as c:
-            for u in c.meta.index:
-                c.features(u)
+    with pytest.raises(CacheError, match="cut.h5"), FeatureCache(cut) as c:
+        for u in c.meta.index:
+            c.features(u)
     with pytest.raises(CacheError, match="no cache at"):
         FeatureCache(tmp_path / "missing.h5")
 
