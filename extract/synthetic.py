@@ -245,7 +245,7 @@ def voiced_chunk(
     source = lfilter([1.0 - p.tilt], [1.0, -p.tilt], source)
     out = np.zeros(n + SR // 10)  # room for each syllable's overlap
     attack = 0.35 / rate  # fast rate -> sharp attack, sad -> soft onsets
-    for onset, dur in zip(onsets, durations):
+    for onset, dur in zip(onsets, durations, strict=True):
         length = int(dur * 1.25)
         seg = source[onset : onset + length]
         vowel = VOWELS[rng.integers(len(VOWELS))]
@@ -307,7 +307,7 @@ def _glottal_source(f0: np.ndarray, open_quotient: float) -> np.ndarray:
 def _formant_filter(formants: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """(b, a) of a cascade of two-pole resonators, unit gain at 0 Hz."""
     a = np.ones(1)
-    for f, bw in zip(formants, BANDWIDTHS):
+    for f, bw in zip(formants, BANDWIDTHS, strict=True):
         r = math.exp(-math.pi * bw / SR)
         a = np.convolve(a, [1.0, -2 * r * math.cos(2 * math.pi * f / SR), r * r])
     return np.array([a.sum()]), a
