@@ -1,0 +1,208 @@
+"""End-to-end fine-tuning on a tiny WavLM and a small synthetic corpus: learning, outputs, checkpoints, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from extract.backends import tiny_wavlm, zero_mean_unit_var
+from extract.corpora import read_corpus
+from extract.errors import UserError
+from extract.synthetic import generate
+from heads.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
+from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
+from heads.data import fold_data
+from heads.distributed import DistContext
+from heads.finetune import FinetuneSettings, FineTuneTrainer, finetune_config, run_finetune
+from heads.head import SERHead
+from heads.trainer import Trainer
+from heads.wave_data import StepBatchSampler, build_wave_index, corpus_meta
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """4 speakers (2 sessions) x 6 short utterances: fold 1 trains on 12, validates on 6, tests on 6."""
+    root = tmp_path_factory.mktemp("ft-corpus")
+    return generate(root, seed=0, n_sessions=2, utts_per_speaker=6, speech_seconds=(0.5, 0.9),
+                    silence_seconds=(0.1, 0.4))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_wavlm(tmp_path_factory.mktemp("tiny-wavlm"))
+
+
+def settings(tiny: Path, **kw) -> FinetuneSettings:
+    base = dict(model=str(tiny), full=True, head_lr=1e-2, step_seconds=4.0, workers=0, grad_checkpointing=False)
+    return FinetuneSettings(**{**base, **kw})
+
+
+def config(**kw):
+    return finetune_config(**{**dict(epochs=2, batch_size=4, lr=1e-3, seed=0, device="cpu"), **kw})
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False, log=quiet)
+    assert result.unfinished == [] and 1 in result.metrics
+    return out
+
+
+def history(run: Path) -> list[dict]:
+    with (run / "fold-01" / "history.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_loss_goes_down(full_run):
+    rows = history(full_run)
+    assert len(rows) == 2
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_run_folder_has_the_train_head_contract_plus_the_backbone(full_run):
+    cfg = json.loads((full_run / "config.json").read_text())
+    assert cfg["mode"] == "finetune-full" and cfg["settings"]["lr"] == 1e-3
+    assert cfg["layers"] == [2]  # the last hidden state of the 2-layer model
+    fold = full_run / "fold-01"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    for key in ("fold", "test_speaker", "val_speaker", "labels", "ua", "wa", "macro_f1", "recall", "confusion",
+                "valence_mae", "arousal_mae", "valence_ccc", "arousal_ccc", "best_epoch", "no_speech", "n_test"):
+        assert key in metrics
+    assert metrics["n_test"] == 6
+    with (fold / "predictions.csv").open() as fh:
+        header = next(csv.reader(fh))
+    assert header[:3] == ["utt_id", "true", "pred"] and "prob_angry" in header and "valence_true" in header
+    # The whole backbone (--full) is saved and loads strictly into the saved architecture.
+    rebuilt = load_backbone(BackboneSettings(model=str(fold / "backbone"), full=True, grad_checkpointing=False),
+                            from_config_dir=fold / "backbone")
+    rebuilt.model.load_state_dict(load_file(str(fold / "model.safetensors")), strict=True)
+    head = SERHead(cfg["hidden_size"], 1, 4)
+    head.load_state_dict(load_file(str(fold / "head.safetensors")))
+    assert not (fold / "checkpoint").exists()  # removed once the fold is done
+
+
+def test_head_modules_are_the_train_head_classes(corpus, tiny):
+    corp = read_corpus("manifest", corpus)
+    index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
+    meta = corpus_meta(corp, index)
+    data = fold_data(SimpleNamespace(meta=meta, classes=corp.classes, path=str(corpus)), 1)
+    trainer = FineTuneTrainer(config(), data, settings=settings(tiny), utterances={u.utt_id: u for u in corp.utterances},
+                              index=index, max_seconds=0.0)
+    assert isinstance(trainer, Trainer)
+    head = trainer.head(trainer.model)
+    reference = SERHead(head.input_size, 1, 4, pooling="sr")  # what train-head builds for one layer
+    assert type(head) is SERHead
+    assert [type(m) for m in head.modules()] == [type(m) for m in reference.modules()]
+    assert [n for n, _ in head.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    groups = {g["name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}  # before warm-up scaling
+    assert groups == {"backbone": 1e-3, "head": 1e-2}
+
+
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(corpus, tiny, full_run, tmp_path):
+    out = tmp_path / "resumed"
+    first = run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False, log=quiet,
+                         max_epochs_this_run=1)
+    assert first.unfinished == [1] and not (out / "fold-01" / "metrics.json").exists()
+    ckpt = out / "fold-01" / "checkpoint"
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # plain data only
+    assert state["epoch"] == 1 and "optimizer" in state and "scheduler" in state and "rng_all" in state
+    assert load_checkpoint(ckpt).model  # safetensors weights, tagged with the same epoch
+    with pytest.raises(UserError, match="--resume"):
+        run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False, log=quiet)
+    second = run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False,
+                          log=quiet, resume=True)
+    assert second.unfinished == []
+    for name in ("metrics.json", "predictions.csv", "history.csv"):
+        assert (out / "fold-01" / name).read_text() == (full_run / "fold-01" / name).read_text(), name
+
+
+def test_top_k_mode_trains_only_the_top_layers(tiny):
+    backbone = load_backbone(BackboneSettings(model=str(tiny), full=False, top_layers=1))
+    trained = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("encoder.layers.1.", "encoder.layer_norm.")) for n in trained)
+    assert set(trainable_state(backbone)) == trained
+    with pytest.raises(UserError, match="--top-layers"):
+        load_backbone(BackboneSettings(model=str(tiny), full=False, top_layers=3))
+
+
+def test_layerdrop_is_off_under_ddp_and_gradient_checkpointing(tiny):
+    def layerdrop(**kw) -> float:
+        return load_backbone(BackboneSettings(model=str(tiny), full=True, **kw)).model.config.layerdrop
+
+    assert layerdrop(grad_checkpointing=False, distributed=False) == pytest.approx(0.1)  # the checkpoint's value
+    assert layerdrop(grad_checkpointing=True, distributed=False) == 0.0
+    assert layerdrop(grad_checkpointing=False, distributed=True) == 0.0
+
+
+def test_steps_keep_the_batch_and_micro_batches_keep_the_budget():
+    rng = np.random.default_rng(0)
+    n_samples = rng.integers(8_000, 19 * 16_000, size=150)
+    sampler = StepBatchSampler(n_samples, batch_size=64, step_seconds=60.0, shuffle=True, seed=3)
+    sampler.set_epoch(1)
+    steps = sampler.steps()
+    assert [sum(len(mb) for mb in s) for s in steps] == [64, 64, 22]
+    for step in steps:
+        assert sum(mb.share for mb in step) == pytest.approx(1.0)
+        assert [mb.step_end for mb in step] == [False] * (len(step) - 1) + [True]
+        for mb in step:
+            assert len(mb) == 1 or n_samples[list(mb)].max() * len(mb) <= 60 * 16_000
+    assert sorted(i for s in steps for mb in s for i in mb) == list(range(150))
+    again = StepBatchSampler(n_samples, batch_size=64, step_seconds=60.0, shuffle=True, seed=3)
+    again.set_epoch(1)
+    assert again.steps() == steps  # the epoch alone decides the order (resume at epoch granularity)
+    again.set_epoch(2)
+    assert again.steps() != steps
+
+
+def test_ranks_split_each_step_and_together_weigh_one():
+    n_samples = np.full(131, 16_000)
+    ranks = []
+    for r in range(2):
+        s = StepBatchSampler(n_samples, batch_size=64, step_seconds=10.0, shuffle=True, seed=0,
+                             ctx=DistContext(rank=r, world_size=2))
+        ranks.append(s.steps())
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for a, b in zip(*ranks):
+        ia = {i for mb in a for i in mb}
+        ib = {i for mb in b for i in mb}
+        assert not ia & ib
+        # DDP averages over ranks: (sum of shares on all ranks) / world_size = 1
+        assert (sum(mb.share for mb in a) + sum(mb.share for mb in b)) / 2 == pytest.approx(1.0)
+    tail = StepBatchSampler(np.full(65, 16_000), batch_size=64, step_seconds=10.0, shuffle=False,
+                            ctx=DistContext(rank=1, world_size=2))
+    assert tail.n_steps() == 1  # a 1-utterance tail cannot feed 2 ranks: dropped, not hung
+
+
+def test_on_device_normalization_equals_the_extractors():
+    waves = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * 0.1 for i, n in enumerate((900, 1600))]
+    batch = torch.zeros(2, 1600)
+    mask = torch.zeros(2, 1600, dtype=torch.bool)
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = torch.from_numpy(w)
+        mask[i, : len(w)] = True
+    out = normalize_waves(batch, mask)
+    for i, w in enumerate(waves):
+        np.testing.assert_allclose(out[i, : len(w)].numpy(), zero_mean_unit_var(w), atol=1e-5)
+    assert out[0, 900:].abs().max() == 0
+
+
+def test_rng_state_survives_weights_only(tmp_path):
+    np.random.seed(1)
+    torch.manual_seed(2)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn()) == expected
