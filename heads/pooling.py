@@ -39,9 +39,9 @@ def speech_frames(padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> tuple[t
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over T of `x (B, T, D)` where `mask (B, T)` is True; 0 for an all-False row."""
-    weights = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-    total = (x * weights).sum(dim=1)  # (B, D)
-    return total / weights.sum(dim=1).clamp(min=1.0)
+    weights = mask.to(x.dtype)  # (B, T)
+    total = torch.einsum("btd,bt->bd", x, weights)  # (B, D) a batched mat-vec: no (B, T, D) temporary
+    return total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def compact(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

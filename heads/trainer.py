@@ -227,8 +227,9 @@ class Trainer:
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
-        return (batch["features"].to(dev, non_blocking=True), batch["padding_mask"].to(dev),
-                batch["vad_mask"].to(dev))
+        # RAM batches arrive in the stored float16: move, then widen on the device
+        features = batch["features"].to(dev, non_blocking=True).float()  # (B, T, L, D)
+        return features, batch["padding_mask"].to(dev), batch["vad_mask"].to(dev)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]

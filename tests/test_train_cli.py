@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from cache.reader import FeatureCache
 from cli import app
 from head_fixtures import make_cache
+from heads.data import RamBatches, make_loader, preload
 from heads.report import load_run
 
 runner = CliRunner()
@@ -84,6 +85,28 @@ def test_same_seed_same_metrics_and_parallel_jobs_match(cache, tmp_path):
     code, out = cli("train-head", *args, "--all-folds", "--out", tmp_path / "p", "--jobs", 2)
     assert code == 0, out
     assert metrics(tmp_path / "p", 2) == metrics(tmp_path / "a", 2)
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2], [2]])
+def test_ram_batches_equal_the_cache_datasets_batches(cache, layers):
+    with FeatureCache(cache) as fc:
+        ids = list(fc.meta.index[::3])
+        from_disk = make_loader(fc, ids, layers=layers, vad_mode=3, batch_size=8, shuffle=True, seed=5)
+        assert not isinstance(from_disk, RamBatches)
+        assert preload(fc, layers, memory_gb=1)
+        from_ram = make_loader(fc, ids, layers=layers, vad_mode=3, batch_size=8, shuffle=True, seed=5)
+        assert isinstance(from_ram, RamBatches)
+        assert len(from_ram) == len(from_disk)
+        for a, b in zip(from_disk, from_ram):
+            assert a["utt_id"] == b["utt_id"]
+            pad = a["padding_mask"]
+            assert torch.equal(pad, b["padding_mask"]) and torch.equal(a["vad_mask"], b["vad_mask"])
+            assert torch.equal(a["features"][pad], b["features"][pad].float())
+            for key in ("emotion", "valence", "arousal"):
+                torch.testing.assert_close(a[key], b[key], equal_nan=True)
+        if layers == [2]:  # a preload of other layers is not used for these
+            assert not isinstance(make_loader(fc, ids, layers=[1], vad_mode=3, batch_size=8, shuffle=False,
+                                              seed=0), RamBatches)
 
 
 def test_fixed_layer_gap_and_no_speech_counting(tmp_path):
