@@ -65,7 +65,7 @@ def info_table(info: dict[str, Any]) -> Group:
         ("size on disk", f"{info['size_bytes'] / 2**30:.2f} GiB" if info["size_bytes"] >= 2**30 else f"{info['size_bytes'] / 2**20:.1f} MiB"),
         ("model", str(info["model"])),
         ("dataset", str(info["dataset"])),
-        ("max seconds", str(info["max_seconds"])),
+        ("max seconds", f"{info['max_seconds']:g} ({info['truncated']} utterances cut)" if info["max_seconds"] else "none"),
         ("VAD", ", ".join(f"{k}={v}" for k, v in info["vad"].items()) or "-"),
         ("files", "\n".join(info["files"])),
     ]
