@@ -2,8 +2,8 @@
 
 Why parts: an HDF5 file being written is not safe to kill (a SIGKILL mid-write can leave
 its B-trees or superblock inconsistent). So nothing is ever written in place: a background
-thread writes batches of utterances into `F.parts/part-NNNNNN.h5.tmp`, fsyncs it and renames
-it to `part-NNNNNN.h5`. A part that has its final name is complete; a `.tmp` is garbage from a
+thread builds batches of utterances as HDF5 images in RAM, writes each to
+`F.parts/part-NNNNNN.h5.tmp`, fsyncs it and renames it to `part-NNNNNN.h5`. A part that has its final name is complete; a `.tmp` is garbage from a
 kill and is deleted on the next open. `close()` builds `F.h5.tmp` from the old `F.h5` (if
 any) and every part, fsyncs and renames it over `F.h5`, then deletes the parts. A kill
 during that leaves either the old file plus the parts or the new file plus (already merged)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import queue
@@ -59,8 +60,8 @@ from cache.format import (
 from extract.records import Skip, Utterance
 
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
-PART_BYTES = 256 << 20  # ... or this many bytes of features, whichever comes first
-QUEUE_BYTES = 1 << 30  # add() blocks only when this much is waiting for the disk
+PART_BYTES = 128 << 20  # ... or this many bytes of features, whichever comes first
+QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the disk
 # float32 -> float16 in numpy is ~5 ns/value on one core, the writer's biggest CPU cost;
 # numpy releases the GIL while casting, so a few threads scale it (and the model never waits).
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
@@ -489,15 +490,12 @@ class CacheWriter:
 
     def _empty_cache(self) -> None:
         """A run where nothing was added or skipped still leaves a valid (empty) cache."""
-        self._write_part_file(self.path.with_name(self.path.name + ".tmp"), self.path, [], [], {})
+        _write_image(_Part().finish(self.fingerprint, self.hidden_size), self.path)
 
     # -- the writer thread -------------------------------------------------------------
 
     def _drain(self) -> None:
-        rows: list[dict] = []
-        skips: list[tuple[str, str, str]] = []
-        arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        pending_bytes = 0
+        part: _Part | None = None
         while True:
             msg, nbytes = self._queue.get()
             with self._room:
@@ -508,26 +506,27 @@ class CacheWriter:
                     return
                 continue  # drain without writing so add() never blocks forever
             try:
+                if msg is not None:
+                    part = part or _Part()
                 if msg is not None and msg[0] == "utt":
                     _, row, encoded, vad = msg
                     stored = encoded.result()  # written in add() order, encoded in parallel
                     self.n_fallback += row["float32_fallback"]
                     if stored is None:
                         self.n_nonfinite += 1
-                        skips.append((row["utt_id"], "model_error", "non-finite feature values"))
+                        part.skips.append((row["utt_id"], "model_error", "non-finite feature values"))
                     else:
-                        rows.append(row)
-                        arrays[row["key"]] = (stored, vad)
-                        pending_bytes += stored.nbytes
+                        part.add(row, stored, vad)
                 elif msg is not None:
-                    skips.append(msg[1])
-                full = len(rows) >= self.part_utterances or pending_bytes >= self.part_bytes
-                if (msg is None or full) and (rows or skips):
-                    self._flush(rows, skips, arrays)
-                    rows, skips, arrays, pending_bytes = [], [], {}, 0
+                    part.skips.append(msg[1])
+                full = part is not None and (len(part.rows) >= self.part_utterances or part.nbytes >= self.part_bytes)
+                if part is not None and (msg is None or full):
+                    self._flush(part)
+                    part = None
                 if msg is None:
                     return
             except BaseException as err:  # noqa: BLE001 - handed to the model thread
+                part = None
                 self._error = (_disk_error(err, self.parts) if isinstance(err, OSError) else None) or err
                 with self._room:
                     self._room.notify_all()
@@ -545,30 +544,61 @@ class CacheWriter:
             row["float32_fallback"] = True
         return np.ascontiguousarray(features.transpose(1, 0, 2), dtype=dtype)  # (L, T, D)
 
-    def _flush(self, rows: list[dict], skips: list, arrays: dict) -> None:
+    def _flush(self, part: _Part) -> None:
         final = self.parts / f"part-{self._next_part:06d}.h5"
         self._next_part += 1
-        self._write_part_file(final.with_name(final.name + ".tmp"), final, rows, skips, arrays)
+        _write_image(part.finish(self.fingerprint, self.hidden_size), final)
 
-    def _write_part_file(self, tmp: Path, final: Path, rows: list[dict], skips: list, arrays: dict) -> None:
-        # Sorted like a finished cache, so a run that fits in one part just renames it.
-        rows, skips = sorted(rows, key=lambda r: r["utt_id"]), sorted(skips)
-        try:
-            with h5py.File(tmp, "w") as f:
-                _root_attrs(f, self.fingerprint, self.hidden_size)
-                feats, vads = f.create_group(FEATURES), f.create_group(VAD)
-                for row in rows:
-                    x, v = arrays[row["key"]]
-                    # One chunk per layer: reading layer l touches only (T, D) values on disk.
-                    feats.create_dataset(row["key"], data=x, chunks=(1,) + x.shape[1:])
-                    vads.create_dataset(row["key"], data=v.astype(np.uint8))
-                write_columns(f.create_group(META), {k: [r[k] for r in rows] for k in META_COLUMNS}, STR_COLUMNS)
-                write_columns(f.create_group(SKIPPED), {k: [s[i] for s in skips] for i, k in enumerate(SKIP_COLUMNS)},
-                              SKIP_COLUMNS)
-            _fsync_file(tmp)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
+class _Part:
+    """One batch of utterances, built as an HDF5 image in RAM and written to disk in one go.
+
+    HDF5 never writes to the disk here. A full disk then fails a plain write() with a
+    clean ENOSPC; inside HDF5 (sec2 driver) the same failure left the library in a state
+    that crashed the process when the file objects were freed.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.file = h5py.File(self.buffer, "w")
+        self.features, self.vad = self.file.create_group(FEATURES), self.file.create_group(VAD)
+        self.rows: list[dict] = []
+        self.skips: list[tuple[str, str, str]] = []
+        self.nbytes = 0
+
+    def add(self, row: dict, features: np.ndarray, vad: np.ndarray) -> None:
+        """features (L, T, D) in the storage dtype, vad (4, T) bool."""
+        # One chunk per layer: reading layer l touches only (T, D) values on disk.
+        self.features.create_dataset(row["key"], data=features, chunks=(1,) + features.shape[1:])
+        self.vad.create_dataset(row["key"], data=vad.astype(np.uint8))
+        self.rows.append(row)
+        self.nbytes += features.nbytes
+
+    def finish(self, fingerprint: dict[str, Any], hidden_size: int) -> memoryview:
+        """The complete file image; rows sorted like a finished cache (a lone part is renamed to F.h5)."""
+        rows, skips = sorted(self.rows, key=lambda r: r["utt_id"]), sorted(self.skips)
+        with self.file as f:
+            _root_attrs(f, fingerprint, hidden_size)
+            write_columns(f.create_group(META), {k: [r[k] for r in rows] for k in META_COLUMNS}, STR_COLUMNS)
+            write_columns(f.create_group(SKIPPED), {k: [s[i] for s in skips] for i, k in enumerate(SKIP_COLUMNS)},
+                          SKIP_COLUMNS)
+        return self.buffer.getbuffer()
+
+
+def _write_image(image: memoryview, final: Path) -> None:
+    """Write `final` atomically: to `final.tmp`, fsync, rename, fsync the folder."""
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        _write_file(tmp, image)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a torn temp file is never mistaken for a part
+        raise
+
+
+def _write_file(path: Path, data: memoryview) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -266,19 +267,20 @@ def test_float16_overflow_falls_back_to_float32_and_non_finite_is_skipped(tmp_pa
 
 
 def test_out_of_disk_space_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):
-    real = writer_module._fsync_file
+    real = writer_module._write_file
     calls = {"n": 0}
 
-    def full_disk(path):
+    def full_disk(path, data):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second part hits a full disk
+        if calls["n"] == 2:  # the second part hits a full disk halfway
+            real(path, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path)
+        real(path, data)
 
-    monkeypatch.setattr(writer_module, "_fsync_file", full_disk)
+    monkeypatch.setattr(writer_module, "_write_file", full_disk)
     with pytest.raises(CacheError, match="out of disk space .* rerun the same command"):
         write(tmp_path / "c.h5", range(9), part_utterances=3)
-    monkeypatch.setattr(writer_module, "_fsync_file", real)
+    monkeypatch.setattr(writer_module, "_write_file", real)
     assert not list((tmp_path / "c.parts").glob("*.tmp")) and not (tmp_path / "c.h5.lock").exists()
     with CacheWriter(tmp_path / "c.h5", FP) as w:
         assert w.resumed and len(w.done) == 3  # the first part survived
@@ -288,6 +290,40 @@ def test_out_of_disk_space_is_a_clear_error_and_a_rerun_completes(tmp_path, monk
                       truncated=i % 2 == 1)
         w.skip("broken.wav", "unreadable_audio", "bad header")
     assert contents(w.path) == contents(write(tmp_path / "one.h5", range(9)))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB filesystem (tmpfs), where mounting is allowed (root); skipped elsewhere."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True,
+                           check=False) if os.geteuid() == 0 and shutil.which("mount") else None
+    if mount is None or mount.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_really_full_disk_is_a_clear_error_and_a_rerun_completes(small_disk, tmp_path):
+    big = {**FP, "hidden_size": 256}
+
+    def run(path):
+        with CacheWriter(path, big, part_utterances=2) as w:
+            for i in range(12):
+                u = utterance(i)
+                if u.utt_id not in w.done:
+                    x = np.full((60, len(LAYERS), 256), i, np.float32)
+                    w.add(u, x, np.ones((4, 60), bool), duration=1.2, truncated=False)
+        return w.path
+
+    with pytest.raises(CacheError, match="out of disk space"):
+        run(small_disk / "c.h5")
+    assert list((small_disk / "c.parts").glob("part-*.h5")) and not list(small_disk.glob("**/*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=8M", str(small_disk)], check=True)  # space freed
+    assert contents(run(small_disk / "c.h5")) == contents(run(tmp_path / "one.h5"))
 
 
 def test_too_little_space_for_the_final_merge_keeps_the_parts(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from cache.reader import FeatureCache
 N = 40
 
 # The child is an extraction run in miniature: it stores every utterance not yet done,
-# slowly, and slows the fsync-before-rename and the final merge so kills land inside them.
+# slowly; part writes pause halfway and the final merge is slowed, so kills land inside them.
 CHILD = r"""
 import sys, time, zlib
 import numpy as np
@@ -31,8 +31,8 @@ from extract.records import Utterance
 
 out, n, slow = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 if slow:
-    real_fsync, real_copy = cw._fsync_file, h5py.Group.copy
-    cw._fsync_file = lambda p: (time.sleep(slow), real_fsync(p))
+    real_write, real_copy = cw._write_file, h5py.Group.copy
+    cw._write_file = lambda p, data: (real_write(p, data[:len(data) // 2]), time.sleep(slow), real_write(p, data))
     h5py.Group.copy = lambda self, *a, **k: (time.sleep(slow / 4), real_copy(self, *a, **k))[1]
 fp = {"model": "child", "layers": [0, 1], "classes": ["angry", "happy", "neutral", "sad"], "hidden_size": 16}
 with CacheWriter(out, fp, part_utterances=4) as w:
