@@ -20,6 +20,7 @@ so the N ranks together still take 64.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -70,7 +71,8 @@ class WaveIndex:
         return self.n_samples[[self.position[u] for u in utt_ids]]
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
+        # A per-process temporary name: SLURM array tasks of one run may build it at once.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(
             tmp,
             utt_ids=np.array(self.utt_ids, dtype=str),
