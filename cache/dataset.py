@@ -55,7 +55,7 @@ def collate(items: Sequence[dict]) -> dict:
     padding_mask = torch.zeros(b, t, dtype=torch.bool)  # (B, T) True = real frame
     vad_mask = torch.zeros(b, t, dtype=torch.bool)  # (B, T) True = speech frame
     for i, (it, n) in enumerate(zip(items, lengths)):
-        features[i, :n] = torch.from_numpy(np.asarray(it["features"], dtype=np.float32))
+        features[i, :n] = torch.as_tensor(it["features"])  # float16 -> float32 in torch's copy, no temporary
         padding_mask[i, :n] = True
         vad_mask[i, :n] = torch.from_numpy(np.asarray(it["vad"], dtype=bool))
     return {

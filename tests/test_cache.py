@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,8 @@ def test_dataset_and_collate_pad_and_label(tmp_path):
         assert batch["utt_id"] == ids
         loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate, num_workers=2)
         assert [u for bt in loader for u in bt["utt_id"]] == ids  # workers open their own handles
+        clone = pickle.loads(pickle.dumps(c))  # what a spawn-started worker gets: no open handles
+        np.testing.assert_array_equal(clone.features(ids[0], [5]), c.features(ids[0], [5]))
         with pytest.raises(CacheError, match="not in"):
             CacheDataset(c, ["nope"], layers=None, vad_mode=0)
         with pytest.raises(CacheError, match="unknown VAD mode"):
