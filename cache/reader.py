@@ -20,51 +20,13 @@ from cache.format import (
     N_VAD_MODES,
     VAD,
     CacheError,
-    find_shards,
     fingerprint_diff,
-    parse_shard_name,
-    parts_dir,
+    resolve_paths,
 )
 from cache.writer import read_contents
 
 PUBLIC_META = ("speaker", "session", "emotion", "valence", "arousal", "n_frames", "duration",
                "truncated", "path", "dataset", "float32_fallback")
-
-
-def resolve_paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The files that make up a cache: F.h5 itself, or its complete set of shards."""
-    if isinstance(path, (str, Path)):
-        path = Path(path)
-        if path.exists():
-            return [path]
-        shards = find_shards(path)
-        if not shards:
-            if parts_dir(path).exists():
-                raise CacheError(f"{path} is unfinished (its writer was interrupted); rerun the same extract command to complete it")
-            raise CacheError(f"no cache at {path} (and no shard files {path.stem}.shard-*-of-*.h5 beside it)")
-        paths = shards
-    else:
-        paths = [Path(p) for p in path]
-        if not paths:
-            raise CacheError("no cache files given")
-        for p in paths:
-            if not p.exists():
-                raise CacheError(f"no cache file at {p}")
-    if len(paths) == 1 and not parse_shard_name(paths[0]):
-        return paths
-    named = [parse_shard_name(p) for p in paths]
-    if any(n is None for n in named):
-        raise CacheError(f"several files given, but {paths[named.index(None)]} is not named like a shard (F.shard-i-of-n.h5)")
-    counts = {n for _, _, n in named}
-    if len(counts) != 1:
-        raise CacheError(f"the shard files come from different splits (of {sorted(counts)})")
-    n = counts.pop()
-    have = {i for _, i, _ in named}
-    missing = sorted(set(range(n)) - have)
-    if missing:
-        raise CacheError(f"shard(s) {', '.join(map(str, missing))} of {n} missing beside {paths[0]}; finish them or merge what exists")
-    by_index = {i: p for p, (_, i, _) in zip(paths, named)}
-    return [by_index[i] for i in range(n)]
 
 
 class FeatureCache:

@@ -53,6 +53,7 @@ from cache.format import (
     parse_shard_name,
     parts_dir,
     read_columns,
+    resolve_paths,
     shard_path,
     utt_key,
     write_columns,
@@ -246,10 +247,6 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
 
 def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
     """Merge shard files into one cache equal in content to a single (unsharded) run."""
-    from cache.reader import (
-        resolve_paths,  # the reader knows how to find and check a shard set
-    )
-
     files = resolve_paths([Path(p) for p in paths] if not isinstance(paths, (str, Path)) else paths)
     contents = [read_contents(p) for p in files]
     first = contents[0].fingerprint
