@@ -73,8 +73,22 @@ def info_table(info: dict[str, Any]) -> Group:
         head.add_row(name, value)
     parts: list[Any] = [head, _counts("class", info["classes"] | ({"(none)": info["no_emotion"]} if info["no_emotion"] else {}))]
     parts.append(_counts("speaker", info["speakers"]))
-    parts.append(_counts("skipped (reason)", info["skipped"]) if info["skipped"] else "no skipped items")
+    parts.append(_skips(info["skipped_items"]) if info["skipped_items"] else "no skipped items")
     return Group(*parts)
+
+
+def _skips(items: list[dict[str, str]], examples: int = 3) -> Table:
+    """Count per reason, with the first few items and details (`--json` lists them all)."""
+    table = Table()
+    for name in ("skipped (reason)", "items", "e.g."):
+        table.add_column(name, justify="right" if name == "items" else "left")
+    by_reason: dict[str, list[dict[str, str]]] = {}
+    for it in items:
+        by_reason.setdefault(it["reason"], []).append(it)
+    for reason, rows in sorted(by_reason.items()):
+        shown = "; ".join(f"{r['item']}" + (f" ({r['detail']})" if r["detail"] else "") for r in rows[:examples])
+        table.add_row(reason, f"{len(rows):,}", shown + (" ..." if len(rows) > examples else ""))
+    return table
 
 
 def _counts(what: str, counts: dict[str, int]) -> Table:
