@@ -25,9 +25,14 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and bench/extract.py would shadow
+# the `extract` package: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import h5py
 import numpy as np
