@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from heads.layers import LayerMix
-from heads.pooling import make_pooling, speech_frames
+from heads.pooling import GAP, make_pooling, speech_frames
 
 
 @dataclass
@@ -47,8 +47,15 @@ class SERHead(nn.Module):
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
-        x = self.mix(features)  # (B, T, D)
-        pooled = self.pool(x, padding_mask, vad_mask)  # (B, P)
+        if isinstance(self.pool, GAP) and features.dim() == 4:
+            # GAP and the mix are both linear: pool each layer, then mix (B, L, D), so the
+            # mix and its gradient never touch every frame (one pass over the features).
+            per_layer = torch.einsum("btld,bt->bld", features, padding_mask.to(features.dtype))  # (B, L, D)
+            per_layer = per_layer / padding_mask.sum(dim=1).clamp(min=1)[:, None, None].to(features.dtype)
+            pooled = self.mix(per_layer.unsqueeze(1)).squeeze(1)  # (B, D)
+        else:
+            x = self.mix(features)  # (B, T, D)
+            pooled = self.pool(x, padding_mask, vad_mask)  # (B, P)
         z = self.proj(pooled)  # (B, proj_dim)
         _, no_speech = speech_frames(padding_mask, vad_mask)
         return HeadOutput(self.classifier(z), self.regressor(z), no_speech)

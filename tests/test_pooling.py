@@ -66,6 +66,9 @@ def test_padded_batch_equals_one_utterance_at_a_time(cls):
 def test_sap_matches_explicit_attention_over_speech_frames():
     torch.manual_seed(0)
     pool = SAP(D, heads=4).eval()
+    with torch.no_grad():  # biases start at 0 in torch: make them count
+        for p in pool.parameters():
+            p.normal_(0, 0.5)
     x, pad, vad = batch(3)
     got = pool(x, pad, vad)
     for b in range(x.shape[0]):
@@ -129,3 +132,15 @@ def test_layer_mix_is_a_softmax_weighted_sum():
     assert torch.equal(LayerMix(1, D)(x[:, :, :1]), x[:, :, 0])
     with pytest.raises(ValueError):
         mix(torch.randn(2, 5, 4, D))
+
+
+def test_gap_head_pools_each_layer_before_mixing_with_the_same_result():
+    torch.manual_seed(0)
+    head = SERHead(D, 3, 4, pooling="gap").eval()
+    with torch.no_grad():
+        head.mix.logits.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    x, pad, vad = batch(5)
+    feats = torch.stack([x, 2 * x, -x], dim=2)  # (B, T, L, D)
+    mixed = head.mix(feats)  # (B, T, D): mix every frame, then GAP
+    expected = head.classifier(head.proj(head.pool(mixed, pad, vad)))
+    torch.testing.assert_close(head(feats, pad, vad).logits, expected, atol=1e-5, rtol=0)
