@@ -228,14 +228,15 @@ def ablate(
     quiet: QuietOpt = False,
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, then the three side by side (the paper's Tables 1 and 3)."""
-    from heads.report import render_runs
+    from heads.report import render_runs, table_width
     from heads.run import ablate as run_ablation
 
     config = _train_config(layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
                            gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device)
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet)
-    Console(width=200).print(render_runs(runs, title=f"Pooling ablation on {cache.name}"))
+    table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
+    Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
 
 
 @app.command()
