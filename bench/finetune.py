@@ -8,7 +8,8 @@ audio-budgeted micro-batches, clipping and the optimizer are all in it).
 
 For every gradient-checkpointing setting it reports: seconds per optimizer
 step (median of the steps after the first), audio seconds per second
-(utterances x seconds / step time), micro-batches per step, the peak GPU
+(utterances x seconds / step time), the process's CPU time per step (robust
+to other load on a shared CPU when --workers 0), micro-batches per step, the peak GPU
 memory (torch.cuda.max_memory_allocated) or, on CPU, the peak RSS; an
 out-of-memory step is reported as such.
 
@@ -21,7 +22,7 @@ utterances of 19 s, bf16 autocast, frozen conv encoder):
 CPU (the tiny 2-layer WavLM, so it runs here):
 
     python bench/finetune.py --model tiny --device cpu --batch-size 16 --seconds 4 \\
-        --step-seconds 16 --steps 3 --out bench/results/finetune-cpu.md
+        --step-seconds 16 --steps 4 --workers 0 --top-layers 1 --out bench/results/finetune-cpu.md
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The repository ahead of bench/: bench/extract.py would otherwise shadow the extract package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
@@ -95,12 +100,12 @@ def fold_of(train: list[Utterance], held: list[Utterance]) -> FoldData:
     return FoldData(Fold(1, "S1M", "S2F", ("S1F",)), [u.utt_id for u in train], ids, ids, labels, CLASSES_4)
 
 
-def measure(model: str, args: argparse.Namespace, checkpointing: bool, work: Path) -> dict:
+def measure(model: str, args: argparse.Namespace, checkpointing: bool, work: Path, top: int | None = None) -> dict:
     train = write_audio(work / f"audio-{args.seconds:g}s", args.batch_size, args.seconds, "S1F")
     held = write_audio(work / "held", 2, 1.0, "S1M", seed=1)
     index = build_wave_index(train + held, grid_of(model), 0.0)
-    settings = FinetuneSettings(model=model, full=True, step_seconds=args.step_seconds, workers=args.workers,
-                                grad_checkpointing=checkpointing, amp=args.amp)
+    settings = FinetuneSettings(model=model, full=top is None, top_layers=top or 1, step_seconds=args.step_seconds,
+                                workers=args.workers, grad_checkpointing=checkpointing, amp=args.amp)
     config = finetune_config(epochs=args.steps, batch_size=args.batch_size, device=args.device, patience=args.steps)
     trainer = FineTuneTrainer(config, fold_of(train, held), settings=settings,
                               utterances={u.utt_id: u for u in train + held}, index=index, max_seconds=0.0)
@@ -108,25 +113,27 @@ def measure(model: str, args: argparse.Namespace, checkpointing: bool, work: Pat
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, status = [], "ok"
+    times, cpu_times, status = [], [], "ok"
     for epoch in range(1, args.steps + 1):
         try:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             trainer.train_epoch(epoch)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         except torch.OutOfMemoryError:
             status = "out of memory"
             break
     steady = times[1:] or times
     step = statistics.median(steady) if steady else float("nan")
+    cpu_step = statistics.median(cpu_times[1:] or cpu_times) if cpu_times else float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     del trainer
     if cuda:
         torch.cuda.empty_cache()
-    return {"checkpointing": checkpointing, "status": status, "step_s": step,
+    return {"mode": settings.mode, "checkpointing": checkpointing, "status": status, "step_s": step, "cpu_s": cpu_step,
             "audio_per_s": args.batch_size * args.seconds / step if times else float("nan"),
             "micro_batches": micro, "peak_gib": peak, "trainable": trainable, "steps_timed": len(steady)}
 
@@ -148,6 +155,8 @@ def main() -> None:
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--checkpointing", default="both", choices=("both", "on", "off"))
+    ap.add_argument("--top-layers", type=int, default=None,
+                    help="also measure the cheaper mode training only the top K layers (checkpointing off)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder [default: a temporary one]")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -161,6 +170,8 @@ def main() -> None:
         model = args.model
     modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
     rows = [measure(model, args, c, work) for c in modes]
+    if args.top_layers:
+        rows.append(measure(model, args, False, work, top=args.top_layers))
 
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         device = torch.cuda.get_device_name()
@@ -171,16 +182,18 @@ def main() -> None:
     lines = [
         f"# Fine-tuning benchmark ({args.model})",
         "",
-        f"- model: {args.model} ({rows[0]['trainable']:,} trainable parameters: full mode, conv encoder frozen)",
+        f"- model: {args.model} ({rows[0]['trainable']:,} trainable parameters in full mode, conv encoder frozen)",
         f"- device: {device}; torch {torch.__version__}; amp {args.amp}",
         f"- optimizer step = {args.batch_size} utterances x {args.seconds:g} s, micro-batches of <= "
         f"{args.step_seconds:g} padded audio seconds; median of {rows[0]['steps_timed']} steps after the first",
         "",
-        f"| gradient checkpointing | status | s / optimizer step | audio s / s | micro-batches / step | {memory} |",
-        "|---|---|---|---|---|---|",
+        f"| mode | gradient checkpointing | trainable parameters | status | s / optimizer step | "
+        f"CPU s / step (this process) | audio s / s | micro-batches / step | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {'on' if r['checkpointing'] else 'off'} | {r['status']} | {r['step_s']:.2f} | "
+        lines.append(f"| {r['mode']} | {'on' if r['checkpointing'] else 'off'} | {r['trainable']:,} | {r['status']} | "
+                     f"{r['step_s']:.2f} | {r['cpu_s']:.2f} | "
                      f"{r['audio_per_s']:.1f} | {r['micro_batches']} | {r['peak_gib']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
