@@ -341,6 +341,19 @@ def test_too_little_space_for_the_final_merge_keeps_the_parts(tmp_path, monkeypa
     assert contents(w.path) == contents(write(tmp_path / "one.h5", range(9)))
 
 
+def test_the_torch_cast_rounds_exactly_like_numpy():
+    rng = np.random.default_rng(0)
+    scales = (1e-8, 1e-6, 1e-4, 1.0, 100.0, 3e4, 6.5e4)  # float16 subnormals up to its max
+    x = np.concatenate([rng.standard_normal(20_000).astype(np.float32) * s for s in scales])
+    x = np.concatenate([x, np.array([65504, 65519.99, -65504, 5.96e-8, 2.98e-8, 1e-45, -0.0], np.float32)])
+    x = x[: len(x) // 6 * 6].reshape(-1, 2, 3)  # (T, L, D)
+    assert "torch" in sys.modules  # so layer_major takes the torch path
+    fast = writer_module.layer_major(x, np.dtype(np.float16))
+    with np.errstate(over="ignore"):
+        slow = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float16)
+    assert fast.flags.c_contiguous and np.array_equal(fast.view(np.uint16), slow.view(np.uint16))
+
+
 def test_not_a_cache_and_damaged_files_are_clear_errors(tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5 at all" * 100)
