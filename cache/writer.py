@@ -374,6 +374,8 @@ class CacheWriter:
     def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool) -> None:
         """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool."""
         self._raise_pending()
+        if not utt.utt_id:
+            raise ValueError(f"an utterance without an id cannot be stored ({utt.path})")
         if utt.utt_id in self.stored:
             raise ValueError(f"utterance {utt.utt_id!r} is already in the cache (check writer.done first)")
         features, vad = np.asarray(features), np.asarray(vad)
