@@ -87,9 +87,17 @@ class Backbone(nn.Module):
         if self.normalize:
             waves = normalize_waves(waves, wave_mask)
         attention_mask = wave_mask.long() if self.use_attention_mask else None
-        hidden = self.model(waves, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         lengths = wave_mask.sum(dim=1)  # (B,)
         frames = self.frame_counts(lengths)  # (B,)
+        kwargs = {}
+        config = self.model.config
+        t_max = self.grid.n_frames(waves.shape[1])
+        if self.training and getattr(config, "mask_time_prob", 0) > 0 and t_max < config.mask_time_length:
+            # HF's SpecAugment refuses sequences shorter than one mask span (a micro-batch of
+            # clips under ~0.2 s): mask nothing there, but still through the mask embedding,
+            # so under DDP it takes part in every step.
+            kwargs["mask_time_indices"] = torch.zeros(waves.shape[0], t_max, dtype=torch.bool, device=waves.device)
+        hidden = self.model(waves, attention_mask=attention_mask, **kwargs).last_hidden_state  # (B, T, D)
         t = torch.arange(hidden.shape[1], device=hidden.device)
         frame_mask = t[None, :] < frames[:, None]  # (B, T)
         return hidden, frame_mask

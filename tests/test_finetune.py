@@ -206,3 +206,12 @@ def test_rng_state_survives_weights_only(tmp_path):
     expected = (np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (np.random.rand(3).tolist(), torch.rand(3).tolist(), np.random.randn()) == expected
+
+
+def test_clips_shorter_than_a_specaugment_span_still_train(tiny):
+    backbone = load_backbone(BackboneSettings(model=str(tiny), full=True, grad_checkpointing=False)).train()
+    waves = torch.randn(2, 2400)  # 7 frames < mask_time_length 10: HF's SpecAugment alone would raise
+    hidden, mask = backbone(waves, torch.ones_like(waves, dtype=torch.bool))
+    hidden.sum().backward()
+    assert hidden.shape[1] == 7 and mask.all()
+    assert backbone.model.masked_spec_embed.grad is not None  # still in the graph (DDP needs every parameter)
