@@ -69,9 +69,15 @@ def assert_matches_fold(fold: Path, corpus: Path, atol: float) -> None:
         assert 0.0 <= got.speech_ratio <= 1.0
 
 
-def test_head_only_fold_predicts_what_its_predictions_csv_says(cache, corpus, tmp_path):
-    run, _ = train_folds(cache, TrainConfig(epochs=2, batch_size=8, device="cpu"), folds=[1], out=tmp_path / "head",
-                         progress=False)
+@pytest.fixture(scope="module")
+def head_run(cache, tmp_path_factory) -> Path:
+    run, _ = train_folds(cache, TrainConfig(epochs=2, batch_size=8, device="cpu"), folds=[1],
+                         out=tmp_path_factory.mktemp("runs") / "head", progress=False)
+    return run
+
+
+def test_head_only_fold_predicts_what_its_predictions_csv_says(head_run, corpus):
+    run = head_run
     # Re-extraction runs one file alone where the cache batched it; fp16 rounding of the
     # cache is reproduced, so only last-bit differences remain.
     assert_matches_fold(run / "fold-01", corpus, atol=2e-3)
@@ -98,9 +104,8 @@ def test_fine_tuned_folds_predict_what_their_predictions_csv_says(cache, corpus,
     assert Predictor(top.out / "fold-01").predict_one(longest).truncated
 
 
-def test_cli_reports_bad_files_one_line_each_and_fails_at_the_end(cache, corpus, tmp_path):
-    run, _ = train_folds(cache, TrainConfig(epochs=1, batch_size=8, device="cpu"), folds=[1], out=tmp_path / "run",
-                         progress=False)
+def test_cli_reports_bad_files_one_line_each_and_fails_at_the_end(head_run, corpus, tmp_path):
+    run = head_run
     good = sorted(audio_of(corpus).values())[:2]
     broken = tmp_path / "broken.wav"
     broken.write_text("not audio")
