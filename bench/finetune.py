@@ -128,7 +128,10 @@ def measure(model: str, args: argparse.Namespace, checkpointing: bool, work: Pat
     steady = times[1:] or times
     step = statistics.median(steady) if steady else float("nan")
     cpu_step = statistics.median(cpu_times[1:] or cpu_times) if cpu_times else float("nan")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     del trainer
     if cuda:
@@ -146,7 +149,8 @@ def grid_of(model: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny, large (WavLM Large architecture, random weights) or a folder")
+    ap.add_argument("--model", default="tiny",
+                    help="tiny, large (WavLM Large architecture, random weights) or a model folder")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=4.0)

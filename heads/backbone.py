@@ -174,7 +174,8 @@ def configure_training(backbone: Backbone, settings: BackboneSettings) -> None:
     model = backbone.model
     layers = model.encoder.layers
     if not settings.full and not 1 <= settings.top_layers <= len(layers):
-        raise BackboneError(f"--top-layers must be between 1 and {len(layers)} for this model, got {settings.top_layers}")
+        raise BackboneError(
+            f"--top-layers must be between 1 and {len(layers)} for this model, got {settings.top_layers}")
     if settings.full:
         model.requires_grad_(True)
     else:

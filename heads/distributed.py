@@ -91,12 +91,3 @@ def barrier(ctx: DistContext) -> None:
 def shard_step(items: Sequence[T], ctx: DistContext) -> list[T]:
     """This rank's share of one optimizer step: items r, r + N, r + 2N, ... (sizes differ by <= 1)."""
     return list(items[ctx.rank :: ctx.world_size])
-
-
-def broadcast_object(obj: T, ctx: DistContext) -> T:
-    """Rank 0's value of a small picklable object on every rank (e.g. a decision or a path)."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

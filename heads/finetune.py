@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,12 +44,12 @@ from extract.corpora import default_max_seconds, read_corpus
 from extract.errors import UserError
 from extract.records import CLASSES_4, Utterance
 from heads.backbone import Backbone, BackboneSettings, load_backbone, trainable_state
-from heads.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
-from heads.data import FoldData, check_vad_mode, fold_data, labels_of, speaker_sessions
+from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
+                              set_rng_state)
+from heads.data import FoldData, check_vad_mode, fold_data
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
 from heads.folds import plan_folds
 from heads.head import HeadOutput, SERHead
-from heads.metrics import json_safe
 from heads.run import fold_line, prepare_run_dir
 from heads.trainer import TrainConfig, Trainer, write_fold
 from heads.wave_data import (INDEX_FILE, StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, corpus_meta,
@@ -340,7 +339,8 @@ def backbone_shape(model: str) -> tuple[Any, int, int]:
     except (OSError, ValueError) as exc:
         raise BackboneError(f"cannot load model {model!r}: {str(exc).splitlines()[0][:200]}") from None
     if not hasattr(config, "conv_kernel"):
-        raise BackboneError(f"{model!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)")
+        raise BackboneError(
+            f"{model!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)")
     grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
     return grid, int(config.num_hidden_layers), int(config.hidden_size)
 

@@ -19,6 +19,7 @@ so the N ranks together still take 64.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -89,8 +90,6 @@ class WaveIndex:
     @classmethod
     def load(cls, path: Path) -> "WaveIndex":
         with np.load(path, allow_pickle=False) as z:
-            import json
-
             return cls(
                 utt_ids=[str(u) for u in z["utt_ids"]],
                 n_samples=z["n_samples"],
@@ -103,8 +102,6 @@ class WaveIndex:
 
 
 def _settings_text(settings: dict) -> str:
-    import json
-
     return json.dumps(settings, sort_keys=True)
 
 
@@ -194,7 +191,8 @@ def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seco
         wanted["vad_source"] = str(cache.path)
     if path.is_file():
         index = WaveIndex.load(path)
-        if index.settings == wanted and set(index.utt_ids) | set(index.skipped) >= {u.utt_id for u in corpus.utterances}:
+        covered = set(index.utt_ids) | set(index.skipped)
+        if index.settings == wanted and covered >= {u.utt_id for u in corpus.utterances}:
             return index
     if cache is not None:
         index = index_from_cache(cache, corpus.utterances, grid, max_seconds)

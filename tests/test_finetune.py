@@ -98,8 +98,8 @@ def test_head_modules_are_the_train_head_classes(corpus, tiny):
     index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
     meta = corpus_meta(corp, index)
     data = fold_data(SimpleNamespace(meta=meta, classes=corp.classes, path=str(corpus)), 1)
-    trainer = FineTuneTrainer(config(), data, settings=settings(tiny), utterances={u.utt_id: u for u in corp.utterances},
-                              index=index, max_seconds=0.0)
+    trainer = FineTuneTrainer(config(), data, settings=settings(tiny), index=index, max_seconds=0.0,
+                              utterances={u.utt_id: u for u in corp.utterances})
     assert isinstance(trainer, Trainer)
     head = trainer.head(trainer.model)
     reference = SERHead(head.input_size, 1, 4, pooling="sr")  # what train-head builds for one layer
