@@ -51,7 +51,7 @@ from heads.distributed import DistContext, barrier, init_distributed, shutdown
 from heads.folds import plan_folds
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
-from heads.trainer import TrainConfig, Trainer, write_fold
+from heads.trainer import TrainConfig, Trainer, resolve_device, write_fold
 from heads.wave_data import (INDEX_FILE, StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, corpus_meta,
                              load_or_build_index, pack)
 
@@ -180,8 +180,8 @@ class FineTuneTrainer(Trainer):
         self.max_epochs_this_run = max_epochs_this_run
         self.epochs_this_run = 0
         self._user_on_epoch = on_epoch
+        self.amp_dtype = amp_dtype(settings.amp, resolve_device(config.device))  # before the model loads
         super().__init__(config, data, on_epoch=self._end_of_epoch)
-        self.amp_dtype = amp_dtype(settings.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     # ---- where features come from ----
@@ -405,6 +405,7 @@ def run_finetune(dataset: str, root: str | Path, config: TrainConfig, settings: 
     check_vad_mode(config.vad_mode)
     if max_epochs_this_run is not None and max_epochs_this_run < 1:
         raise UserError("--max-epochs-this-run must be at least 1")
+    amp_dtype(settings.amp, resolve_device(config.device))  # a bad --amp fails before the VAD pass
     ctx = init_distributed(config.device)
     try:
         return _run(dataset, root, config, settings, folds, out, cache_path, resume, max_epochs_this_run,
