@@ -498,6 +498,9 @@ def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSet
         save_backbone(fold_dir, model.backbone, run_cfg)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # ~3x the model size; the fold's outputs replace it
     barrier(ctx)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next fold loads a fresh backbone
     return result.metrics
 
 

@@ -189,8 +189,8 @@ def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seco
     wanted = index_settings(grid, max_seconds)
     if cache is not None:
         wanted["vad_source"] = str(cache.path)
-    if path.is_file():
-        index = WaveIndex.load(path)
+    index = _try_load(path)
+    if index is not None:
         covered = set(index.utt_ids) | set(index.skipped)
         if index.settings == wanted and covered >= {u.utt_id for u in corpus.utterances}:
             return index
@@ -201,6 +201,16 @@ def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seco
     run_dir.mkdir(parents=True, exist_ok=True)
     index.save(path)
     return index
+
+
+def _try_load(path: Path) -> WaveIndex | None:
+    """The saved index, or None when there is none or it is damaged (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        return WaveIndex.load(path)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _progress(items: Sequence, label: str, enabled: bool) -> Iterator:
