@@ -13,12 +13,14 @@ from typer.testing import CliRunner
 
 from cli import app
 from extract.backends import tiny_wavlm
+from extract.corpora import read_corpus
+from extract.frames import SSL_GRID
 from extract.synthetic import generate
 from heads.finetune import FinetuneSettings, finetune_config, run_finetune
 from heads.predict import Predictor
 from heads.run import train_folds
 from heads.trainer import TrainConfig
-from heads.wave_data import WaveIndex
+from heads.wave_data import WaveIndex, build_wave_index
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,6 +104,11 @@ def test_fine_tuned_folds_predict_what_their_predictions_csv_says(cache, corpus,
                         folds=[1], out=tmp_path / "full", cache_path=str(cache), progress=False, log=lambda s: None)
     index = WaveIndex.load(full.out / "wave-index.npz")
     assert index.settings["vad_source"] == str(cache)  # VAD masks reused from the cache, not recomputed
+    computed = build_wave_index(read_corpus("manifest", corpus).utterances, SSL_GRID, 0.0)
+    assert index.utt_ids == computed.utt_ids
+    for utt_id in index.utt_ids:  # ... and they are the masks a fresh pass computes
+        for mode in range(4):
+            np.testing.assert_array_equal(index.vad(utt_id, mode), computed.vad(utt_id, mode))
     assert_matches_fold(full.out / "fold-01", corpus, atol=1e-4)
 
     # Top-K mode, truncated at 1.5 s: predict rebuilds the base model + trained layer and truncates alike.
