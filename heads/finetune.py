@@ -255,7 +255,8 @@ class FineTuneTrainer(Trainer):
 
     def backward(self, loss: torch.Tensor, batch: dict) -> None:
         # Weighted by the micro-batch's share of the step's utterances (x world size:
-        # DDP averages over ranks), so a step's gradient is that of its 64-utterance mean.
+        # DDP averages over ranks), so a step's gradient is that of its 64-utterance
+        # loss (exact for the MAE terms; the weighted CE normalizes per micro-batch).
         loss = loss * batch["share"]
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
