@@ -142,10 +142,11 @@ class HFBackend:
 
     Padding: models with layer-norm front ends (feat_extract_norm="layer")
     are batched with zero padding and an attention mask, which leaves every
-    real frame as it is alone. Group-norm front ends (wav2vec2-base, HuBERT
-    base) normalize each channel over the whole time axis, so padding would
-    change every frame: they run one utterance per forward (equal lengths
-    share one).
+    real frame as it is alone; this is measured once at load time
+    (`_padding_invisible`), not assumed. Group-norm front ends (wav2vec2-base,
+    HuBERT base) normalize each channel over the whole time axis, so padding
+    would change every frame: they, and any model that fails the measurement,
+    run one utterance per forward (equal lengths share one).
     """
 
     def __init__(self, model: str, *, layers: Sequence[int] | None = None,
@@ -159,7 +160,7 @@ class HFBackend:
             config = AutoConfig.from_pretrained(model)
         except Exception as exc:  # hub offline, typo, not a model folder: all user-facing
             raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
-        if not hasattr(config, "conv_kernel") or not hasattr(config, "feat_extract_norm"):
+        if not hasattr(config, "conv_kernel") or not hasattr(config, "conv_stride"):
             raise BackendError(f"{model!r} ({config.model_type}) is not a wav2vec2-style speech SSL model")
         if getattr(config, "add_adapter", False):
             raise BackendError(f"{model!r} has an adapter that changes the frame rate; use its base model")
@@ -174,7 +175,6 @@ class HFBackend:
         self.model = _quiet_from_pretrained(AutoModel, model).eval()
         self.config = self.model.config
         self.normalize = bool(getattr(fe, "do_normalize", False))
-        self.pads = self.config.feat_extract_norm == "layer"
         self.grid = conv_grid(tuple(self.config.conv_kernel), tuple(self.config.conv_stride))
         self.layers = _check_layers(layers, self.config.num_hidden_layers + 1, model)
         self.n_layers = len(self.layers)
@@ -183,6 +183,32 @@ class HFBackend:
         self.model.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # data2vec-audio has no feat_extract_norm: its conv front end is always layer-normed
+        self.pads = getattr(self.config, "feat_extract_norm", "layer") == "layer" and self._padding_invisible()
+
+    def _padding_invisible(self) -> bool:
+        """Measured, not assumed: do two utterances padded into one batch give their own frames?
+
+        A layer-norm front end is necessary but not sufficient: data2vec-audio's
+        stacked positional convolutions read the padded frames' (non-zero)
+        outputs, so its last ~45 frames change. fp32, fixed seed, ~2 s of audio.
+        """
+        rng = np.random.default_rng(0)
+        waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (24000, 9600)]
+        if self.normalize:
+            waves = [zero_mean_unit_var(w) for w in waves]
+        values = np.zeros((2, 24000), dtype=np.float32)  # (B, N)
+        values[0], values[1, :9600] = waves
+        mask = torch.tensor([[1] * 24000, [1] * 9600 + [0] * 14400], device=self.device)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            batched = self.forward(torch.from_numpy(values).to(self.device), mask).float()  # (2, T, L, D)
+            for i, w in enumerate(waves):
+                alone = self.forward(torch.from_numpy(w)[None].to(self.device), None).float()[0]  # (T_i, L, D)
+                scale = float(alone.abs().max()) + 1.0
+                if float((batched[i, : alone.shape[0]] - alone).abs().max()) > 1e-4 * scale:
+                    return False
+        return True
 
     def describe(self) -> dict:
         return {

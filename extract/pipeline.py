@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -175,10 +176,18 @@ class _Inline(Executor):
 
 
 def _executor(workers: int) -> Executor:
+    """workers > 0: spawned processes, so a script that calls extract_corpus needs the usual
+    `if __name__ == "__main__":` guard (the CLI has it)."""
     if workers <= 0:
         return _Inline()
     # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    """Ctrl-C goes to the whole process group: the parent stops the run, workers just end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,
@@ -245,13 +254,14 @@ def extract_corpus(
         with ThreadPoolExecutor(max_workers=8) as headers:  # file headers: I/O-bound, threads suffice
             lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), todo))
         batches = [[todo[i] for i in b] for b in plan_batches(lengths, batch_seconds)]
+        estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(todo, lengths)}  # the bar's unit
         pool = _executor(workers)
         try:
             with _progress_bar(progress, len(todo), sum(lengths) / SAMPLE_RATE) as bar:
                 loop_started = time.perf_counter()
                 for items in prefetch(batches, pool, max_seconds, backend.grid):
                     _run_batch(items, backend, writer, tally, strict)
-                    bar.advance(len(items), sum(it.seconds for it in items if isinstance(it, Loaded)))
+                    bar.advance(len(items), sum(estimate[it.utt.utt_id] for it in items))
                 loop_seconds = time.perf_counter() - loop_started
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import (
+    AutoModel,
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
 
 from extract.backends import (
     BackendError,
@@ -128,6 +135,30 @@ def test_group_norm_models_are_never_padded(group_norm_dir):
     assert np.abs(got - batched[1]).max() > 1e-3
     with pytest.raises(ValueError, match="must not be padded"):
         backend.batch_inputs(waves[:2])
+
+
+def test_padding_is_measured_not_assumed(tmp_path, tiny):
+    """data2vec-audio has a layer-norm front end, but its stacked positional convolutions
+    read the padded frames: the load-time measurement sends it down the unpadded path."""
+    path = tmp_path / "d2v"
+    torch.manual_seed(2)
+    Data2VecAudioModel(Data2VecAudioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=3, num_conv_pos_embedding_groups=4)).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(path)
+    d2v = load_backend(str(path), layers=None, device="cpu", dtype="float32")
+    assert tiny.pads is True and d2v.pads is False
+    waves = waves_of([16000, 6000])
+    for wave, feats in zip(waves, d2v(waves)):
+        assert np.abs(feats - d2v([wave])[0]).max() <= 1e-5
+    first, second = (d2v.batch_inputs([w])[0][0] for w in waves)  # normalized (N,)
+    values = torch.zeros(2, 16000)  # (B, N)
+    values[0], values[1, :6000] = first, second
+    mask = torch.tensor([[1] * 16000, [1] * 6000 + [0] * 10000])
+    with torch.inference_mode():
+        padded = d2v.forward(values, mask)[1, : d2v.grid.n_frames(6000)].numpy()
+    assert np.abs(padded - d2v([waves[1]])[0]).max() > 1e-3
 
 
 def test_a_layer_subset_is_the_same_columns_of_all_layers(tiny, tiny_dir):
