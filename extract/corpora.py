@@ -40,6 +40,7 @@ def read_corpus(
 ) -> Corpus:
     """Read a corpus by name; `options` are the reader's own (e.g. ties='skip')."""
     module = importlib.import_module(DATASETS[check_dataset(dataset)][0])
-    if not Path(root).exists():
+    # The synthetic corpus is generated into its root, so only it may name a new folder.
+    if dataset != "synthetic" and not Path(root).exists():
         raise CorpusError(f"{dataset} root {str(root)!r} does not exist")
     return module.read(Path(root), classes=tuple(classes), strict=strict, **options)
