@@ -40,7 +40,8 @@ While a writer runs, finished batches sit in `F.parts/part-NNNNNN.h5` (same layo
 under a `.tmp` name, fsynced, then renamed), next to the lock file `F.h5.lock` (PID).
 `close()` consolidates the old `F.h5` (if any) and all parts into `F.h5.tmp`, fsyncs it,
 renames it over `F.h5`, then deletes the parts. Shard i of n is written as
-`F.shard-i-of-n.h5` (0 <= i < n) with its own parts folder and lock.
+`F.shard-i-of-n.h5` with i counted from 1 in the name, as in `cli extract --shard i/n`
+(the API's shard=(i, n) counts from 0), with its own parts folder and lock.
 """
 
 from __future__ import annotations
@@ -133,22 +134,24 @@ def describe_diff(keys: list[str], ours: dict[str, Any], theirs: dict[str, Any])
 
 
 def shard_path(path: str | Path, shard: tuple[int, int]) -> Path:
-    """`F.h5` + (i, n) -> `F.shard-i-of-n.h5`."""
+    """`F.h5` + (i, n), 0 <= i < n -> `F.shard-{i+1}-of-n.h5` (names count from 1, like --shard)."""
     i, n = shard
     if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
         raise CacheError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
     path = Path(path)
     stem = path.name.removesuffix(".h5")
-    return path.with_name(f"{stem}.shard-{i}-of-{n}.h5")
+    return path.with_name(f"{stem}.shard-{i + 1}-of-{n}.h5")
 
 
 _SHARD_RE = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
 
 
 def parse_shard_name(path: str | Path) -> tuple[str, int, int] | None:
-    """`F.shard-i-of-n.h5` -> ("F", i, n); None for a name that is not a shard."""
+    """`F.shard-i-of-n.h5` -> ("F", i - 1, n) (0-based index); None for a name that is not a shard."""
     m = _SHARD_RE.match(Path(path).name)
-    return (m["stem"], int(m["i"]), int(m["n"])) if m else None
+    if not m or not 1 <= int(m["i"]) <= int(m["n"]):
+        return None
+    return m["stem"], int(m["i"]) - 1, int(m["n"])
 
 
 def find_shards(path: str | Path) -> list[Path]:
@@ -195,7 +198,7 @@ def resolve_paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
     have = {i for _, i, _ in named}
     missing = sorted(set(range(n)) - have)
     if missing:
-        raise CacheError(f"shard(s) {', '.join(map(str, missing))} of {n} missing beside {paths[0]}; finish them or merge what exists")
+        raise CacheError(f"shard(s) {', '.join(str(i + 1) for i in missing)} of {n} missing beside {paths[0]}; finish them or merge what exists")
     by_index = {i: p for p, (_, i, _) in zip(paths, named)}
     return [by_index[i] for i in range(n)]
 

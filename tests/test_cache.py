@@ -184,6 +184,7 @@ def test_shards_read_as_one_cache_and_merge_equal_a_single_run(tmp_path):
         write(tmp_path / "c.h5", [k for k in range(20) if shard_of(utterance(k).utt_id, n) == i], shard=(i, n))
     shards = [shard_path(tmp_path / "c.h5", (i, n)) for i in range(n)]
     assert all(p.exists() for p in shards) and not (tmp_path / "c.h5").exists()
+    assert [p.name for p in shards] == ["c.shard-1-of-3.h5", "c.shard-2-of-3.h5", "c.shard-3-of-3.h5"]
     want = contents(single)
     assert contents(tmp_path / "c.h5") == want  # base path: the shards are found
     assert contents(shards[::-1]) == want
@@ -191,12 +192,12 @@ def test_shards_read_as_one_cache_and_merge_equal_a_single_run(tmp_path):
     assert contents(merged) == want
     with h5py.File(merged, "r") as f:
         assert "shard" not in json.loads(f.attrs["fingerprint"])
-    with pytest.raises(CacheError, match="shard\\(s\\) 1 of 3 missing"):
+    with pytest.raises(CacheError, match="shard\\(s\\) 2 of 3 missing"):
         FeatureCache([shards[0], shards[2]])
     with CacheWriter(tmp_path / "x.h5", {**FP, "model": "other"}, shard=(1, 3)):
         pass
     with pytest.raises(CacheError, match="model differ"):
-        FeatureCache([shards[0], tmp_path / "x.shard-1-of-3.h5", shards[2]])
+        FeatureCache([shards[0], tmp_path / "x.shard-2-of-3.h5", shards[2]])
 
 
 def test_preload_respects_the_budget_and_serves_from_ram(tmp_path):

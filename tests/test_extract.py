@@ -325,7 +325,7 @@ def test_cli_extract_end_to_end(tmp_path, corpus_csv, tiny_dir, single_run):
     for i in (1, 2):
         r = runner.invoke(app, cli_args(corpus_csv, tiny_dir, sharded, "--shard", f"{i}/2", "--layers", "0,2"))
         assert r.exit_code == 0, r.output
-        assert "extraction" in r.stdout and sharded.with_name(f"sh.shard-{i - 1}-of-2.h5").exists()
+        assert "extraction" in r.stdout and sharded.with_name(f"sh.shard-{i}-of-2.h5").exists()
     with h5py.File(sharded.with_name("sh.shard-1-of-2.h5"), "r") as f:  # plain h5py reads a shard
         assert list(f.attrs["layers"]) == [0, 2]
     with FeatureCache(sharded) as cache:
