@@ -226,4 +226,7 @@ def make_loader(cache: FeatureCache, utt_ids: Sequence[str], *, layers: Sequence
     dataset = CacheDataset(cache, list(utt_ids), layers=list(layers), vad_mode=vad_mode)
     lengths = cache.meta.loc[list(utt_ids), "n_frames"].to_numpy()
     sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+    # A private generator: otherwise each epoch's iterator draws a seed from torch's global RNG,
+    # which shifts the dropout masks, and disk and RAM runs would differ.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0,
+                      generator=torch.Generator().manual_seed(seed))

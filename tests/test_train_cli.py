@@ -81,6 +81,10 @@ def test_same_seed_same_metrics_and_parallel_jobs_match(cache, tmp_path):
     assert metrics(tmp_path / "a", 2) == metrics(tmp_path / "b", 2)
     assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "c", "--seed", 1)[0] == 0
     assert metrics(tmp_path / "c", 2) != metrics(tmp_path / "a", 2)
+    # over the memory budget: read from disk every epoch, same numbers as from RAM
+    code, out = cli("train-head", *args, "--fold", 2, "--out", tmp_path / "disk", "--memory-gb", 0)
+    assert code == 0 and "reading them from disk every epoch" in out, out
+    assert metrics(tmp_path / "disk", 2) == metrics(tmp_path / "a", 2)
     # two folds in two processes, each with one thread: the same numbers as in this process
     code, out = cli("train-head", *args, "--all-folds", "--out", tmp_path / "p", "--jobs", 2)
     assert code == 0, out
