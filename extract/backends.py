@@ -200,14 +200,20 @@ class HFBackend:
         values = np.zeros((2, 24000), dtype=np.float32)  # (B, N)
         values[0], values[1, :9600] = waves
         mask = torch.tensor([[1] * 24000, [1] * 9600 + [0] * 14400], device=self.device)
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            batched = self.forward(torch.from_numpy(values).to(self.device), mask).float()  # (2, T, L, D)
-            for i, w in enumerate(waves):
-                alone = self.forward(torch.from_numpy(w)[None].to(self.device), None).float()[0]  # (T_i, L, D)
-                scale = float(alone.abs().max()) + 1.0
-                if float((batched[i, : alone.shape[0]] - alone).abs().max()) > 1e-4 * scale:
-                    return False
+        # TF32 convolutions (cuDNN's default) differ by ~1e-3 between batch shapes: measure in true fp32
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+                batched = self.forward(torch.from_numpy(values).to(self.device), mask).float()  # (2, T, L, D)
+                for i, w in enumerate(waves):
+                    alone = self.forward(torch.from_numpy(w)[None].to(self.device), None).float()[0]  # (T_i, L, D)
+                    scale = float(alone.abs().max()) + 1.0
+                    if float((batched[i, : alone.shape[0]] - alone).abs().max()) > 1e-4 * scale:
+                        return False
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         return True
 
     def describe(self) -> dict:

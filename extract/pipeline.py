@@ -307,7 +307,7 @@ def _run_batch(items: list[Loaded | Failed], backend: Backend, writer: Any, tall
                 detail = f"{type(err).__name__}: {_first_line(err)}"
                 if strict:
                     raise ExtractError(f"{it.utt.utt_id}: the model failed ({detail}) (strict mode)") from err
-                tally.model_errors_before_success += tally.written == 0
+                tally.model_errors_before_success += tally.written == 0 and not pairs
                 if tally.model_errors_before_success >= MAX_ERRORS_BEFORE_FIRST_SUCCESS:
                     raise ExtractError(
                         f"the model failed on the first {tally.model_errors_before_success} utterances "
