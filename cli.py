@@ -332,7 +332,7 @@ def demo(
     epochs: Annotated[int, typer.Option(help="maximum training epochs per fold")] = 30,
     batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = 16,
     backends: Annotated[str, typer.Option(help="comma-separated: fbank, tiny-wavlm")] = "fbank,tiny-wavlm",
-    jobs: Annotated[int, typer.Option(help="folds trained in parallel processes")] = 1,
+    jobs: Annotated[int, typer.Option(help="folds trained in parallel processes (1 torch thread each on 2 cores)")] = 2,
 ) -> None:
     """The whole pipeline offline on CPU: synthetic corpus -> features + VAD -> GAP/SAP/SR heads over all
     folds -> the paper-style table and plots. The numbers check the pipeline, not real SER accuracy."""
