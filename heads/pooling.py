@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def speech_frames(padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,14 +90,9 @@ class SAP(nn.Module):
     Padding and non-speech frames are excluded as keys (masked logits) and
     as queries (compacted away, and weighted 0 in the mean).
 
-    The mean is taken before the value and output projections, which is
-    exact because both are affine and each attention row sums to 1:
-
-        mean_i h_i = W_o [ W_v^h (sum_j abar^h_j x_j) + b_v^h ]_h + b_o,   abar^h_j = mean_i A^h_ij
-
-    so only the query and key projections run per frame: half the
-    arithmetic of running `nn.MultiheadAttention` and averaging its output
-    (tested equal to that). The parameters are an `nn.MultiheadAttention`'s.
+    Neither formulation stores the `(B, heads, S, S)` attention weights
+    (see `mean_attention`); the parameters are an `nn.MultiheadAttention`'s
+    (tested equal to running it and averaging, values and gradients).
     """
 
     def __init__(self, input_size: int, heads: int = 8) -> None:
@@ -112,25 +108,125 @@ class SAP(nn.Module):
         return self.mean_attention(x, mask)  # (B, D)
 
     def mean_attention(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """mean over the masked frames of MHSA among them: `x (B, S, D)`, `mask (B, S)` -> `(B, D)`."""
+        """mean over the masked frames of MHSA among them: `x (B, S, D)`, `mask (B, S)` -> `(B, D)`.
+
+        Two exact formulations, neither of which holds a `(B, H, S, S)`
+        attention matrix; which is faster depends on the shape (see
+        `flash_pays`): `mean_attention_flash` or `mean_attention_chunked`.
+        """
+        if flash_pays(x.shape[1], x.shape[2]):
+            return self.mean_attention_flash(x, mask)
+        return self.mean_attention_chunked(x, mask)
+
+    def mean_attention_flash(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`mean_attention` with a fused attention kernel: V runs per frame, attention is never stored.
+
+        Costs one more D x D projection per frame than `mean_attention_chunked`
+        but the kernel (flash on CPU, memory-efficient on CUDA) keeps its
+        score tiles in cache; that wins while D is small next to S.
+        """
+        B, S, D = x.shape
+        H, d = self.heads, D // self.heads
+        qkv = F.linear(x, self.mhsa.in_proj_weight, self.mhsa.in_proj_bias)  # (B, S, 3D)
+        q, k, v = qkv.view(B, S, 3, H, d).permute(2, 0, 3, 1, 4)  # (B, H, S, d) each
+        keys = attendable_keys(mask)  # (B, S)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])  # (B, H, S, d)
+        weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, S) mean over queries
+        mean = torch.einsum("bhsd,bs->bhd", h, weights)  # (B, H, d)
+        out = self.mhsa.out_proj(mean.reshape(B, D))  # (B, D) heads concatenated as in nn.MultiheadAttention
+        return out * mask.any(dim=1, keepdim=True).to(out.dtype)
+
+    def mean_attention_chunked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`mean_attention` averaging before the value and output projections.
+
+        The mean is taken before them, which is exact because both are affine
+        and each attention row sums to 1:
+
+            mean_i h_i = W_o [ W_v^h (sum_j abar^h_j x_j) + b_v^h ]_h + b_o,   abar^h_j = mean_i A^h_ij
+
+        so only the query and key projections run per frame (half the
+        arithmetic of `nn.MultiheadAttention` and a mean), and `abar` comes
+        from `MeanSoftmax`, a block of queries at a time.
+        """
         B, S, D = x.shape
         H, d = self.heads, D // self.heads
         w_q, w_k, w_v = self.mhsa.in_proj_weight.chunk(3)  # (D, D) each
         b_q, b_k, b_v = self.mhsa.in_proj_bias.chunk(3)  # (D,) each
-        q = F.linear(x, w_q, b_q).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
+        q = F.linear(x, w_q, b_q).view(B, S, H, d).transpose(1, 2) / math.sqrt(d)  # (B, H, S, d) pre-scaled
         k = F.linear(x, w_k, b_k).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
-        # A row with no frame at all would mask every key and give NaN;
-        # let it see its first slot instead. Its output is zeroed below.
-        keys = mask.clone()
-        keys[:, 0] |= ~mask.any(dim=1)
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, S, S) queries x keys
-        attn = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(dim=-1)  # (B, H, S, S)
+        keys = attendable_keys(mask)  # (B, S)
+        key_bias = torch.zeros(B, 1, 1, S, dtype=x.dtype, device=x.device)
+        key_bias.masked_fill_(~keys[:, None, None, :], float("-inf"))  # (B, 1, 1, S)
         weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, S) mean over queries
-        abar = torch.einsum("bhij,bi->bhj", attn, weights)  # (B, H, S) mean attention each key gets
+        abar = MeanSoftmax.apply(q, k, key_bias, weights)  # (B, H, S) mean attention each key gets
         z = torch.einsum("bhj,bjd->bhd", abar, x)  # (B, H, D) attention-weighted speech frames per head
         v = torch.einsum("bhd,hed->bhe", z, w_v.view(H, d, D)) + b_v.view(H, d) * abar.sum(-1, keepdim=True)  # (B, H, d)
         out = self.mhsa.out_proj(v.reshape(B, D))  # (B, D)
         return out * mask.any(dim=1, keepdim=True).to(out.dtype)
+
+
+def attendable_keys(mask: torch.Tensor) -> torch.Tensor:
+    """The key mask `(B, S)` for `mask (B, S)`, with slot 0 opened in rows that have no frame.
+
+    A row with no frame at all would mask every key and give NaN (values and
+    gradients); it sees its first slot instead, and SAP zeroes its output.
+    """
+    keys = mask.clone()
+    keys[:, 0] |= ~mask.any(dim=1)
+    return keys
+
+
+def flash_pays(frames: int, dim: int) -> bool:
+    """Whether `SAP.mean_attention_flash` is the faster formulation for S = `frames`, D = `dim`."""
+    return dim <= FLASH_MAX_DIM_PER_FRAME * frames
+
+
+FLASH_MAX_DIM_PER_FRAME = 1.0
+QUERY_BLOCK_ELEMENTS = 2**22  # floats in one (B, H, block, S) score block of MeanSoftmax, 16 MiB
+
+
+class MeanSoftmax(torch.autograd.Function):
+    """abar = sum_i w_i softmax_j(q_i . k_j + bias_j), a block of queries at a time.
+
+    `q (B, H, S, d)` pre-scaled, `k (B, H, S, d)`, `key_bias (B, 1, 1, S)`
+    (0 or -inf), `w (B, S)` query weights -> `abar (B, H, S)`. Only one
+    `(B, H, block, S)` score block lives at a time, forward and backward;
+    backward recomputes each block's softmax A instead of storing it, and uses
+
+        dL/dlogit_ij = w_i A_ij (g_j - sum_k A_ik g_k),   g = dL/dabar.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        B, H, S, _ = q.shape
+        block = query_block(B, H, S)
+        abar = q.new_zeros(B, H, 1, S)
+        for i in range(0, S, block):
+            a = torch.softmax((q[:, :, i : i + block] @ k.transpose(-1, -2)).add_(key_bias), dim=-1)  # (B, H, b, S)
+            abar += w[:, None, None, i : i + block] @ a  # (B, H, 1, S)
+        ctx.save_for_backward(q, k, key_bias, w)
+        return abar.squeeze(2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        q, k, key_bias, w = ctx.saved_tensors
+        B, H, S, _ = q.shape
+        block = query_block(B, H, S)
+        g = g[:, :, None, :]  # (B, H, 1, S)
+        dq, dk = torch.empty_like(q), torch.zeros_like(k)  # (B, H, S, d) each
+        for i in range(0, S, block):
+            q_i = q[:, :, i : i + block]  # (B, H, b, d)
+            a = torch.softmax((q_i @ k.transpose(-1, -2)).add_(key_bias), dim=-1)  # (B, H, b, S)
+            dlogit = (g - a @ g.transpose(-1, -2)).mul_(a).mul_(w[:, None, i : i + block, None])  # (B, H, b, S)
+            dq[:, :, i : i + block] = dlogit @ k
+            dk += dlogit.transpose(-1, -2) @ q_i
+        return dq, dk, None, None
+
+
+def query_block(batch: int, heads: int, frames: int) -> int:
+    """Queries per MeanSoftmax block: as many as fit QUERY_BLOCK_ELEMENTS, at least one."""
+    return max(1, min(frames, QUERY_BLOCK_ELEMENTS // max(1, batch * heads * frames)))
 
 
 class SR(nn.Module):

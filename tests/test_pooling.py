@@ -2,11 +2,24 @@ import numpy as np
 import pytest
 import torch
 
+import heads.pooling
 from heads.head import SERHead
 from heads.layers import LayerMix
-from heads.pooling import GAP, SAP, SR, attention_heads, compact, speech_frames
+from heads.pooling import GAP, SAP, SR, attention_heads, compact, flash_pays, speech_frames
 
 D = 16
+
+
+@pytest.fixture(params=["flash", "chunked"])
+def sap_path(request, monkeypatch):
+    """Run the test with SAP forced onto one of its two formulations.
+
+    chunked: blocks of 5 queries, so most batches take several blocks, the
+    last one partial.
+    """
+    monkeypatch.setattr(heads.pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if request.param == "flash" else 0.0)
+    monkeypatch.setattr(heads.pooling, "query_block", lambda batch, heads, frames: 5)
+    return request.param
 
 
 def batch(seed=0, lengths=(7, 12, 3, 9), speech_p=0.6):
@@ -30,7 +43,7 @@ def test_gap_is_the_numpy_mean_of_real_frames():
 
 
 @pytest.mark.parametrize("cls", [SAP, SR])
-def test_sap_ignores_non_speech_and_padding_values(cls):
+def test_sap_ignores_non_speech_and_padding_values(cls, sap_path):
     torch.manual_seed(0)
     pool = cls(D, heads=4).eval()
     x, pad, vad = batch(1)
@@ -51,7 +64,7 @@ def test_sap_ignores_non_speech_and_padding_values(cls):
 
 
 @pytest.mark.parametrize("cls", [GAP, SAP, SR])
-def test_padded_batch_equals_one_utterance_at_a_time(cls):
+def test_padded_batch_equals_one_utterance_at_a_time(cls, sap_path):
     torch.manual_seed(0)
     pool = cls(D) if cls is GAP else cls(D, heads=4)
     pool.eval()
@@ -63,7 +76,7 @@ def test_padded_batch_equals_one_utterance_at_a_time(cls):
         torch.testing.assert_close(together[b : b + 1], alone, atol=1e-5, rtol=0)
 
 
-def test_sap_matches_explicit_attention_over_speech_frames():
+def test_sap_matches_explicit_attention_over_speech_frames(sap_path):
     torch.manual_seed(0)
     pool = SAP(D, heads=4).eval()
     with torch.no_grad():  # biases start at 0 in torch: make them count
@@ -77,7 +90,7 @@ def test_sap_matches_explicit_attention_over_speech_frames():
         torch.testing.assert_close(got[b], h[0].mean(0), atol=1e-5, rtol=0)
 
 
-def test_no_speech_falls_back_to_all_real_frames_and_is_flagged():
+def test_no_speech_falls_back_to_all_real_frames_and_is_flagged(sap_path):
     torch.manual_seed(0)
     pool = SR(D, heads=4)
     x, pad, vad = batch(4)
@@ -95,7 +108,7 @@ def test_no_speech_falls_back_to_all_real_frames_and_is_flagged():
     torch.testing.assert_close(out[1:2, D:].detach(), alone, atol=1e-5, rtol=0)
 
 
-def test_a_row_without_any_frame_stays_finite():
+def test_a_row_without_any_frame_stays_finite(sap_path):
     pool = SAP(D, heads=4)
     x = torch.randn(2, 4, D, requires_grad=True)
     pad = torch.tensor([[True, True, False, False], [False] * 4])
@@ -103,6 +116,45 @@ def test_a_row_without_any_frame_stays_finite():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
     assert torch.equal(out[1], torch.zeros(D))
+
+
+def test_sap_gradients_match_explicit_attention(sap_path):
+    """Values and gradients (features and every parameter) of both formulations against
+    nn.MultiheadAttention over each utterance's speech frames, then the mean; the batch
+    holds padding, a no-speech row (falls back to all real frames) and a row with no frame."""
+    torch.manual_seed(0)
+    pool = SAP(D, heads=4)
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.normal_(0, 0.5)
+    x, pad, vad = batch(6, lengths=(7, 12, 3, 0, 9, 10))
+    vad[5] = False
+    r = torch.randn(x.shape[0], D)  # a loss that weighs every output
+
+    x.requires_grad_(True)
+    got = pool(x, pad, vad)
+    (got * r).sum().backward()
+    got_grads = [x.grad.clone()] + [p.grad.clone() for p in pool.parameters()]
+
+    x.grad, mask = None, speech_frames(pad, vad)[0]
+    pool.zero_grad()
+    expected = torch.zeros(x.shape[0], D)
+    for b in range(x.shape[0]):
+        if mask[b].any():
+            speech = x[b][mask[b]].unsqueeze(0)  # (1, S, D)
+            expected[b] = pool.mhsa(speech, speech, speech, need_weights=False)[0][0].mean(0)
+    (expected * r).sum().backward()
+    want_grads = [x.grad] + [p.grad for p in pool.parameters()]
+
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[3], torch.zeros(D))
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_sap_picks_the_fused_kernel_only_while_features_are_narrow_next_to_frames():
+    assert flash_pays(600, 80) and not flash_pays(200, 1024)
 
 
 def test_compact_keeps_selected_frames_in_order():
