@@ -26,16 +26,6 @@ from heads.trainer import Trainer
 from heads.wave_data import StepBatchSampler, build_wave_index, corpus_meta
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy 2-core machine
-    spinning OpenMP threads made these runs 3-6x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """4 speakers (2 sessions) x 6 short utterances: fold 1 trains on 12, validates on 6, tests on 6."""

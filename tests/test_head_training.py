@@ -15,15 +15,6 @@ from heads.trainer import EarlyStop, Trainer, TrainConfig, TrainingError, warmup
 D, L = 8, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to other processes on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class InMemoryTrainer(Trainer):
     """Features from a dict of tensors instead of a cache: the hooks fine-tuning overrides."""
 

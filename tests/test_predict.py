@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import app
@@ -21,16 +20,6 @@ from heads.predict import Predictor
 from heads.run import train_folds
 from heads.trainer import TrainConfig
 from heads.wave_data import WaveIndex, build_wave_index
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a busy 2-core machine
-    spinning OpenMP threads made these runs 3-6x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

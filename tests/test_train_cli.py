@@ -17,14 +17,6 @@ runner = CliRunner()
 FOLD_FILES = {"metrics.json", "predictions.csv", "head.safetensors", "history.csv"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("cache") / "synth.h5")
