@@ -198,6 +198,8 @@ class MeanSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Contiguous once: the per-block matmuls would otherwise copy the strided views each block.
+        q, k = q.contiguous(), k.contiguous()
         B, H, S, _ = q.shape
         block = query_block(B, H, S)
         abar = q.new_zeros(B, H, 1, S)
