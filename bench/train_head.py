@@ -17,31 +17,44 @@ threads and the peak RSS; then extrapolates to an all-folds IEMOCAP run
 gives an arithmetic-and-bandwidth estimate for an H100 (an estimate, not a
 measurement).
 
+It also times SAP's attention alone (forward + backward of
+`SAP.mean_attention` on a (B, S, D) batch, B = 64, 8 heads) for its two
+formulations and for the dense one they replaced (which held the
+(B, heads, S, S) weights), each shape and thread count in a fresh
+subprocess so that its peak RSS is its own.
+
     python bench/train_head.py [--utts 400] [--layers 4] [--dim 1024] [--frames 250]
                                [--dir /tmp/sapser-bench] [--out bench/results/train-head-cpu.md]
+                               [--sap-only | --no-sap]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-# Run as a script, bench/ comes first on sys.path and bench/extract.py would shadow the package.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Run as a script, bench/ comes first on sys.path and bench/extract.py would shadow the `extract` package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from cache.reader import FeatureCache  # noqa: E402
 from cache.writer import CacheWriter  # noqa: E402
 from extract.records import CLASSES_4, Utterance  # noqa: E402
 from heads.data import fold_data, preload  # noqa: E402
+from heads.pooling import SAP, flash_pays  # noqa: E402
 from heads.trainer import TrainConfig, Trainer  # noqa: E402
 
 IEMOCAP_UTTS = 5531
@@ -114,7 +127,126 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+SAP_SECTION = "## SAP's attention alone"
+SAP_SHAPES = [(80, 200), (80, 600), (80, 950), (1024, 200), (1024, 600), (1024, 950)]  # (D, S)
+SAP_BATCH, SAP_HEADS = 64, 8
+
+
+def dense_mean_attention(sap: SAP, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SAP.mean_attention as it was before 60c5d0b, kept to measure against: it holds the (B, H, S, S) weights."""
+    B, S, D = x.shape
+    H, d = sap.heads, D // sap.heads
+    w_q, w_k, w_v = sap.mhsa.in_proj_weight.chunk(3)  # (D, D) each
+    b_q, b_k, b_v = sap.mhsa.in_proj_bias.chunk(3)  # (D,) each
+    q = F.linear(x, w_q, b_q).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
+    k = F.linear(x, w_k, b_k).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
+    keys = mask.clone()
+    keys[:, 0] |= ~mask.any(dim=1)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, S, S)
+    attn = logits.masked_fill(~keys[:, None, None, :], float("-inf")).softmax(dim=-1)  # (B, H, S, S)
+    weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, S)
+    abar = torch.einsum("bhij,bi->bhj", attn, weights)  # (B, H, S)
+    z = torch.einsum("bhj,bjd->bhd", abar, x)  # (B, H, D)
+    v = torch.einsum("bhd,hed->bhe", z, w_v.view(H, d, D)) + b_v.view(H, d) * abar.sum(-1, keepdim=True)  # (B, H, d)
+    out = sap.mhsa.out_proj(v.reshape(B, D))  # (B, D)
+    return out * mask.any(dim=1, keepdim=True).to(out.dtype)
+
+
+SAP_FORMULATIONS = {
+    "dense (before)": dense_mean_attention,
+    "chunked": SAP.mean_attention_chunked,
+    "flash": SAP.mean_attention_flash,
+}
+
+
+def sap_case(name: str, frames: int, dim: int, threads: int, repeats: int) -> dict:
+    """Forward + backward seconds of one formulation (each repeat) and this process's peak RSS (run in a child)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    sap = SAP(dim, SAP_HEADS)
+    x = torch.randn(SAP_BATCH, frames, dim)  # (B, S, D)
+    lengths = torch.randint(int(0.8 * frames), frames + 1, (SAP_BATCH,))  # a length-bucketed batch
+    lengths[0] = frames
+    mask = torch.arange(frames)[None, :] < lengths[:, None]  # (B, S)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # MiB
+    seconds = []
+    for _ in range(repeats):
+        xg = x.clone().requires_grad_(True)  # the layer mix upstream needs dL/dx
+        start = time.perf_counter()
+        SAP_FORMULATIONS[name](sap, xg, mask).square().sum().backward()
+        seconds.append(time.perf_counter() - start)
+        sap.zero_grad()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return {"name": name, "frames": frames, "dim": dim, "threads": threads, "seconds": seconds,
+            "rss_before_mib": before, "peak_rss_mib": peak}
+
+
+def sap_shapes(repeats: int, saved: Path, reuse: bool) -> list[dict]:
+    """Every formulation x shape x thread count, each in a fresh process (so ru_maxrss is that case's peak).
+
+    The raw results go to `saved`; with `reuse` they are read back from there instead of measured again.
+    """
+    if reuse and saved.exists():
+        return json.loads(saved.read_text())
+    results = []
+    for threads in (1, 2):
+        for dim, frames in SAP_SHAPES:
+            for name in SAP_FORMULATIONS:  # interleaved, so load changes on the shared machine hit all alike
+                reps = repeats if dim < 512 else max(2, repeats - 1)
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--sap-case",
+                       json.dumps([name, frames, dim, threads, reps])]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                results.append(json.loads(out.strip().splitlines()[-1]))
+                r = results[-1]
+                print(f"SAP {name:15s} D={dim:5d} S={frames:4d} threads={threads}: min {min(r['seconds']):.2f} s, "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    saved.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def sap_report(results: list[dict], repeats: int) -> list[str]:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    names = list(SAP_FORMULATIONS)
+    lines = [
+        SAP_SECTION, "",
+        f"Forward + backward (dL/dx included, as the layer mix needs it) of `SAP.mean_attention` on a batch of "
+        f"B = {SAP_BATCH} utterances x S speech frames (lengths 0.8 S - S, as length bucketing gives), D features, "
+        f"{SAP_HEADS} heads; float32. Time: the fastest of {repeats} passes (D = 1024: of {max(2, repeats - 1)}); "
+        "peak RSS of a fresh process per case (about 0.25 GiB of it is torch and the inputs). Formulations: "
+        "**dense (before)** held the (B, heads, S, S) weights; **chunked** averages before V and the output "
+        "projection with a query-blocked softmax that recomputes in backward; **flash** runs V per frame and "
+        "`scaled_dot_product_attention` (CPU flash kernel). `mean_attention` (auto) picks flash when "
+        "D <= S (`heads/pooling.py: flash_pays`). Load average when it finished: " + load + ".", "",
+        "| D | S | threads | " + " | ".join(f"{n} s" for n in names) + " | " + " | ".join(f"{n} GiB" for n in names)
+        + " | auto picks | auto vs dense, time | auto vs dense, memory |",
+        "|---:|---:|---:|" + "---:|" * (2 * len(names)) + "---|---:|---:|",
+    ]
+    by_key = {(r["name"], r["dim"], r["frames"], r["threads"]): r for r in results}
+    for threads in (1, 2):
+        for dim, frames in SAP_SHAPES:
+            rs = [by_key[(n, dim, frames, threads)] for n in names]
+            times = [min(r["seconds"]) for r in rs]
+            peaks = [r["peak_rss_mib"] / 2**10 for r in rs]
+            auto = "flash" if flash_pays(frames, dim) else "chunked"
+            a = names.index(auto)
+            lines.append(f"| {dim} | {frames} | {threads} | " + " | ".join(f"{t:.2f}" for t in times) + " | "
+                         + " | ".join(f"{m:.2f}" for m in peaks)
+                         + f" | {auto} | {times[0] / times[a]:.1f}x faster | {peaks[0] / peaks[a]:.1f}x less |")
+    return lines + [""]
+
+
+def write_sap_section(out: Path, lines: list[str]) -> None:
+    """Replace (or append) the SAP section of an existing report, leaving the rest as it was."""
+    text = out.read_text() if out.exists() else ""
+    head, _, tail = text.partition(SAP_SECTION)
+    rest = tail[tail.find("\n## ") + 1 :] if "\n## " in tail else ""
+    out.write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--sap-case":  # a child of sap_shapes
+        print(json.dumps(sap_case(*json.loads(sys.argv[2]))))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--utts", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=2, help="epochs timed per head; the fastest counts")
@@ -123,8 +255,18 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=250)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sapser-bench"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/train-head-cpu.md"))
+    ap.add_argument("--sap-repeats", type=int, default=3, help="passes per SAP case; the fastest counts")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--sap-only", action="store_true", help="only SAP's attention; rewrites just that section")
+    group.add_argument("--no-sap", action="store_true", help="skip SAP's attention alone")
+    ap.add_argument("--sap-reuse", action="store_true", help="report the SAP cases saved in --dir by the last run")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    saved = args.dir / "sap-cases.json"
+    if args.sap_only:
+        write_sap_section(args.out, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
+        print(f"wrote {args.out}")
+        return
     path = build_cache(args.dir / f"bench-{args.utts}-{args.layers}-{args.dim}-{args.frames}.h5",
                        utts=args.utts, layers=args.layers, dim=args.dim, frames=args.frames)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,6 +305,8 @@ def main() -> None:
               f"({warm_cpu:.2f} s CPU, {nbytes / 2**30:.2f} GiB)", flush=True)
 
     write_report(args, path, device, rows, preload_s, total_frames)
+    if not args.no_sap:
+        write_sap_section(args.out, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
 
 
 def write_report(args, path: Path, device: str, rows, preload_s, total_frames: int) -> None:
