@@ -218,7 +218,7 @@ def sap_report(results: list[dict], repeats: int) -> list[str]:
         "`scaled_dot_product_attention` (CPU flash kernel). `mean_attention` (auto) picks flash when "
         "D <= S (`heads/pooling.py: flash_pays`). Load average when it finished: " + load + ".", "",
         "| D | S | threads | " + " | ".join(f"{n} s" for n in names) + " | " + " | ".join(f"{n} GiB" for n in names)
-        + " | auto picks | auto vs dense, time | auto vs dense, memory |",
+        + " | auto picks | auto / dense, time | auto / dense, peak RSS |",
         "|---:|---:|---:|" + "---:|" * (2 * len(names)) + "---|---:|---:|",
     ]
     by_key = {(r["name"], r["dim"], r["frames"], r["threads"]): r for r in results}
@@ -231,7 +231,7 @@ def sap_report(results: list[dict], repeats: int) -> list[str]:
             a = names.index(auto)
             lines.append(f"| {dim} | {frames} | {threads} | " + " | ".join(f"{t:.2f}" for t in times) + " | "
                          + " | ".join(f"{m:.2f}" for m in peaks)
-                         + f" | {auto} | {times[0] / times[a]:.1f}x faster | {peaks[0] / peaks[a]:.1f}x less |")
+                         + f" | {auto} | {times[a] / times[0]:.2f} | {peaks[a] / peaks[0]:.2f} |")
     return lines + [""]
 
 
