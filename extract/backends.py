@@ -13,6 +13,8 @@ extraction loop (`extract.pipeline`) owns batching, workers and the writer.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import warnings
 from importlib import metadata
@@ -339,7 +341,27 @@ def mel_filterbank(n_mels: int, n_fft: int, f_min: float, f_max: float,
     return torch.from_numpy(weights.T.astype(np.float32))  # (F, n_mels)
 
 
-class FbankBackend:
+class _OneLayerBackend(abc.ABC):
+    """A classic feature extractor: one utterance at a time, one "layer", its own grid."""
+
+    grid: FrameGrid
+    hidden_size: int
+
+    def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+        return [self._one(w) for w in waves]
+
+    def _one(self, wave: np.ndarray) -> np.ndarray:
+        t = self.grid.n_frames(len(wave))
+        if t == 0:
+            return np.zeros((0, 1, self.hidden_size), dtype=np.float32)  # (T=0, L=1, D)
+        return self._frames(wave, t)
+
+    @abc.abstractmethod
+    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
+        """(t, 1, D) float32 features of a wave with t >= 1 frames on self.grid."""
+
+
+class FbankBackend(_OneLayerBackend):
     """Log-mel energies: Hann window 25 ms, hop 10 ms, no centre padding, HTK mel 20-7600 Hz.
 
     Plain on purpose (no dither, pre-emphasis or normalization, which heads
@@ -369,13 +391,7 @@ class FbankBackend:
             "hidden_size": self.hidden_size, **self.grid.as_dict(),
         }
 
-    def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        return [self._one(w) for w in waves]
-
-    def _one(self, wave: np.ndarray) -> np.ndarray:
-        t = self.grid.n_frames(len(wave))
-        if t == 0:
-            return np.zeros((0, 1, self.hidden_size), dtype=np.float32)
+    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
         spec = torch.stft(torch.from_numpy(np.asarray(wave, dtype=np.float32)), n_fft=self.N_FFT,
                           hop_length=self.HOP, window=self.window, center=False,
                           return_complex=True)  # (F, T)
@@ -388,7 +404,7 @@ class FbankBackend:
 # ----------------------------------------------------------------------------- eGeMAPS
 
 
-class EgemapsBackend:
+class EgemapsBackend(_OneLayerBackend):
     """The 25 eGeMAPSv02 low-level descriptors from openSMILE, one row per 10 ms.
 
     openSMILE frames start at 0 every 10 ms ("left" framing): energy and
@@ -427,13 +443,7 @@ class EgemapsBackend:
             "layers": [0], "n_layers": 1, "hidden_size": self.hidden_size, **self.grid.as_dict(),
         }
 
-    def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        return [self._one(w) for w in waves]
-
-    def _one(self, wave: np.ndarray) -> np.ndarray:
-        t = self.grid.n_frames(len(wave))
-        if t == 0:
-            return np.zeros((0, 1, self.hidden_size), dtype=np.float32)
+    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
         rows = self._smile.process_signal(np.asarray(wave, dtype=np.float32), SAMPLE_RATE).to_numpy(np.float32)
         if rows.shape[0] < t:
             raise RuntimeError(f"openSMILE gave {rows.shape[0]} rows for {t} frames")

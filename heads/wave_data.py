@@ -109,6 +109,21 @@ def index_settings(grid: FrameGrid, max_seconds: float) -> dict:
     return {**grid.as_dict(), "max_seconds": float(max_seconds), "sample_rate": SAMPLE_RATE, **vad_settings()}
 
 
+def _pack(ids: list[str], counts: list[int], truncs: list[bool], masks: list[np.ndarray], settings: dict,
+          skipped: dict[str, str]) -> WaveIndex:
+    """Per-utterance lists -> one WaveIndex with the (4, T) masks concatenated along frames."""
+    frames = [m.shape[1] for m in masks]
+    return WaveIndex(
+        utt_ids=ids,
+        n_samples=np.array(counts, dtype=np.int64),
+        truncated=np.array(truncs, dtype=bool),
+        offsets=np.concatenate([[0], np.cumsum(frames)]).astype(np.int64),
+        masks=np.concatenate(masks, axis=1) if masks else np.zeros((len(VAD_MODES), 0), dtype=bool),  # (4, sum T)
+        settings=settings,
+        skipped=skipped,
+    )
+
+
 def build_wave_index(utterances: Sequence[Utterance], grid: FrameGrid, max_seconds: float,
                      progress: bool = False) -> WaveIndex:
     """Read every utterance once (truncated) and compute its VAD masks on `grid`."""
@@ -123,16 +138,7 @@ def build_wave_index(utterances: Sequence[Utterance], grid: FrameGrid, max_secon
         counts.append(len(audio.samples))
         truncs.append(audio.truncated)
         masks.append(vad_masks(audio.samples, grid))  # (4, T)
-    frames = [m.shape[1] for m in masks]
-    return WaveIndex(
-        utt_ids=ids,
-        n_samples=np.array(counts, dtype=np.int64),
-        truncated=np.array(truncs, dtype=bool),
-        offsets=np.concatenate([[0], np.cumsum(frames)]).astype(np.int64),
-        masks=np.concatenate(masks, axis=1) if masks else np.zeros((len(VAD_MODES), 0), dtype=bool),
-        settings=index_settings(grid, max_seconds),
-        skipped=skipped,
-    )
+    return _pack(ids, counts, truncs, masks, index_settings(grid, max_seconds), skipped)
 
 
 def index_from_cache(cache, utterances: Sequence[Utterance], grid: FrameGrid, max_seconds: float) -> WaveIndex:
@@ -167,16 +173,8 @@ def index_from_cache(cache, utterances: Sequence[Utterance], grid: FrameGrid, ma
         counts.append(int(round(float(meta.at[utt.utt_id, "duration"]) * SAMPLE_RATE)) if n_frames else 0)
         truncs.append(bool(meta.at[utt.utt_id, "truncated"]))
         masks.append(rows)
-    frames = [m.shape[1] for m in masks]
-    return WaveIndex(
-        utt_ids=ids,
-        n_samples=np.array(counts, dtype=np.int64),
-        truncated=np.array(truncs, dtype=bool),
-        offsets=np.concatenate([[0], np.cumsum(frames)]).astype(np.int64),
-        masks=np.concatenate(masks, axis=1) if masks else np.zeros((len(VAD_MODES), 0), dtype=bool),
-        settings={**index_settings(grid, max_seconds), "vad_source": str(cache.path)},
-        skipped=skipped,
-    )
+    return _pack(ids, counts, truncs, masks, {**index_settings(grid, max_seconds), "vad_source": str(cache.path)},
+                 skipped)
 
 
 def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seconds: float, *,
