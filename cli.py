@@ -41,15 +41,27 @@ def user_errors(fn: Callable) -> Callable:
 
 # --- commands (each one: options, then one call into extract/, cache/ or heads/) ---
 
+# Options that every corpus-reading command (manifest, extract, finetune) takes the same way.
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")]
+RootOpt = Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")]
+ClassesOpt = Annotated[str, typer.Option("--classes", help="comma-separated class set")]
+MaxSecondsOpt = Annotated[float | None, typer.Option(
+    "--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")]
+
+
+def parse_classes(classes: str) -> tuple[str, ...]:
+    """`--classes "Angry, happy"` -> ("angry", "happy"); the readers check the names."""
+    return tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+
 
 @app.command()
 @user_errors
 def manifest(
-    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
-    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    dataset: DatasetOpt,
+    root: RootOpt,
     out: Annotated[Path | None, typer.Option("--out", help="write the normalized manifest here, and skipped.csv beside it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only one JSON object: counts, folds, skips")] = False,
-    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    classes: ClassesOpt = "angry,happy,neutral,sad",
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad item instead of skipping it")] = False,
     ties: Annotated[str | None, typer.Option("--ties", help="KEMDy19/20 tied labels: skip (default), first or selected")] = None,
 ) -> None:
@@ -63,7 +75,7 @@ def manifest(
         if dataset not in ("kemdy19", "kemdy20"):
             raise UserError("--ties applies only to kemdy19 and kemdy20 (the corpora with tied labels)")
         options["ties"] = ties
-    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    class_set = parse_classes(classes)
     corpus = read_corpus(dataset, root, classes=class_set, strict=strict, **options)
     summary = summarize(corpus)
     written = write_manifest(corpus, out) if out is not None else ()
@@ -132,12 +144,12 @@ def info(
 @app.command()
 @user_errors
 def extract(
-    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
-    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    dataset: DatasetOpt,
+    root: RootOpt,
     out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<dataset>-<model>.h5]")] = None,
     model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder, or fbank / egemaps")] = "microsoft/wavlm-large",
     layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
-    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")] = None,
+    max_seconds: MaxSecondsOpt = None,
     batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="padded audio seconds per model batch")] = 100.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
@@ -145,14 +157,14 @@ def extract(
     workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes [default: cores - 1, at most 8]")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
-    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    classes: ClassesOpt = "angry,happy,neutral,sad",
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """SSL hidden states (or fbank / eGeMAPS) and VAD masks of every utterance into a resumable HDF5 cache."""
     from extract.pipeline import run_extract, summary_table
 
-    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    class_set = parse_classes(classes)
     summary = run_extract(dataset, root, out=out, model=model, layers=layers, max_seconds=max_seconds,
                           batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers,
                           shard=shard, strict=strict, classes=class_set, progress=not quiet)
@@ -241,8 +253,8 @@ def ablate(
 @app.command()
 @user_errors
 def finetune(
-    dataset: Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")],
-    root: Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")],
+    dataset: DatasetOpt,
+    root: RootOpt,
     fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
     all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
     full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = False,
@@ -258,7 +270,7 @@ def finetune(
     weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32, heads: HeadsOpt = 8,
     step_seconds: Annotated[float, typer.Option("--step-seconds", help="padded audio seconds per micro-batch (the memory bound)")] = 200.0,
-    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")] = None,
+    max_seconds: MaxSecondsOpt = None,
     freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder/--no-freeze-feature-encoder", help="keep the convolutional front end frozen")] = True,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute transformer layers in the backward pass to save memory")] = True,
     amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")] = "auto",
@@ -266,7 +278,7 @@ def finetune(
     workers: Annotated[int, typer.Option("--workers", help="audio decoding processes per rank")] = 2,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted folds from their checkpoints, skip finished ones")] = False,
     max_epochs_this_run: Annotated[int | None, typer.Option("--max-epochs-this-run", help="stop after N epochs (checkpointed) and exit; continue with --resume")] = None,
-    classes: Annotated[str, typer.Option("--classes", help="comma-separated class set")] = "angry,happy,neutral,sad",
+    classes: ClassesOpt = "angry,happy,neutral,sad",
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
@@ -281,7 +293,7 @@ def finetune(
                                 step_seconds=step_seconds, max_seconds=max_seconds,
                                 freeze_feature_encoder=freeze_feature_encoder, grad_checkpointing=grad_checkpointing,
                                 amp=amp, workers=workers)
-    class_set = tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+    class_set = parse_classes(classes)
     result = run_finetune(dataset, root, config, settings, folds=None if all_folds else [fold], out=out,
                           cache_path=str(cache) if cache else None, resume=resume,
                           max_epochs_this_run=max_epochs_this_run, classes=class_set, progress=not quiet,
