@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from extract.backends import tiny_wavlm
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
@@ -11,3 +13,9 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The untrained tiny WavLM (seed 0) saved with save_pretrained; tests only read it."""
+    return tiny_wavlm(tmp_path_factory.mktemp("tiny-wavlm") / "wavlm", seed=0)

@@ -33,11 +33,6 @@ def waves_of(lengths, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_wavlm(tmp_path_factory.mktemp("tiny") / "wavlm", seed=0)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return load_backend(str(tiny_dir), layers=None, device="cpu", dtype="float32")
 

@@ -18,7 +18,7 @@ from cache.format import CacheError
 from cache.reader import FeatureCache
 from cli import app
 from extract.audio import load_audio
-from extract.backends import load_backend, tiny_wavlm
+from extract.backends import load_backend
 from extract.corpora import read_corpus
 from extract.frames import FrameGrid
 from extract.pipeline import (
@@ -70,11 +70,6 @@ def corpus_csv(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(corpus_csv):
     return read_corpus("manifest", corpus_csv)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_wavlm(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from extract.backends import tiny_wavlm, zero_mean_unit_var
+from extract.backends import zero_mean_unit_var
 from extract.corpora import read_corpus
 from extract.errors import UserError
 from extract.synthetic import generate
@@ -35,8 +35,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_wavlm(tmp_path_factory.mktemp("tiny-wavlm"))
+def tiny(tiny_dir) -> Path:
+    return tiny_dir
 
 
 def settings(tiny: Path, **kw) -> FinetuneSettings:

@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from extract.backends import tiny_wavlm
 from extract.corpora import read_corpus
 from extract.frames import SSL_GRID
 from extract.synthetic import generate
@@ -30,8 +29,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_wavlm(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_dir) -> Path:
+    return tiny_dir
 
 
 @pytest.fixture(scope="module")
