@@ -59,7 +59,7 @@ from cache.format import (
     utt_key,
     write_columns,
 )
-from extract.records import Skip, Utterance
+from extract.records import Skip, Utterance, storable, unstorable
 
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
 PART_BYTES = 128 << 20  # ... or this many bytes of features, whichever comes first
@@ -376,6 +376,9 @@ class CacheWriter:
         self._raise_pending()
         if not utt.utt_id:
             raise ValueError(f"an utterance without an id cannot be stored ({utt.path})")
+        bad = unstorable(utt)
+        if bad is not None:  # the readers skip these; HDF5 strings cannot hold a NUL
+            raise CacheError(f"utterance {storable(utt.utt_id)!r} has a NUL byte in its {bad}; it cannot be stored")
         if utt.utt_id in self.stored:
             raise ValueError(f"utterance {utt.utt_id!r} is already in the cache (check writer.done first)")
         features, vad = np.asarray(features), np.asarray(vad)
@@ -404,14 +407,14 @@ class CacheWriter:
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         """Record an item not stored, with a SKIP_REASONS key; recording it twice is a no-op."""
         self._raise_pending()
-        Skip(item, reason, detail)  # validates the reason
-        key = (str(item), reason)
+        skip = Skip(item, reason, detail)  # validates the reason; a NUL becomes storable
+        key = (skip.item, reason)
         if key in self._skips:
             return  # e.g. a reader's skips, recorded again by a resumed run
-        self._skips[key] = str(detail)
+        self._skips[key] = skip.detail
         if reason not in NOT_DONE_REASONS:
             self.done.add(key[0])
-        self._put(("skip", (key[0], reason, str(detail))), 0)
+        self._put(("skip", (key[0], reason, skip.detail)), 0)
 
     def _put(self, msg: tuple, nbytes: int) -> None:
         with self._room:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from extract.records import CLASSES_4, Corpus, CorpusError
+from extract.records import CLASSES_4, Corpus, CorpusError, Skip, unstorable
 
 # dataset name -> (module, default --max-seconds). 19 s / 16 s are the paper's truncation.
 DATASETS: dict[str, tuple[str, float]] = {
@@ -43,4 +43,22 @@ def read_corpus(
     # The synthetic corpus is generated into its root, so only it may name a new folder.
     if dataset != "synthetic" and not Path(root).exists():
         raise CorpusError(f"{dataset} root {str(root)!r} does not exist")
-    return module.read(Path(root), classes=tuple(classes), strict=strict, **options)
+    corpus = module.read(Path(root), classes=tuple(classes), strict=strict, **options)
+    return screen_text(corpus, strict)
+
+
+def screen_text(corpus: Corpus, strict: bool) -> Corpus:
+    """Skip utterances with a NUL in an id, name or path (whatever reader let it through):
+    the cache cannot store such a string, and one of them would stop every rerun."""
+    kept = []
+    for utt in corpus.utterances:
+        field = unstorable(utt)
+        if field is None:
+            kept.append(utt)
+            continue
+        skip = Skip(utt.utt_id, "malformed_line", f"a NUL byte in its {field}")
+        if strict:
+            raise CorpusError(f"{skip.item}: {skip.detail} (strict mode)")
+        corpus.skipped.append(skip)
+    corpus.utterances = kept
+    return corpus

@@ -19,8 +19,6 @@ Audio: `wav/SessionNN/<dialog>/<segment>.wav`.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from extract.readers import (
     check_ties,
     clip_scale,
     inside,
+    parse_csv,
     parse_float,
     read_text,
     record,
@@ -129,16 +128,22 @@ def _columns(header1: list[str], header2: list[str], name: str) -> tuple[int, in
 
 
 def _read_rows(path: Path, log: SkipLog) -> list[Row]:
-    lines = list(csv.reader(io.StringIO(read_text(path))))
+    lines = parse_csv(read_text(path))
     if len(lines) < 2:
         raise CorpusError(f"{path.name} has fewer than its two header rows")
+    for header in lines[:2]:
+        if isinstance(header, str):
+            raise CorpusError(f"{path.name}: a header row is unusable: {header}")
     seg, emo, val, aro = _columns(lines[0], lines[1], path.name)
     need = max(seg, emo, val, aro)
     rows = []
     for lineno, cells in enumerate(lines[2:], start=3):
+        where = f"{path.name}:{lineno}"
+        if isinstance(cells, str):
+            record(log, where, "malformed_line", cells)
+            continue
         if not any(c.strip() for c in cells):
             continue  # trailing blank rows
-        where = f"{path.name}:{lineno}"
         if len(cells) <= need or not SEGMENT.match(cells[seg].strip()):
             record(log, where, "malformed_line", ",".join(cells)[:80])
             continue

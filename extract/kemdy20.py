@@ -12,8 +12,6 @@ Audio is flat per session: `wav/SessionNN/<segment>.wav`; the speaker is the
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from extract.readers import (
     check_ties,
     clip_scale,
     inside,
+    parse_csv,
     parse_float,
     read_text,
     record,
@@ -51,9 +50,12 @@ def read(
     corpus = ReadCorpus(name="kemdy20", root=str(root), classes=classes)
     found: list[Utterance] = []
     for num, path in sorted(files.items()):
-        lines = list(csv.reader(io.StringIO(read_text(path))))
+        lines = parse_csv(read_text(path))
         # Row 1 is the header, row 2 its sub-header: data starts on row 3.
         for lineno, cells in enumerate(lines[2:], start=3):
+            if isinstance(cells, str):
+                record(log, f"{path.name}:{lineno}", "malformed_line", cells)
+                continue
             if not any(c.strip() for c in cells):
                 continue
             utt = _utterance(num, cells, f"{path.name}:{lineno}", root, classes, ties, log, corpus.adjusted)

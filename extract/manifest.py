@@ -21,13 +21,11 @@ back unchanged.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path, PurePosixPath
 
-from extract.readers import ReadCorpus, audio_ok, check_classes, inside, parse_float, read_text, record
+from extract.readers import ReadCorpus, audio_ok, check_classes, inside, parse_csv, parse_float, read_text, record
 from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 REQUIRED: tuple[str, ...] = ("path", "speaker", "emotion")
@@ -44,21 +42,30 @@ def read(
     """Read a manifest CSV; `name` is the dataset name recorded (the synthetic corpus sets it)."""
     csv_path = _csv_file(Path(root))
     check_classes(name, classes, set(classes))
-    lines = list(csv.reader(io.StringIO(read_text(csv_path))))
+    lines = parse_csv(read_text(csv_path))
     if not lines:
         raise CorpusError(f"{csv_path} is empty: a manifest needs a header row with {', '.join(REQUIRED)}")
+    if isinstance(lines[0], str):
+        raise CorpusError(f"{csv_path}: the header row is unusable: {lines[0]}")
     header = [h.strip().lower() for h in lines[0]]
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise CorpusError(f"{csv_path} has no {', '.join(missing)} column; required: {', '.join(REQUIRED)}")
+    twice = [c for c in REQUIRED + OPTIONAL if header.count(c) > 1]
+    if twice:
+        # Which of the two would be meant? Guessing could silently train on the wrong labels.
+        raise CorpusError(f"{csv_path} has the column {twice[0]!r} {header.count(twice[0])} times; keep one")
     col = {c: header.index(c) for c in REQUIRED + OPTIONAL if c in header}
     folder = csv_path.parent
     log = SkipLog(strict)
     found: list[Utterance] = []
     for lineno, cells in enumerate(lines[1:], start=2):
+        where = f"{csv_path.name}:{lineno}"
+        if isinstance(cells, str):
+            record(log, where, "malformed_line", cells)
+            continue
         if not any(c.strip() for c in cells):
             continue
-        where = f"{csv_path.name}:{lineno}"
         if len(cells) != len(header):
             record(log, where, "malformed_line", f"{len(cells)} cells under a {len(header)}-column header")
             continue
@@ -88,13 +95,15 @@ def _utterance(
     if not row["path"] or not row["speaker"]:
         record(log, where, "malformed_line", "empty path or speaker")
         return None
-    try:
-        valence, arousal = parse_float(row.get("valence", "")), parse_float(row.get("arousal", ""))
-        start = parse_float(row.get("start", "")) if row.get("start") else 0.0
-        end = parse_float(row.get("end", ""))
-    except ValueError:
-        record(log, where, "malformed_line", "a valence, arousal, start or end cell is not a number")
-        return None
+    numbers = {}
+    for column in ("valence", "arousal", "start", "end"):
+        try:
+            numbers[column] = parse_float(row.get(column, ""))
+        except ValueError as err:
+            record(log, where, "malformed_line", f"{column}: {err}")
+            return None
+    valence, arousal, end = numbers["valence"], numbers["arousal"], numbers["end"]
+    start = 0.0 if math.isnan(numbers["start"]) else numbers["start"]
     written = Path(row["path"])
     path = folder / written
     if not written.is_absolute() and not inside(folder, path):

@@ -10,6 +10,8 @@ on IEMOCAP at all (a quarter of its lines are `xxx`).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -81,12 +83,58 @@ def resolve_tie(labels: list[str], classes: tuple[str, ...], ties: str) -> str |
     return None
 
 
+# No rating scale or time in seconds comes near this; beyond it a value is a typo or garbage
+# (1e300 would overflow the squares of the targets' standard deviation to inf).
+MAX_MAGNITUDE = 1e6
+
+
 def parse_float(text: str) -> float:
-    """A rating cell: empty means absent (NaN); anything else must be a number."""
+    """A rating or time cell: empty or `nan` means absent (NaN); anything else must be a
+    finite number of magnitude <= MAX_MAGNITUDE (ValueError otherwise: the caller reports
+    a malformed line, so `inf` or `1e300` never reaches training)."""
     text = text.strip()
     if not text or text.lower() == "nan":
         return math.nan
-    return float(text)  # ValueError -> the caller reports a malformed line
+    value = float(text)
+    if math.isnan(value):
+        return math.nan
+    if not abs(value) <= MAX_MAGNITUDE:
+        raise ValueError(f"{text[:40]!r} is not a finite number within +-{MAX_MAGNITUDE:g}")
+    return value
+
+
+# Ids, names and paths are far shorter; HDF5 link names (utterance keys) have size limits,
+# and a cell this long is a broken file (an unclosed quote swallowing the rest), not data.
+MAX_CELL = 4096
+
+
+def parse_csv(text: str) -> list[list[str] | str]:
+    """Every CSV row of `text`: its cells, or a string saying why the row is unusable.
+
+    A row the csv module cannot parse (e.g. a field over its size limit), a row with a
+    NUL byte (the cache cannot store one) or a cell over MAX_CELL characters becomes that
+    string, so readers skip the row as malformed_line and go on with the next one.
+    """
+    rows: list[list[str] | str] = []
+    reader = csv.reader(io.StringIO(text))
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as err:  # the reader resumes at the next line
+            rows.append(f"the CSV row cannot be parsed ({err})")
+            continue
+        rows.append(_cell_problem(cells) or cells)
+
+
+def _cell_problem(cells: list[str]) -> str | None:
+    for i, cell in enumerate(cells):
+        if "\x00" in cell:
+            return f"cell {i + 1} holds a NUL byte"
+        if len(cell) > MAX_CELL:
+            return f"cell {i + 1} holds {len(cell):,} characters (at most {MAX_CELL:,})"
+    return None
 
 
 def clip_scale(value: float, name: str, adjusted: dict[str, int], scale=SCALE_1_5) -> float:
@@ -113,6 +161,9 @@ def inside(root: Path, path: Path) -> bool:
 
 def audio_ok(path: Path, item: str, log: SkipLog) -> bool:
     """Cheap audio check: the file exists and soundfile can read its header (no decoding)."""
+    if "\x00" in str(path):  # os calls raise ValueError on it; no file can have such a name
+        record(log, item, "malformed_line", "a NUL byte in the audio path")
+        return False
     if not path.is_file():
         record(log, item, "missing_audio", str(path))
         return False

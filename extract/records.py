@@ -67,9 +67,32 @@ class Utterance:
     end: float = math.nan  # seconds; NaN = to the end of the file
 
 
+# Skip items and details are stored in the cache as HDF5 strings, which cannot hold a NUL,
+# and a detail quoting a multi-megabyte cell would bloat every skip list that names it.
+MAX_DETAIL = 300
+
+
+def storable(text: str) -> str:
+    """`text` with NUL bytes written as the two characters `\\0` (HDF5 strings end at a NUL)."""
+    return text.replace("\x00", "\\0")
+
+
+def unstorable(utt: Utterance) -> str | None:
+    """The first field of `utt` the cache cannot store as a string (it holds a NUL), or None."""
+    for name in ("utt_id", "path", "speaker", "session", "emotion", "dataset"):
+        value = getattr(utt, name)
+        if isinstance(value, str) and "\x00" in value:
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class Skip:
-    """One item a reader or extractor did not take, and why."""
+    """One item a reader or extractor did not take, and why.
+
+    `item` and `detail` are made storable (a NUL becomes `\\0`; a detail is cut at
+    MAX_DETAIL characters), so a bad id can always be recorded as skipped.
+    """
 
     item: str  # utterance id, or file/line when no id could be read
     reason: str  # a key of SKIP_REASONS
@@ -78,6 +101,11 @@ class Skip:
     def __post_init__(self) -> None:
         if self.reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {self.reason!r}")
+        detail = storable(str(self.detail))
+        if len(detail) > MAX_DETAIL:
+            detail = detail[:MAX_DETAIL] + f"... ({len(detail):,} characters)"
+        object.__setattr__(self, "item", storable(str(self.item)))
+        object.__setattr__(self, "detail", detail)
 
 
 @dataclass
@@ -114,8 +142,8 @@ class SkipLog:
     def add(self, item: str, reason: str, detail: str = "") -> None:
         skip = Skip(item, reason, detail)
         if self.strict:
-            tail = f": {detail}" if detail else ""
-            raise CorpusError(f"{item}: {SKIP_REASONS[reason]}{tail} (strict mode)")
+            tail = f": {skip.detail}" if skip.detail else ""
+            raise CorpusError(f"{skip.item}: {SKIP_REASONS[reason]}{tail} (strict mode)")
         self.items.append(skip)
 
 
