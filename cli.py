@@ -1,7 +1,9 @@
 """`cli`: a thin Typer app. Commands parse options and call plain library functions.
 
 Every error a user can cause is a `UserError` and prints as one line on stderr
-with exit code 2; anything else is a bug and keeps its traceback.
+with exit code 2, and so does every OSError (a read-only, full or missing folder,
+a permission): those are about the user's paths. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 
-from extract.errors import UserError
+from extract.errors import UserError, os_error_message
 
 app = typer.Typer(
     help="Speech emotion recognition with cached SSL features: extract once, train heads fast "
@@ -26,14 +28,17 @@ app = typer.Typer(
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn a UserError into `error: <message>` on stderr and exit code 2."""
+    """Turn a UserError or an OSError into `error: <message>` on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {' '.join(str(err).split())}", err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as err:
+            typer.echo(f"error: {os_error_message(err)}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,30 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(plain, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        write_safetensors(plain, tmp, metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (full disk, read-only folder) as OSError.
+
+    safetensors reports them as SafetensorError("... No space left on device (os error 28)"),
+    which callers could not tell from a bug.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - SafetensorError; anything but I/O is re-raised as is
+        match = re.search(r"os error (\d+)", str(err))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,17 +1,23 @@
 """Orchestration: one fold, all folds (optionally in parallel processes), and the GAP/SAP/SR ablation.
 
 A run folder holds one configuration: `RUN/config.json` records every
-setting and the cache fingerprint, and a later `--fold K` into the same
-folder must use the same settings (otherwise the folds of two different
-experiments would be averaged by `cli report`).
+setting, the cache fingerprint and a digest of the cache's utterances, and a
+later run into the same folder must use the same ones (otherwise the folds of
+two different experiments would be averaged by `cli report`); a refusal names
+what differs. Because they are the same computation, folds already finished
+in that folder (`fold-KK/metrics.json`, written last) are kept, not trained
+again: rerunning a killed `--all-folds` trains only the missing folds.
 
 Parallel folds (`jobs > 1`): each process opens the cache itself, preloads
 within `memory_gb / jobs` and uses `cpu_count // jobs` torch threads, so N
-jobs neither oversubscribe the cores nor the RAM budget.
+jobs neither oversubscribe the cores nor the RAM budget. Fold processes die
+with the command (extract.children), so a killed run leaves none behind
+writing folds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +32,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cache.format import describe_diff, fingerprint_diff
 from cache.reader import FeatureCache
+from extract.children import die_with_parent
 from extract.errors import UserError
 from heads.data import check_vad_mode, fold_count, fold_data, preload, select_layers
 from heads.folds import plan_folds
@@ -64,12 +72,52 @@ def run_config(config: TrainConfig, cache: FeatureCache, layers: list[int]) -> d
         "settings": asdict(config),
         "cache": str(Path(cache.path).resolve()),
         "fingerprint": cache.fingerprint,
+        "cache_content": cache_content(cache),
         "classes": list(cache.classes),
         "layers": layers,
         "hidden_size": int(cache.hidden_size),
         "folds": [asdict(f) for f in plan_folds({str(s): str(x) for s, x in zip(cache.meta["speaker"], cache.meta["session"])})],
         "versions": {"sapser": sapser, "torch": torch.__version__},
     }
+
+
+def cache_content(cache: FeatureCache) -> dict[str, Any]:
+    """What the folds train on beyond the fingerprint: the utterances, their lengths and labels.
+
+    A cache keeps its fingerprint when a rerun of `cli extract` adds utterances (e.g. a
+    retried model error), so the fingerprint alone cannot tell that a finished fold saw
+    other data.
+    """
+    meta = cache.meta
+    digest = hashlib.sha256()
+    for row in zip(meta.index, meta["n_frames"], meta["speaker"], meta["emotion"], meta["valence"], meta["arousal"]):
+        digest.update(repr(tuple(str(x) for x in row)).encode())
+    return {"utterances": int(len(meta)), "sha256": digest.hexdigest()}
+
+
+def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What makes two run configs different computations, one short phrase each ([] = the same run)."""
+    new = json_safe(new)
+    out = []
+    a = {k: v for k, v in (old.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}
+    b = {k: v for k, v in (new.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            out.append(f"{k} {a.get(k, '<absent>')!r} (run) vs {b.get(k, '<absent>')!r} (now)")
+    fa, fb = old.get("fingerprint"), new.get("fingerprint")
+    if isinstance(fa, dict) and isinstance(fb, dict):
+        keys = fingerprint_diff(fb, fa)
+        if keys:
+            out.append("cache fingerprint " + describe_diff(keys, fb, fa).replace("(cache)", "(run)"))
+    elif fa != fb:
+        out.append("cache fingerprint")
+    if old.get("layers") != new.get("layers"):
+        out.append(f"layers {old.get('layers')} (run) vs {new.get('layers')} (now)")
+    ca, cb = old.get("cache_content"), new.get("cache_content")
+    if ca is not None and cb is not None and ca != cb:  # runs written before the digest existed have none
+        out.append(f"cache contents ({ca.get('utterances')} utterances (run) vs {cb.get('utterances')} (now), "
+                   "or other lengths or labels)")
+    return out
 
 
 def prepare_run_dir(out: Path, config: dict[str, Any]) -> None:
@@ -80,24 +128,44 @@ def prepare_run_dir(out: Path, config: dict[str, Any]) -> None:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             raise UserError(f"{path} exists but is not readable JSON; choose another --out or remove it") from None
-
-        def same(a: dict[str, Any]) -> dict[str, Any]:
-            settings = {k: v for k, v in a.get("settings", {}).items() if k not in NOT_RESULT_SETTINGS}
-            return {"settings": settings, "fingerprint": a.get("fingerprint"), "layers": a.get("layers")}
-
-        if same(old) != same(json_safe(config)):
-            raise UserError(f"{out} already holds a run with other settings or another cache; choose another --out")
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is not a run configuration (a JSON object); choose another --out or remove it")
+        diff = run_differences(old, config)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise UserError(f"{out} already holds a run with other settings or another cache ({shown}); "
+                            "choose another --out, or delete that folder to start over")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(config), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(config), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
-def fold_line(m: dict[str, Any], seconds: float) -> str:
+FOLD_FILES = ("predictions.csv", "history.csv", "head.safetensors")
+
+
+def finished_fold(out: Path, k: int) -> dict[str, Any] | None:
+    """Fold k's metrics if RUN/fold-KK is complete (metrics.json is written last), else None."""
+    fold_dir = out / f"fold-{k:02d}"
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None  # absent, or garbage: train it again
+    if not isinstance(metrics, dict) or metrics.get("fold") != k:
+        return None
+    if not all((fold_dir / name).is_file() for name in FOLD_FILES):
+        return None
+    return metrics
+
+
+def fold_line(m: dict[str, Any], seconds: float | None) -> str:
     def pct(x: Any) -> str:
-        return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
+        return "  n/a" if not isinstance(x, (int, float)) or math.isnan(x) else f"{100 * x:5.1f}"
 
-    return (f"fold {m['fold']:02d} {m['test_speaker']} (val {m['val_speaker']})  UA {pct(m['ua'])}%  "
-            f"WA {pct(m['wa'])}%  best {m['best_epoch']}/{m['epochs_run']}  "
-            f"no-speech {m['no_speech']}/{m['n_test']}  {seconds:.0f} s")
+    took = "" if seconds is None else f"  {seconds:.0f} s"
+    return (f"fold {m.get('fold', 0):02d} {m.get('test_speaker')} (val {m.get('val_speaker')})  UA {pct(m.get('ua'))}%  "
+            f"WA {pct(m.get('wa'))}%  best {m.get('best_epoch')}/{m.get('epochs_run')}  "
+            f"no-speech {m.get('no_speech')}/{m.get('n_test')}{took}")
 
 
 def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layers: list[int], run_cfg: dict[str, Any],
@@ -110,8 +178,19 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
     except OSError as err:  # h5py reports unreadable chunks as OSError
         raise UserError(f"the cache {cache.path} could not be read during training of fold {k} ({err}); "
                         "it may be corrupted") from None
+    _check_scored(result.test.utt_id, result.test.probs, cache, k)
     write_fold(out, result, data.classes, trainer.model, run_cfg)
     return result.metrics
+
+
+def _check_scored(utt_ids: list[str], probs: Any, cache: FeatureCache, k: int) -> None:
+    """A test utterance whose scores are not finite must not be written as a result."""
+    import numpy as np
+
+    bad = [u for u, row in zip(utt_ids, probs) if not np.isfinite(row).all()]
+    if bad:
+        raise UserError(f"fold {k}: the head's outputs for test utterance(s) {', '.join(map(repr, bad[:3]))} are not "
+                        f"finite numbers (non-finite features in {cache.path}?); nothing was written for this fold")
 
 
 def _worker(cache_path: str, k: int, config: TrainConfig, out: str, layers: list[int], run_cfg: dict[str, Any],
@@ -141,12 +220,21 @@ def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[
             fold_data(cache, k)
         run_cfg = run_config(config, cache, layers)
         prepare_run_dir(out, run_cfg)
-        if jobs == 1 or len(ks) == 1:
-            results = _serial(cache, ks, config, out, layers, run_cfg, console, progress)
-        else:
-            results = None
-    if results is None:
-        results = _parallel(str(cache_path), ks, config, out, layers, run_cfg, jobs, console, progress)
+        kept = {k: m for k in ks if (m := finished_fold(out, k)) is not None}
+        todo = [k for k in ks if k not in kept]
+        for m in kept.values():
+            console.print(f"{fold_line(m, None)}  (kept: trained before with these settings)", highlight=False,
+                          soft_wrap=True)
+        if kept:
+            console.print(f"kept {len(kept)} finished fold(s) of {out}; "
+                          + (f"training fold(s) {', '.join(map(str, todo))}" if todo else "nothing left to train")
+                          + " (delete a fold-KK folder to train that fold again)", highlight=False, soft_wrap=True)
+        results = dict(kept)
+        if jobs == 1 or len(todo) <= 1:
+            results.update(_serial(cache, todo, config, out, layers, run_cfg, console, progress) if todo else {})
+            todo = []
+    if todo:
+        results.update(_parallel(str(cache_path), todo, config, out, layers, run_cfg, jobs, console, progress))
     return out, [results[k] for k in ks]
 
 
@@ -174,7 +262,9 @@ def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, la
     jobs = min(jobs, len(ks))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results = {}
-    with _progress(console, show) as bar, ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+    with _progress(console, show) as bar, ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                                                              initializer=die_with_parent,
+                                                              initargs=(os.getpid(),)) as pool:
         task = bar.add_task(f"folds ({jobs} processes)", total=len(ks))
         futures = {pool.submit(_worker, cache_path, k, config, str(out), layers, run_cfg, threads,
                                config.memory_gb / jobs): k for k in ks}

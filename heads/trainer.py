@@ -30,6 +30,7 @@ state carried between epochs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -38,13 +39,13 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from extract.errors import UserError
+from heads.checkpoint import write_safetensors
 from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
@@ -403,19 +404,38 @@ class Trainer:
 
 def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...], model: torch.nn.Module,
                config: dict[str, Any]) -> Path:
-    """RUN/fold-KK/{metrics.json, predictions.csv, head.safetensors, history.csv}; returns the folder."""
+    """RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json}; returns the folder.
+
+    Each file is written under a temporary name and renamed, and metrics.json goes last:
+    a fold folder with metrics.json is complete (a kill or a full disk mid-way leaves none,
+    so a rerun trains that fold again instead of keeping half of it).
+    """
     fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    (fold_dir / "metrics.json").write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
-    write_predictions(fold_dir / "predictions.csv", result.test, classes)
-    with (fold_dir / "history.csv").open("w", newline="") as fh:
+    with _replacing(fold_dir / "predictions.csv") as tmp:
+        write_predictions(tmp, result.test, classes)
+    with _replacing(fold_dir / "history.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
         writer.writeheader()
         writer.writerows(result.history)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(fold_dir / "head.safetensors"),
-              metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
+    with _replacing(fold_dir / "head.safetensors") as tmp:
+        write_safetensors(tensors, tmp,
+                          metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
+    with _replacing(fold_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
     return fold_dir
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield `path.tmp` to write; rename it over `path` on success, delete it on failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...]) -> None:

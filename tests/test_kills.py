@@ -1,0 +1,94 @@
+"""Real SIGKILLs of running commands: no process of ours outlives its command by more than a few
+seconds, nothing is written after the kill, and rerunning the same command keeps finished work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from head_fixtures import make_cache
+from proc_fixtures import alive, descendants, kill_tree, start_cli, wait_until
+
+runner = CliRunner()
+GRACE = 5.0  # seconds a worker may outlive its killed parent
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return make_cache(tmp_path_factory.mktemp("cache") / "synth.h5", per_class=6)
+
+
+def finished(run):
+    return {p.parent.name: p.read_bytes() for p in run.glob("fold-*/metrics.json")}
+
+
+def test_killed_parallel_train_head_leaves_no_fold_process_and_a_rerun_trains_only_missing_folds(cache, tmp_path):
+    run = tmp_path / "run"
+    args = ["train-head", "--cache", cache, "--all-folds", "--jobs", "2", "--epochs", "8", "--patience", "8",
+            "--out", run, "--quiet"]
+    proc = start_cli(*args)
+    try:
+        workers: set[int] = set()
+
+        def first_fold_done() -> bool:
+            workers.update(descendants(proc.pid))
+            return bool(finished(run)) or proc.poll() is not None
+
+        assert wait_until(first_fold_done, timeout=120), "no fold finished"
+        assert proc.poll() is None, proc.stdout.read()
+        workers.update(descendants(proc.pid))
+        assert len(workers) >= 2, workers  # the fold processes (and multiprocessing's resource tracker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_until(lambda: not alive(workers), timeout=GRACE), f"still running: {alive(workers)}"
+        done = finished(run)
+        time.sleep(1.0)
+        assert finished(run) == done, "a fold was written after the command was killed"
+        assert len(done) < 6
+    finally:
+        kill_tree(proc)
+
+    # The same command (in this process and one job: --jobs changes speed, not results).
+    rerun = [str(a) for a in args]
+    rerun[rerun.index("--jobs") + 1] = "1"
+    result = runner.invoke(app, rerun)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert out.count("(kept: trained before with these settings)") == len(done)
+    missing = [str(k) for k in range(1, 7) if f"fold-{k:02d}" not in done]
+    assert f"training fold(s) {', '.join(missing)}" in out
+    after = finished(run)
+    assert len(after) == 6 and all(after[name] == text for name, text in done.items())  # kept, not retrained
+
+
+def test_a_changed_setting_is_still_refused_and_named(cache, tmp_path):
+    run = tmp_path / "run"
+    base = ["train-head", "--cache", str(cache), "--fold", "1", "--epochs", "1", "--out", str(run), "--quiet"]
+    assert runner.invoke(app, base).exit_code == 0
+    result = runner.invoke(app, ["train-head", "--cache", str(cache), "--all-folds", "--epochs", "1", "--out", str(run),
+                                 "--lr", "0.01", "--seed", "3"])
+    assert result.exit_code == 2
+    line = " ".join(result.output.split())
+    assert "already holds a run with other settings" in line
+    assert "lr 0.001 (run) vs 0.01 (now)" in line and "seed 0 (run) vs 3 (now)" in line
+    # Settings that change speed, not results, never refuse.
+    again = runner.invoke(app, [*base, "--memory-gb", "0", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "kept" in again.output
+
+
+def test_a_cache_with_other_contents_is_refused_even_with_the_same_fingerprint(tmp_path):
+    small = make_cache(tmp_path / "a" / "c.h5", per_class=2)
+    run = tmp_path / "run"
+    base = ["train-head", "--fold", "1", "--epochs", "1", "--out", str(run), "--quiet"]
+    assert runner.invoke(app, [*base, "--cache", str(small)]).exit_code == 0
+    bigger = make_cache(tmp_path / "b" / "c.h5", per_class=3)  # same fingerprint, more utterances
+    result = runner.invoke(app, [*base, "--cache", str(bigger)])
+    assert result.exit_code == 2
+    assert "cache contents (48 utterances (run) vs 72 (now)" in " ".join(result.output.split())
