@@ -18,8 +18,10 @@ import pandas as pd
 from cache.format import (
     FEATURES,
     N_VAD_MODES,
+    RETRIED_REASONS,
     VAD,
     CacheError,
+    damaged,
     fingerprint_diff,
     resolve_paths,
 )
@@ -45,6 +47,10 @@ class FeatureCache:
         self.classes: tuple[str, ...] = tuple(fp0["classes"])
         self.layers: tuple[int, ...] = tuple(int(x) for x in fp0["layers"])
         self.dtype = np.dtype(fp0["dtype"])
+        sizes = {c.hidden_size for c in contents if c.utt_ids}
+        if len(sizes) > 1:
+            raise CacheError(f"the shard files of {self.path} disagree on the hidden size ({sorted(sizes)}); "
+                             "they come from different models")
         self.hidden_size = max((c.hidden_size for c in contents), default=0)
         frames = []
         for i, c in enumerate(contents):
@@ -60,8 +66,11 @@ class FeatureCache:
         self._file = meta["_file"].to_dict()
         self._key = meta["key"].to_dict()
         self.meta: pd.DataFrame = meta[list(PUBLIC_META)].copy()
-        self.skipped: pd.DataFrame = pd.concat([pd.DataFrame(c.skipped) for c in contents], ignore_index=True)
-        self.skipped = self.skipped.drop_duplicates(["item", "reason"]).sort_values(["item", "reason"]).reset_index(drop=True)
+        skipped = pd.concat([pd.DataFrame(c.skipped) for c in contents], ignore_index=True)
+        # A retried utterance that is stored now is no longer skipped (e.g. a transient model_error).
+        retried = skipped["reason"].isin(list(RETRIED_REASONS)) & skipped["item"].isin(meta.index)
+        self.skipped: pd.DataFrame = skipped[~retried].drop_duplicates(["item", "reason"]).sort_values(
+            ["item", "reason"]).reset_index(drop=True)
         self._pid: int | None = None
         self._handles: list[h5py.File] = []
         self._ram: _Preloaded | None = None
@@ -85,9 +94,15 @@ class FeatureCache:
         except KeyError:
             raise CacheError(f"utterance {utt_id!r} is not in {self.path}") from None
         try:
-            return f[group][self._key[utt_id]][index]
-        except (KeyError, OSError) as err:
-            raise CacheError(f"{f.filename}: cannot read {group} of {utt_id!r}; the file is damaged ({err})") from None
+            x = f[group][self._key[utt_id]][index]
+        except (KeyError, OSError, ValueError) as err:
+            raise damaged(Path(f.filename), f"the {group} of utterance {utt_id!r} cannot be read "
+                                            f"({' '.join(str(err).split())[:120]})") from None
+        if group == FEATURES and not np.isfinite(x).all():
+            # The writer never stores non-finite features (they become model_error skips), so
+            # these were changed afterwards; scoring them would write NaN probabilities.
+            raise damaged(Path(f.filename), f"utterance {utt_id!r} has non-finite feature values (NaN or inf)")
+        return x
 
     def close(self) -> None:
         if self._pid == os.getpid():

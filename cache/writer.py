@@ -19,6 +19,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -45,10 +46,15 @@ from cache.format import (
     SKIPPED,
     STR_COLUMNS,
     VAD,
+    CacheDamaged,
     CacheError,
+    check_header,
+    check_rows,
+    damaged,
     describe_diff,
     fingerprint_diff,
     fsync_dir,
+    live_skips,
     lock_path,
     normalize_fingerprint,
     parse_shard_name,
@@ -68,6 +74,7 @@ QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the d
 # the GIL while casting, so a few threads scale it (and the model thread never waits).
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 _PART_GLOB = "part-*.h5"
+_PART_NAME = re.compile(r"part-\d+\.h5")
 
 
 # --- the lock -------------------------------------------------------------------------
@@ -133,27 +140,32 @@ class _Contents:
 
 
 def read_contents(path: Path) -> _Contents:
-    """Header, metadata and skip list of a cache-format file; CacheError if it is not one."""
+    """Header, metadata and skip list of a cache-format file; CacheError if it is not one.
+
+    The structure is checked here, once, where every reader and writer opens a file
+    (cache.format.check_header/check_rows: attributes and dataset shapes, no feature
+    data), so a damaged file is one sentence naming the utterance, never a traceback later.
+    """
     try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise CacheError(f"{path} is not an HDF5 file or is corrupted ({_short(err)})") from None
     with f:
-        if FORMAT_ATTR not in f.attrs or FINGERPRINT_ATTR not in f.attrs:
-            raise CacheError(f"{path} is not a sapser feature cache (no {FORMAT_ATTR!r} attribute)")
-        version = int(f.attrs[FORMAT_ATTR])
-        if version > FORMAT_VERSION:
-            raise CacheError(f"{path} has cache format {version}; this sapser reads up to {FORMAT_VERSION}")
         try:
-            return _Contents(
-                path=path,
-                fingerprint=json.loads(f.attrs[FINGERPRINT_ATTR]),
-                hidden_size=int(f.attrs.get("hidden_size", 0)),
-                meta=read_columns(f[META], META_COLUMNS, STR_COLUMNS),
-                skipped=read_columns(f[SKIPPED], SKIP_COLUMNS, SKIP_COLUMNS),
-            )
-        except (KeyError, OSError, ValueError) as err:
-            raise CacheError(f"{path} is a damaged sapser cache ({_short(err)})") from None
+            if FORMAT_ATTR not in f.attrs or FINGERPRINT_ATTR not in f.attrs:
+                raise CacheError(f"{path} is not a sapser feature cache (no {FORMAT_ATTR!r} attribute)")
+            version = int(f.attrs[FORMAT_ATTR])
+            if version > FORMAT_VERSION:
+                raise CacheError(f"{path} has cache format {version}; this sapser reads up to {FORMAT_VERSION}")
+            fingerprint, hidden_size = check_header(f, path)
+            meta = read_columns(f[META], META_COLUMNS, STR_COLUMNS)
+            skipped = read_columns(f[SKIPPED], SKIP_COLUMNS, SKIP_COLUMNS)
+            check_rows(f, path, fingerprint, hidden_size, meta)
+        except CacheError:
+            raise
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError) as err:  # h5py's ways to fail on a torn file
+            raise damaged(path, f"it cannot be read ({_short(err)})") from None
+        return _Contents(path=path, fingerprint=fingerprint, hidden_size=hidden_size, meta=meta, skipped=skipped)
 
 
 def _short(err: BaseException) -> str:
@@ -217,7 +229,7 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
     for c in contents:
         for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
             first_skip.setdefault((item, reason), detail)
-    skips = [(item, reason, first_skip[item, reason]) for item, reason in sorted(first_skip)]
+    skips = live_skips([(item, reason, first_skip[item, reason]) for item, reason in sorted(first_skip)], set(owner))
     tmp = out.with_name(out.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as dst:
@@ -335,6 +347,10 @@ class CacheWriter:
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # torn by a kill before its rename: its utterances are not done
         parts = sorted(self.parts.glob(_PART_GLOB))
+        for p in parts:
+            if not _PART_NAME.fullmatch(p.name):  # int() of its number would fail below
+                raise CacheDamaged(f"the cache is damaged: {p} is not a part this writer made (those are named "
+                                   f"part-NNNNNN.h5); move it out of {self.parts} and rerun")
         self._sources += parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=0)
         self.stored: set[str] = set()
@@ -343,7 +359,7 @@ class CacheWriter:
             try:
                 c = read_contents(src)
             except CacheError as err:
-                if src == self.path:
+                if src == self.path or isinstance(err, CacheDamaged):  # that message names the fix already
                     raise
                 # Only a storage failure can damage a renamed (fsynced) part.
                 raise CacheError(f"{err}; delete that part and rerun: its utterances will be extracted again") from None
