@@ -151,7 +151,7 @@ def info(
 def extract(
     dataset: DatasetOpt,
     root: RootOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<dataset>-<model>.h5]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<corpus>-<model>.h5]")] = None,
     model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder, or fbank / egemaps")] = "microsoft/wavlm-large",
     layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
     max_seconds: MaxSecondsOpt = None,
@@ -266,7 +266,7 @@ def finetune(
     top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = 4,
     model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder of a speech SSL model")] = "microsoft/wavlm-large",
     cache: Annotated[Path | None, typer.Option("--cache", help="reuse this feature cache's VAD masks (same model grid and truncation)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<dataset>-<model>-<mode>]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<corpus>-<model>-<mode>]")] = None,
     pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
     vad_mode: VadOpt = 3, epochs: EpochsOpt = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", help="utterances per optimizer step (gradient accumulation keeps it)")] = 64,

@@ -137,9 +137,20 @@ def normalize_fingerprint(fingerprint: dict[str, Any]) -> dict[str, Any]:
 
 
 def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Sorted keys whose values differ between two fingerprints (missing counts as differing)."""
+    """Keys whose values differ between two fingerprints (missing counts as differing),
+    `corpus` first (the one that matters most), then sorted."""
+    a, b = _implied(a), _implied(b)
     keys = (set(a) | set(b)) - set(ignore)
-    return sorted(k for k in keys if k not in a or k not in b or not _same(a[k], b[k]))
+    diff = sorted(k for k in keys if k not in a or k not in b or not _same(a[k], b[k]))
+    return sorted(diff, key=lambda k: k != "corpus")
+
+
+def _implied(fp: dict[str, Any]) -> dict[str, Any]:
+    # Caches made before `corpus` existed: a named corpus's identity is its dataset name,
+    # so they still resume; an old manifest cache differs (its corpus was never recorded).
+    if "corpus" not in fp and fp.get("dataset") in ("iemocap", "kemdy19", "kemdy20"):
+        return {**fp, "corpus": fp["dataset"]}
+    return fp
 
 
 def _same(x: Any, y: Any) -> bool:

@@ -20,6 +20,38 @@ DATASETS: dict[str, tuple[str, float]] = {
 }
 
 
+# Corpora whose dataset name is their identity: there is one IEMOCAP, wherever a copy lives.
+NAMED: frozenset[str] = frozenset({"iemocap", "kemdy19", "kemdy20"})
+
+
+def corpus_identity(corpus: Corpus) -> str:
+    """What the cache fingerprint records as `corpus`: the dataset name for a named corpus,
+    else the CSV's folder and file name (`ravdess/manifest.csv`).
+
+    Not the full path: a corpus moved to another disk, or mounted elsewhere on the
+    machines that extract shards of it, is still the same corpus. Two manifests named
+    alike in folders named alike are the one case it cannot tell apart.
+    """
+    if corpus.name in NAMED:
+        return corpus.name
+    csv_path = Path(corpus.root)
+    return f"{csv_path.parent.name}/{csv_path.name}"
+
+
+def corpus_slug(corpus: Corpus) -> str:
+    """A file-name part that says which corpus: `iemocap`; `ravdess` for ravdess/manifest.csv,
+    `ravdess-train` for ravdess/train.csv; `synthetic-<folder>` for a synthetic corpus."""
+    if corpus.name in NAMED:
+        return corpus.name
+    csv_path = Path(corpus.root)
+    folder, stem = csv_path.parent.name, csv_path.stem
+    parts = [folder or "corpus"] if stem == "manifest" else [folder, stem]
+    if corpus.name == "synthetic":
+        parts = ["synthetic", folder]
+    text = "-".join(p for p in parts if p) or corpus.name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
 def default_max_seconds(dataset: str) -> float:
     """The truncation a dataset gets unless the user says otherwise (0 = none)."""
     return DATASETS[check_dataset(dataset)][1]

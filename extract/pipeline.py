@@ -60,8 +60,15 @@ class ExtractError(UserError):
 
 
 def fingerprint(corpus: Corpus, backend: Backend, *, max_seconds: float, dtype: str = "float16") -> dict:
-    """Everything that decides the cached arrays; a resume with any other value is refused."""
+    """Everything that decides the cached arrays; a resume with any other value is refused.
+
+    `corpus` (extract.corpora.corpus_identity) keeps a second corpus out of a cache: two
+    manifest corpora used to share `dataset: manifest` and so one cache.
+    """
+    from extract.corpora import corpus_identity
+
     return {
+        "corpus": corpus_identity(corpus),
         **backend.describe(),
         "layers": list(backend.layers),
         "hidden_size": backend.hidden_size,
@@ -442,10 +449,12 @@ def default_workers(env: dict[str, str]) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // local - 1))
 
 
-def default_out(dataset: str, model: str) -> Path:
+def default_out(corpus: Corpus, model: str) -> Path:
+    """features/<corpus>-<model>.h5, <corpus> naming the corpus (not just `manifest`)."""
     from extract.backends import model_slug
+    from extract.corpora import corpus_slug
 
-    return Path("features") / f"{dataset}-{model_slug(model)}.h5"
+    return Path("features") / f"{corpus_slug(corpus)}-{model_slug(model)}.h5"
 
 
 def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None, model: str = DEFAULT_MODEL,
@@ -477,7 +486,7 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
     backend = load_backend(model, layers=parse_layers(layers), device=device,
                            dtype={"none": "float32", "auto": "auto"}.get(amp, amp))
     summary = extract_corpus(
-        corpus, Path(out) if out is not None else default_out(dataset, model), backend,
+        corpus, Path(out) if out is not None else default_out(corpus, model), backend,
         max_seconds=max_s, batch_seconds=batch_seconds,
         workers=default_workers(env) if workers is None else workers,
         shard=shard_, progress=progress, strict=strict, dtype=dtype,

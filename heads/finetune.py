@@ -346,10 +346,12 @@ def backbone_shape(model: str) -> tuple[Any, int, int]:
     return grid, int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def default_out(dataset: str, settings: FinetuneSettings) -> Path:
+def default_out(corpus: Any, settings: FinetuneSettings) -> Path:
+    """runs/<corpus>-<model>-<mode>, <corpus> naming the corpus as extract.corpora.corpus_slug does."""
     from extract.backends import model_slug
+    from extract.corpora import corpus_slug
 
-    return Path("runs") / f"{dataset}-{model_slug(settings.model)}-{settings.mode}"
+    return Path("runs") / f"{corpus_slug(corpus)}-{model_slug(settings.model)}-{settings.mode}"
 
 
 def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, settings: FinetuneSettings,
@@ -423,7 +425,7 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     max_seconds = settings.max_seconds if settings.max_seconds is not None else default_max_seconds(dataset)
     grid, n_layers, hidden = backbone_shape(settings.model)
     config = TrainConfig(**{**asdict(config), "layer": n_layers})
-    out = Path(out) if out else default_out(dataset, settings)
+    out = Path(out) if out else default_out(corpus, settings)
     sessions = corpus.speaker_sessions()
     ks = list(folds) if folds else list(range(1, len(plan_folds(sessions)) + 1))
     run_cfg = finetune_run_config(dataset, root, config, settings, max_seconds, grid, n_layers, hidden, classes,
