@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from extract.children import worker_init
 from extract.corpora import default_max_seconds, read_corpus
 from extract.errors import UserError
 from extract.records import CLASSES_4, Utterance
@@ -214,8 +216,10 @@ class FineTuneTrainer(Trainer):
                                                 step_seconds=s.step_seconds, shuffle=True, seed=c.seed, ctx=self.ctx)
         else:
             sampler = EvalBatchSampler(dataset.n_samples, s.step_seconds)
+        # Workers die with this process: a killed fine-tuning run must not leave decoders behind.
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=WaveCollate(self.backbone.grid),
-                          num_workers=s.workers, pin_memory=self.device.type == "cuda")
+                          num_workers=s.workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=worker_init(os.getpid()) if s.workers > 0 else None)
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The live model's inputs: waves (B, N), wave mask (B, N), VAD mask (B, T) on the device."""
@@ -318,7 +322,8 @@ def _unprefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_checkpoint(state: dict[str, Any]) -> Checkpoint:
     """Trainer state -> weights (safetensors) + the rest (weights_only torch.save)."""
     rest = {k: v for k, v in state.items() if k not in ("model", "best_state")}
-    return Checkpoint(epoch=int(state["epoch"]), model=state["model"], best=state["best_state"], state=rest)
+    return Checkpoint(epoch=int(state["epoch"]), model=state["model"], best=state["best_state"], state=rest,
+                      best_epoch=int(state["early"]["best_epoch"]) if state["best_state"] is not None else None)
 
 
 def from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
@@ -475,8 +480,10 @@ def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSet
     fold_dir = out / f"fold-{k:02d}"
     ckpt_dir = fold_dir / CHECKPOINT_DIR
     done = fold_dir / "metrics.json"
-    if done.is_file():
+    if done.is_file():  # written last: the fold is complete
         if resume:
+            if ctx.is_main:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)  # a kill while it was being deleted
             return json.loads(done.read_text())
         raise UserError(f"{fold_dir} is already trained; pass --resume to skip finished folds or choose another --out")
     if has_checkpoint(ckpt_dir) and not resume:
@@ -497,8 +504,10 @@ def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSet
         return None
     if ctx.is_main:
         model = unwrap(trainer.model)
-        write_fold(out, result, data.classes, model.head, run_cfg)
+        # The backbone first: write_fold writes metrics.json last, and a fold with metrics.json is
+        # finished, so a kill between the two must not leave a finished fold without its backbone.
         save_backbone(fold_dir, model.backbone, run_cfg)
+        write_fold(out, result, data.classes, model.head, run_cfg)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # ~3x the model size; the fold's outputs replace it
     barrier(ctx)
     del trainer

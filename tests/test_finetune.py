@@ -116,7 +116,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(corpus, tiny,
                          max_epochs_this_run=1)
     assert first.unfinished == [1] and not (out / "fold-01" / "metrics.json").exists()
     ckpt = out / "fold-01" / "checkpoint"
-    state = torch.load(ckpt / STATE_FILE, weights_only=True)  # plain data only
+    state = torch.load(ckpt / "epoch-0001" / STATE_FILE, weights_only=True)  # plain data only
     assert state["epoch"] == 1 and "optimizer" in state and "scheduler" in state and "rng_all" in state
     assert load_checkpoint(ckpt).model  # safetensors weights, tagged with the same epoch
     with pytest.raises(UserError, match="--resume"):
