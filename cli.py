@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -17,6 +19,10 @@ import typer
 from rich.console import Console
 
 from extract.errors import UserError, os_error_message
+
+# torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
+# noise in front of the one-line refusal.
+warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
 
 app = typer.Typer(
     help="Speech emotion recognition with cached SSL features: extract once, train heads fast "
@@ -39,6 +45,10 @@ def user_errors(fn: Callable) -> Callable:
             raise typer.Exit(code=2) from None
         except OSError as err:
             typer.echo(f"error: {os_error_message(err)}", err=True)
+            raise typer.Exit(code=2) from None
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) refused what it was given
+            typer.echo("error: refused to load a pickled model or checkpoint file that is not plain tensors "
+                       "(loading it could run code); use weights saved as safetensors", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

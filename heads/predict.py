@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -64,15 +65,57 @@ class Prediction:
 
 
 def read_run_config(fold_dir: Path) -> dict:
+    """RUN/config.json, checked for what prediction reads from it (a one-line PredictError otherwise)."""
     path = fold_dir.parent / "config.json"
     if not (fold_dir / "head.safetensors").is_file():
         raise PredictError(f"{fold_dir} is not a trained fold folder (no head.safetensors); give RUN/fold-KK")
     if not path.is_file():
         raise PredictError(f"{path} is missing: --run must be a fold folder inside a run folder")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except ValueError:
-        raise PredictError(f"{path} is not valid JSON") from None
+        raise PredictError(f"{path} is not valid JSON (empty or cut short?)") from None
+    problem = _config_problem(cfg)
+    if problem:
+        raise PredictError(f"{path} is not a usable run configuration: {problem}")
+    return cfg
+
+
+def _config_problem(cfg: object) -> str | None:
+    if not isinstance(cfg, dict):
+        return f"a JSON {type(cfg).__name__}, not an object"
+    settings = cfg.get("settings")
+    if not isinstance(settings, dict):
+        return "no 'settings'"
+    for key, kind in (("vad_mode", int), ("pooling", str), ("proj_dim", int), ("heads", int), ("dropout", (int, float))):
+        if not isinstance(settings.get(key), kind) or isinstance(settings.get(key), bool):
+            return f"settings.{key} is {settings.get(key)!r}"
+    classes, layers, hidden = cfg.get("classes"), cfg.get("layers"), cfg.get("hidden_size")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return f"classes is {classes!r}"
+    if not (isinstance(layers, list) and layers):
+        return f"layers is {layers!r}"
+    if not (isinstance(hidden, int) and hidden > 0):
+        return f"hidden_size is {hidden!r}"
+    return None
+
+
+def load_head(head: SERHead, path: Path) -> None:
+    """The fold's weights into `head`; a torn, foreign or mismatched file is one PredictError."""
+    try:
+        weights = load_weights(path)
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: a damaged file, not a bug
+        raise PredictError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}); "
+                           "it is damaged or not a safetensors file") from None
+    try:
+        head.load_state_dict(weights)
+    except RuntimeError as err:
+        raise PredictError(f"{path} does not fit the head RUN/config.json describes ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:200]
 
 
 class Predictor:
@@ -90,12 +133,16 @@ class Predictor:
         self.head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
                             pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
                             heads=int(settings["heads"]), dropout=float(settings["dropout"]))
-        self.head.load_state_dict(load_weights(self.fold_dir / "head.safetensors"))
+        load_head(self.head, self.fold_dir / "head.safetensors")
         self.head.to(self.device).eval()
-        if str(cfg.get("mode", "")).startswith("finetune"):
-            self.encoder: _Encoder = _FinetunedEncoder(self.fold_dir, cfg, self.device)
-        else:
-            self.encoder = _CachedModelEncoder(cfg, self.device)
+        try:
+            if str(cfg.get("mode", "")).startswith("finetune"):
+                self.encoder: _Encoder = _FinetunedEncoder(self.fold_dir, cfg, self.device)
+            else:
+                self.encoder = _CachedModelEncoder(cfg, self.device)
+        except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickle
+            raise PredictError(f"the model of {self.fold_dir} holds a pickled file that is not plain weights; "
+                               f"it was not loaded, since loading it could run code ({_first_line(err)[:80]})") from None
 
     @property
     def max_seconds(self) -> float:
@@ -165,8 +212,16 @@ class _FinetunedEncoder:
     def __init__(self, fold_dir: Path, cfg: dict, device: torch.device) -> None:
         from heads.backbone import BackboneSettings, load_backbone
 
-        ft = cfg["finetune"]
-        weights = load_weights(fold_dir / "model.safetensors")
+        ft = cfg.get("finetune")
+        if not isinstance(ft, dict) or not {"model", "full", "top_layers", "max_seconds"} <= set(ft):
+            raise PredictError(f"{fold_dir.parent / 'config.json'} has no usable 'finetune' settings")
+        try:
+            weights = load_weights(fold_dir / "model.safetensors")
+        except PredictError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged weights file
+            raise PredictError(f"{fold_dir / 'model.safetensors'} cannot be read ({type(err).__name__}); "
+                               "it is damaged or not a safetensors file") from None
         settings = BackboneSettings(model=ft["model"], full=bool(ft["full"]), top_layers=int(ft["top_layers"]),
                                     freeze_feature_encoder=True, grad_checkpointing=False)
         if settings.full:
@@ -174,7 +229,11 @@ class _FinetunedEncoder:
             if not (cfg_dir / "config.json").is_file():
                 raise PredictError(f"{cfg_dir} is missing: this fine-tuned fold cannot be rebuilt")
             backbone = load_backbone(settings, from_config_dir=cfg_dir)
-            backbone.model.load_state_dict(weights, strict=True)
+            try:
+                backbone.model.load_state_dict(weights, strict=True)
+            except RuntimeError as err:
+                raise PredictError(f"{fold_dir / 'model.safetensors'} does not fit {cfg_dir} "
+                                   f"({_first_line(err)})") from None
         else:
             backbone = load_backbone(settings)  # the base model; the trained layers go over it
             result = backbone.model.load_state_dict(weights, strict=False)
