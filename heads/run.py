@@ -23,6 +23,7 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -269,7 +270,11 @@ def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, la
         futures = {pool.submit(_worker, cache_path, k, config, str(out), layers, run_cfg, threads,
                                config.memory_gb / jobs): k for k in ks}
         for fut in as_completed(futures):
-            metrics, seconds = fut.result()
+            try:
+                metrics, seconds = fut.result()
+            except BrokenProcessPool:
+                raise UserError("a fold process ended abruptly (killed, or out of memory?); the folds finished so "
+                                "far are kept: rerun the same command to train the rest") from None
             results[futures[fut]] = metrics
             bar.console.print(fold_line(metrics, seconds))
             bar.advance(task)

@@ -92,3 +92,66 @@ def test_a_cache_with_other_contents_is_refused_even_with_the_same_fingerprint(t
     result = runner.invoke(app, [*base, "--cache", str(bigger)])
     assert result.exit_code == 2
     assert "cache contents (48 utterances (run) vs 72 (now)" in " ".join(result.output.split())
+
+
+def test_a_kill_at_every_step_of_a_serial_run_keeps_what_was_finished_and_reruns_to_the_same_folds(tmp_path):
+    import pytest as _pytest
+
+    from heads.run import train_folds
+    from heads.trainer import TrainConfig
+    from kill_points import KillAt, Killed
+
+    cache = make_cache(tmp_path / "c.h5", per_class=2)
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    reference = tmp_path / "reference"
+    train_folds(cache, config, folds=[1, 2], out=reference, progress=False)
+    with _pytest.MonkeyPatch.context() as mp:
+        counter = KillAt(None).install(mp)
+        train_folds(cache, config, folds=[1, 2], out=tmp_path / "count", progress=False)
+    assert counter.calls >= 10
+    for n in range(counter.calls):
+        out = tmp_path / f"k{n:02d}"
+        with _pytest.MonkeyPatch.context() as mp:
+            KillAt(n).install(mp)
+            with _pytest.raises(Killed):
+                train_folds(cache, config, folds=[1, 2], out=out, progress=False)
+        before = finished(out)
+        train_folds(cache, config, folds=[1, 2], out=out, progress=False)
+        after = finished(out)
+        assert all(after[name] == text for name, text in before.items()), n  # finished folds were kept
+        assert after == finished(reference), n  # and the rest equals an uninterrupted run
+        for name in ("predictions.csv", "history.csv"):
+            for k in (1, 2):
+                assert (out / f"fold-0{k}" / name).read_bytes() == (reference / f"fold-0{k}" / name).read_bytes()
+        assert not list(out.rglob("*.tmp")), n
+
+
+def test_a_fold_process_killed_under_a_running_command_is_one_line_and_takes_nothing_with_it(cache, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli("train-head", "--cache", cache, "--all-folds", "--jobs", "2", "--epochs", "8", "--patience", "8",
+                     "--out", run, "--quiet")
+    try:
+        workers: set[int] = set()
+
+        def two_workers() -> bool:
+            workers.update(p for p in descendants(proc.pid) if "resource_tracker" not in _cmdline(p))
+            return len(workers) >= 2 or proc.poll() is not None
+
+        assert wait_until(two_workers, timeout=120)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)  # e.g. the kernel's out-of-memory killer
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: a fold process ended abruptly") and "Traceback" not in out, out
+        assert wait_until(lambda: not alive(workers), timeout=GRACE), alive(workers)
+    finally:
+        kill_tree(proc)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
