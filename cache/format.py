@@ -392,5 +392,17 @@ def _shape(group: Any, key: str, names: set[str]) -> tuple[int, ...] | None:
         return None
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN or inf in `x`. A non-finite float has every exponent bit set; testing the bits is
+    ~40x faster than np.isfinite on float16, which numpy emulates (that doubled preload time)."""
+    if x.size == 0:
+        return True
+    if x.dtype == np.float16:
+        return int(np.bitwise_and(x.view(np.uint16), 0x7C00).max()) != 0x7C00
+    if x.dtype == np.float32:
+        return int(np.bitwise_and(x.view(np.uint32), 0x7F800000).max()) != 0x7F800000
+    return bool(np.isfinite(x).all())
+
+
 def _short(err: BaseException) -> str:
     return " ".join(str(err).split())[:160]

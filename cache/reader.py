@@ -21,6 +21,7 @@ from cache.format import (
     RETRIED_REASONS,
     VAD,
     CacheError,
+    all_finite,
     damaged,
     fingerprint_diff,
     resolve_paths,
@@ -98,7 +99,7 @@ class FeatureCache:
         except (KeyError, OSError, ValueError) as err:
             raise damaged(Path(f.filename), f"the {group} of utterance {utt_id!r} cannot be read "
                                             f"({' '.join(str(err).split())[:120]})") from None
-        if group == FEATURES and not np.isfinite(x).all():
+        if group == FEATURES and not all_finite(x):
             # The writer never stores non-finite features (they become model_error skips), so
             # these were changed afterwards; scoring them would write NaN probabilities.
             raise damaged(Path(f.filename), f"utterance {utt_id!r} has non-finite feature values (NaN or inf)")

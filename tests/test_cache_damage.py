@@ -196,3 +196,18 @@ def test_a_damaged_part_names_the_part_and_its_fix(corpus, pristine, tmp_path):
     assert code == 2, out
     line = " ".join(one_line_error(out).split())
     assert "part-000001.h5" in line and VICTIM in line and "delete that part and rerun" in line
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_finds_every_nan_and_inf_and_takes_the_largest_finite_value(dtype):
+    from cache.format import all_finite
+
+    x = np.ones((3, 4, 5), dtype)
+    assert all_finite(x) and all_finite(x[:, :0])
+    big = x.copy()
+    big[0, 0, 0] = np.finfo(dtype).max
+    assert all_finite(big) and all_finite(-big)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[1, 2, 3] = bad
+        assert not all_finite(y) and not all_finite(y.transpose(1, 0, 2))
