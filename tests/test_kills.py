@@ -3,7 +3,6 @@ seconds, nothing is written after the kill, and rerunning the same command keeps
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
