@@ -209,11 +209,12 @@ class FineTuneTrainer(Trainer):
         utts = [self.utterances[u] for u in self.data.split(split)]
         dataset = WaveDataset(utts, self.index, self.data.labels, grid=self.backbone.grid,
                               max_seconds=self.max_seconds, vad_mode=c.vad_mode)
+        cost = self.backbone.cost_samples(dataset.n_samples)  # Whisper: every utterance costs whole 30 s windows
         if split == "train":
-            sampler: Sampler = StepBatchSampler(dataset.n_samples, batch_size=c.batch_size,
+            sampler: Sampler = StepBatchSampler(cost, batch_size=c.batch_size,
                                                 step_seconds=s.step_seconds, shuffle=True, seed=c.seed, ctx=self.ctx)
         else:
-            sampler = EvalBatchSampler(dataset.n_samples, s.step_seconds)
+            sampler = EvalBatchSampler(cost, s.step_seconds)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=WaveCollate(self.backbone.grid),
                           num_workers=s.workers, pin_memory=self.device.type == "cuda")
 
@@ -330,20 +331,9 @@ def from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
 
 def backbone_shape(model: str) -> tuple[Any, int, int]:
     """(frame grid, transformer layers, hidden size) from the model's config alone (no weights)."""
-    from transformers import AutoConfig
+    from heads.backbone import model_shape
 
-    from extract.frames import conv_grid
-    from heads.backbone import BackboneError
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load model {model!r}: {str(exc).splitlines()[0][:200]}") from None
-    if not hasattr(config, "conv_kernel"):
-        raise BackboneError(
-            f"{model!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)")
-    grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
-    return grid, int(config.num_hidden_layers), int(config.hidden_size)
+    return model_shape(model)
 
 
 def default_out(dataset: str, settings: FinetuneSettings) -> Path:

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,71 @@ def test_extract_then_train_head_end_to_end(whisper_dir, backend, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "fold-01" / "metrics.json").read_text())
     assert metrics["n_test"] == 8 and metrics["epochs_run"] == 2
+
+
+# --- fine-tuning a Whisper encoder ---------------------------------------------------------------
+
+
+def test_finetune_backbone_gives_the_extractors_last_hidden_state_per_utterance(whisper_dir, backend):
+    from heads.backbone import BackboneSettings, WhisperBackbone, load_backbone
+
+    bb = load_backbone(BackboneSettings(model=str(whisper_dir), full=True, grad_checkpointing=False)).eval()
+    assert isinstance(bb, WhisperBackbone) and bb.grid == backend.grid and bb.n_layers == 2
+    waves = [noise(n, seed=i) for i, n in enumerate((16000, 7001, 480000 + 9000))]
+    n = max(len(w) for w in waves)
+    x = torch.zeros(3, n)
+    mask = torch.zeros(3, n, dtype=torch.bool)
+    for i, w in enumerate(waves):
+        x[i, : len(w)] = torch.from_numpy(w)
+        mask[i, : len(w)] = True
+    with torch.no_grad():
+        hidden, frame_mask = bb(x, mask)  # (3, T_max, 32), (3, T_max)
+    assert hidden.shape == (3, math.ceil(n / 320), 32)
+    for i, w in enumerate(waves):
+        (alone,) = backend([w])  # (T_i, 3, 32); the last hidden state is index 2
+        t = alone.shape[0]
+        assert int(frame_mask[i].sum()) == t and bool(frame_mask[i, :t].all())
+        assert torch.allclose(hidden[i, :t], torch.from_numpy(alone[:, 2]), atol=1e-5)
+    assert list(bb.cost_samples(np.array([1, 480000, 480001]))) == [480000, 480000, 960000]
+
+
+def test_top_k_trains_the_top_layers_and_the_final_norm_never_the_front_end(whisper_dir):
+    from heads.backbone import BackboneSettings, load_backbone
+
+    def trainable(**kw):
+        bb = load_backbone(BackboneSettings(model=str(whisper_dir), grad_checkpointing=False, **kw))
+        return {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layers.") else "")
+                for n, p in bb.model.named_parameters() if p.requires_grad}
+
+    assert trainable(top_layers=1) == {"layers.1", "layer_norm"}
+    assert trainable(full=True) == {"layers.0", "layers.1", "layer_norm"}  # conv front end frozen by default
+    assert trainable(full=True, freeze_feature_encoder=False) == {"conv1", "conv2", "layers.0", "layers.1",
+                                                                  "layer_norm"}  # positions: never
+
+
+def test_finetune_a_whisper_fold_then_predict_gives_its_predictions(whisper_dir, tmp_path):
+    import csv
+
+    from heads.finetune import FinetuneSettings, finetune_config, run_finetune
+    from heads.predict import Predictor
+
+    manifest = synthetic.generate(tmp_path / "corpus", seed=0, n_sessions=2, utts_per_speaker=4,
+                                  speech_seconds=(0.5, 0.9), silence_seconds=(0.1, 0.3))
+    config = finetune_config(epochs=1, batch_size=4, lr=1e-3, seed=0, device="cpu")
+    settings = FinetuneSettings(model=str(whisper_dir), full=False, top_layers=1, head_lr=1e-2, step_seconds=60.0,
+                                workers=0, grad_checkpointing=False)
+    out = tmp_path / "run"
+    result = run_finetune("manifest", manifest, config, settings, folds=[1], out=out, progress=False,
+                          log=lambda line: None)
+    assert result.metrics[1]["n_test"] == 4
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layers"] == [2] and cfg["fingerprint"]["frame_count"] == "center"
+    with (out / "fold-01" / "predictions.csv").open() as fh:
+        rows = {r["utt_id"]: r for r in csv.DictReader(fh)}
+    predictor = Predictor(out / "fold-01")
+    with open(manifest) as fh:
+        paths = {r["utt_id"]: r["path"] for r in csv.DictReader(fh)}
+    for utt_id, row in list(rows.items())[:2]:
+        p = predictor.predict_one(Path(manifest).parent / paths[utt_id])
+        assert p.ok and p.emotion == row["pred"]
+        assert abs(p.probs["angry"] - float(row["prob_angry"])) < 1e-4
