@@ -246,3 +246,15 @@ def test_finetune_a_whisper_fold_then_predict_gives_its_predictions(whisper_dir,
         p = predictor.predict_one(Path(manifest).parent / paths[utt_id])
         assert p.ok and p.emotion == row["pred"]
         assert abs(p.probs["angry"] - float(row["prob_angry"])) < 1e-4
+
+
+def test_a_cache_on_another_grid_cannot_lend_its_vad_masks_to_whisper_finetuning():
+    from types import SimpleNamespace
+
+    from heads.wave_data import WaveDataError, index_from_cache
+
+    wavlm_cache = SimpleNamespace(fingerprint={"frame_window": 400, "frame_stride": 320, "max_seconds": 0.0})
+    with pytest.raises(WaveDataError, match="frame grid"):
+        index_from_cache(wavlm_cache, [], whisper_grid(), 0.0)
+    same = SimpleNamespace(fingerprint={**whisper_grid().as_dict(), "max_seconds": 0.0}, meta=None, path="c.h5")
+    assert index_from_cache(same, [], whisper_grid(), 0.0).utt_ids == []
