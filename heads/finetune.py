@@ -48,7 +48,7 @@ from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_s
                               set_rng_state)
 from heads.data import FoldData, check_vad_mode, fold_data
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
-from heads.folds import plan_folds
+from heads.folds import Fold, plan, write_run_utterances
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
 from heads.trainer import TrainConfig, Trainer, resolve_device, write_fold
@@ -344,7 +344,7 @@ def default_out(dataset: str, settings: FinetuneSettings) -> Path:
 
 def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, settings: FinetuneSettings,
                         max_seconds: float, grid: Any, n_layers: int, hidden: int, classes: Sequence[str],
-                        sessions: dict[str, str], cache_path: str | None, ctx: DistContext) -> dict[str, Any]:
+                        fold_plan: list[Fold], cache_path: str | None, ctx: DistContext) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     from extract.vad import vad_settings
@@ -371,7 +371,7 @@ def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, set
         "classes": list(classes),
         "layers": [n_layers],  # the last hidden state
         "hidden_size": hidden,
-        "folds": [asdict(f) for f in plan_folds(sessions)],
+        "folds": [asdict(f) for f in fold_plan],
         "world_size": ctx.world_size,
         "versions": {"sapser": sapser, "torch": torch.__version__},
     }
@@ -414,10 +414,12 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     grid, n_layers, hidden = backbone_shape(settings.model)
     config = TrainConfig(**{**asdict(config), "layer": n_layers})
     out = Path(out) if out else default_out(dataset, settings)
-    sessions = corpus.speaker_sessions()
-    ks = list(folds) if folds else list(range(1, len(plan_folds(sessions)) + 1))
+    from extract.summary import corpus_groups
+
+    fold_plan = plan(corpus_groups(corpus), config.protocol)
+    ks = list(folds) if folds else list(range(1, len(fold_plan) + 1))
     run_cfg = finetune_run_config(dataset, root, config, settings, max_seconds, grid, n_layers, hidden, classes,
-                                  sessions, cache_path, ctx)
+                                  fold_plan, cache_path, ctx)
     if ctx.is_main:
         prepare_run_dir(out, run_cfg)
         cache = _open_cache(cache_path) if cache_path else None
@@ -432,8 +434,10 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     if not ctx.is_main:
         index = WaveIndex.load(out / INDEX_FILE)
     meta = corpus_meta(corpus, index)
+    if ctx.is_main:
+        write_run_utterances(out, meta)  # which files each fold saw: predict warns about them
     source = SimpleNamespace(meta=meta, classes=classes, path=str(root))
-    datas = {k: fold_data(source, k) for k in ks}  # every fold checked before any training
+    datas = {k: fold_data(source, k, config.protocol) for k in ks}  # every fold checked before any training
     utterances = {u.utt_id: u for u in corpus.utterances}
     result = FinetuneResult(out, is_main=ctx.is_main)
     for k in ks:

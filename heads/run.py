@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cache.reader import FeatureCache
 from extract.errors import UserError
 from heads.data import check_vad_mode, fold_count, fold_data, preload, select_layers
-from heads.folds import plan_folds
+from heads.folds import plan, write_run_utterances
 from heads.metrics import json_safe
 from heads.trainer import TrainConfig, Trainer, write_fold
 
@@ -67,7 +67,7 @@ def run_config(config: TrainConfig, cache: FeatureCache, layers: list[int]) -> d
         "classes": list(cache.classes),
         "layers": layers,
         "hidden_size": int(cache.hidden_size),
-        "folds": [asdict(f) for f in plan_folds({str(s): str(x) for s, x in zip(cache.meta["speaker"], cache.meta["session"])})],
+        "folds": [asdict(f) for f in plan(cache.meta, config.protocol)],
         "versions": {"sapser": sapser, "torch": torch.__version__},
     }
 
@@ -103,7 +103,7 @@ def fold_line(m: dict[str, Any], seconds: float) -> str:
 def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layers: list[int], run_cfg: dict[str, Any],
               on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics."""
-    data = fold_data(cache, k)
+    data = fold_data(cache, k, config.protocol)
     try:
         trainer = Trainer(config, data, cache=cache, layers=layers, on_epoch=on_epoch)
         result = trainer.run()
@@ -136,11 +136,12 @@ def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[
     out = Path(out) if out else default_run_dir(cache_path, config.pooling)
     with open_cache(cache_path) as cache:
         layers = select_layers(cache, config.layer)
-        ks = list(folds) if folds else list(range(1, fold_count(cache) + 1))
+        ks = list(folds) if folds else list(range(1, fold_count(cache, config.protocol) + 1))
         for k in ks:  # every fold checked before any training starts
-            fold_data(cache, k)
+            fold_data(cache, k, config.protocol)
         run_cfg = run_config(config, cache, layers)
         prepare_run_dir(out, run_cfg)
+        write_run_utterances(out, cache.meta)  # which files each fold saw: predict warns about them
         if jobs == 1 or len(ks) == 1:
             results = _serial(cache, ks, config, out, layers, run_cfg, console, progress)
         else:

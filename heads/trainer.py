@@ -78,6 +78,7 @@ class TrainConfig:
     grad_accum: int = 1
     memory_gb: float = 8.0
     device: str = "auto"  # auto | cpu | cuda
+    protocol: str = "speaker"  # fold plan: speaker | session | split (heads.folds)
 
     def validate(self) -> None:
         checks = [
@@ -93,6 +94,8 @@ class TrainConfig:
             (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
             (self.memory_gb >= 0, "--memory-gb must not be negative"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda; got {self.device!r}"),
+            (self.protocol in ("speaker", "session", "split"),
+             f"--protocol must be speaker, session or split; got {self.protocol!r}"),
         ]
         for ok, message in checks:
             if not ok:

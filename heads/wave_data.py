@@ -234,6 +234,7 @@ def corpus_meta(corpus: Corpus, index: WaveIndex) -> pd.DataFrame:
             "valence": [u.valence for u in rows],
             "arousal": [u.arousal for u in rows],
             "path": [u.path for u in rows],
+            "split": [u.split for u in rows],
         },
         index=pd.Index([u.utt_id for u in rows], name="utt_id"),
     )
