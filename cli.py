@@ -318,21 +318,25 @@ def finetune(
 @user_errors
 def predict(
     audio: Annotated[list[Path], typer.Argument(help="audio files (any format soundfile reads)")],
-    run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK (train-head or finetune)")],
+    run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK, or a run folder RUN (all its folds averaged)")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list instead of a line per file")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "cpu",
 ) -> None:
-    """Emotion probabilities, valence, arousal and the VAD speech ratio of each file; bad files are reported, not fatal."""
+    """Emotion probabilities (and valence/arousal, when the head learned them) and the VAD speech ratio of each
+    file; bad files are reported, not fatal; files a fold trained on are flagged."""
     from heads.metrics import json_safe
-    from heads.predict import Predictor, format_line
+    from heads.predict import format_line, load_predictor, seen_warning
 
-    predictor = Predictor(run, device=device)
+    predictor = load_predictor(run, device=device)
     results = []
     for path in audio:
         p = predictor.predict_one(path)
         results.append(p)
         if not as_json:
             typer.echo(format_line(p), err=not p.ok)
+        warning = seen_warning(p)
+        if warning:
+            typer.echo(warning, err=True)
     if as_json:
         typer.echo(json.dumps(json_safe([p.as_dict() for p in results]), indent=2, allow_nan=False))
     failed = sum(not p.ok for p in results)

@@ -49,6 +49,7 @@ from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, json_safe, regression_metrics
+from heads.outputs import OUTPUTS, trained_outputs
 
 
 class TrainingError(UserError):
@@ -364,6 +365,7 @@ class Trainer:
             "best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
             "no_speech": int(pred.no_speech.sum()), "n_test": len(pred.utt_id),
             "n_train": len(self.data.train), "n_val": len(self.data.val), "test_loss": pred.loss,
+            "outputs": trained_outputs(self.data.labels.loc[self.data.train]),  # what predict may report
         }
         mix = getattr(self.head(self.model), "mix", None)
         if mix is not None and getattr(mix, "logits", None) is not None:
@@ -410,7 +412,7 @@ def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...]
     fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     (fold_dir / "metrics.json").write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
-    write_predictions(fold_dir / "predictions.csv", result.test, classes)
+    write_predictions(fold_dir / "predictions.csv", result.test, classes, result.metrics.get("outputs", OUTPUTS))
     with (fold_dir / "history.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
         writer.writeheader()
@@ -421,17 +423,22 @@ def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...]
     return fold_dir
 
 
-def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...]) -> None:
-    cols = ["utt_id", "true", "pred", *[f"prob_{c}" for c in classes], "valence", "arousal",
-            "valence_true", "arousal_true"]
+def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...],
+                      outputs: tuple[str, ...] | list[str] = OUTPUTS) -> None:
+    """One row per utterance; columns of outputs the head did not learn (heads.outputs) are left out."""
+    emo = "emotion" in outputs
+    dims = [j for j, d in enumerate(("valence", "arousal")) if d in outputs]
+    names = ("valence", "arousal")
+    cols = ["utt_id", *(["true", "pred", *[f"prob_{c}" for c in classes]] if emo else []),
+            *[names[j] for j in dims], *[f"{names[j]}_true" for j in dims]]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(cols)
         for i, utt in enumerate(pred.utt_id):
             true = classes[pred.emotion[i]] if pred.emotion[i] >= 0 else ""
-            writer.writerow([utt, true, classes[int(pred.probs[i].argmax())],
-                             *[f"{p:.6f}" for p in pred.probs[i]],
-                             *[_num(x) for x in (*pred.va[i], *pred.va_true[i])]])
+            row = [utt, true, classes[int(pred.probs[i].argmax())], *[f"{p:.6f}" for p in pred.probs[i]]] if emo \
+                else [utt]
+            writer.writerow([*row, *[_num(pred.va[i][j]) for j in dims], *[_num(pred.va_true[i][j]) for j in dims]])
 
 
 def _num(x: float) -> str:
