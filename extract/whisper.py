@@ -46,7 +46,6 @@ What differs from the wav2vec2 family, and what we do about it:
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -249,7 +248,7 @@ class WhisperBackend:
         with torch.inference_mode():
             mel = log_mel(torch.from_numpy(values).to(self.device), self.mel_filters, self.n_fft, self.hop)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None), warnings.catch_warnings():
+                                enabled=self.autocast_dtype is not None):
                 feats = self.forward(mel)[:, : max(frames)]  # (W, T_max, L, D)
             feats = feats.float().cpu().numpy()
         return [np.ascontiguousarray(feats[j, :t]) for j, t in enumerate(frames)]
