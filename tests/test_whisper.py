@@ -178,6 +178,17 @@ def test_extract_then_train_head_end_to_end(whisper_dir, backend, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "fold-01" / "metrics.json").read_text())
     assert metrics["n_test"] == 8 and metrics["epochs_run"] == 2
+    # predict re-extracts with the Whisper backend the fingerprint names: the fold's own numbers come back
+    import csv
+
+    from heads.predict import Predictor
+
+    with (run / "fold-01" / "predictions.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    with FeatureCache(cache) as c:
+        wav = c.meta.at[row["utt_id"], "path"]
+    got = Predictor(run / "fold-01").predict_one(wav)
+    assert got.ok and abs(got.probs["sad"] - float(row["prob_sad"])) < 1e-4
 
 
 # --- fine-tuning a Whisper encoder ---------------------------------------------------------------
