@@ -11,7 +11,7 @@ Two modes (README, "End-to-end fine-tuning"):
   (freezing it is the usual wav2vec2/WavLM recipe and removes the largest
   activations from the backward pass: the 512-channel conv outputs at 3.2 kHz).
 - top-K (default, K = 4): only the top K transformer layers (plus the final
-  layer norm of stable-layer-norm models such as WavLM Large) are trained.
+  layer norm of stable-layer-norm models such as WavLM Large, and of Whisper) are trained.
   Everything below runs with `requires_grad=False`, so autograd stores no
   activations for it: memory and backward time scale with K, not the depth.
 
