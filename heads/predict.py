@@ -101,7 +101,8 @@ def read_run_config(fold_dir: Path) -> dict:
 class Predictor:
     """One fold's model, ready to predict files (or arrays) one at a time."""
 
-    def __init__(self, fold_dir: str | Path, *, device: str = "cpu", encoder: "_Encoder | None" = None) -> None:
+    def __init__(self, fold_dir: str | Path, *, device: str = "cpu", encoder: "_Encoder | None" = None,
+                 seen: "TrainingSets | None" = None) -> None:
         self.fold_dir = Path(fold_dir)
         cfg = read_run_config(self.fold_dir)
         self.config = cfg
@@ -118,7 +119,7 @@ class Predictor:
         self.head.to(self.device).eval()
         self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
         self.fold = int(self.fold_dir.name.removeprefix("fold-")) if self.fold_dir.name.startswith("fold-") else 0
-        self.seen = TrainingSets(self.fold_dir.parent, cfg)
+        self.seen = seen or TrainingSets(self.fold_dir.parent, cfg)  # an ensemble's folds share one
         if encoder is not None:
             self.encoder: _Encoder = encoder
         elif str(cfg.get("mode", "")).startswith("finetune"):
@@ -191,7 +192,7 @@ class Ensemble:
             raise PredictError(f"{self.run_dir} holds no trained fold (no fold-KK/head.safetensors)")
         first = Predictor(folds[0], device=device)
         shared = None if str(first.config.get("mode", "")).startswith("finetune") else first.encoder
-        self.members = [first] + [Predictor(f, device=device, encoder=shared) for f in folds[1:]]
+        self.members = [first] + [Predictor(f, device=device, encoder=shared, seen=first.seen) for f in folds[1:]]
         self.classes = first.classes
         self.outputs: tuple[str, ...] = tuple(o for o in OUTPUTS if all(o in m.outputs for m in self.members))
         self.seen = first.seen
