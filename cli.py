@@ -62,6 +62,9 @@ RootOpt = Annotated[Path, typer.Option("--root", help="corpus folder (for `manif
 ClassesOpt = Annotated[str, typer.Option("--classes", help="comma-separated class set")]
 MaxSecondsOpt = Annotated[float | None, typer.Option(
     "--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")]
+ProtocolOpt = Annotated[str, typer.Option(
+    "--protocol", help="fold plan: speaker (leave-one-speaker-out, the paper), session (leave-one-session-out, "
+    "SUPERB/EmoBox) or split (the manifest's train/val/test column)")]
 
 
 def parse_classes(classes: str) -> tuple[str, ...]:
@@ -79,6 +82,7 @@ def manifest(
     classes: ClassesOpt = "angry,happy,neutral,sad",
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad item instead of skipping it")] = False,
     ties: Annotated[str | None, typer.Option("--ties", help="KEMDy19/20 tied labels: skip (default), first or selected")] = None,
+    protocol: ProtocolOpt = "speaker",
 ) -> None:
     """Read a corpus: counts per class and speaker, the fold plan, every skipped item by reason."""
     from extract.corpora import read_corpus
@@ -92,7 +96,9 @@ def manifest(
         options["ties"] = ties
     class_set = parse_classes(classes)
     corpus = read_corpus(dataset, root, classes=class_set, strict=strict, **options)
-    summary = summarize(corpus)
+    from heads.folds import check_protocol
+
+    summary = summarize(corpus, check_protocol(protocol))
     written = write_manifest(corpus, out) if out is not None else ()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -162,7 +168,7 @@ def extract(
     dataset: DatasetOpt,
     root: RootOpt,
     out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<corpus>-<model>.h5]")] = None,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder, or fbank / egemaps")] = "microsoft/wavlm-large",
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = "microsoft/wavlm-large",
     layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
     max_seconds: MaxSecondsOpt = None,
     batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="padded audio seconds per model batch")] = 100.0,
@@ -228,16 +234,17 @@ def train_head(
     lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
     heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
-    quiet: QuietOpt = False,
+    protocol: ProtocolOpt = "speaker", quiet: QuietOpt = False,
 ) -> None:
-    """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out)."""
+    """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out by default)."""
     from heads.run import train_folds
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
     config = _train_config(pooling=pooling, layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size,
                            lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
-                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device)
+                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
+                           protocol=protocol)
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
 
@@ -251,7 +258,7 @@ def ablate(
     lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
     heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
-    quiet: QuietOpt = False,
+    protocol: ProtocolOpt = "speaker", quiet: QuietOpt = False,
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, then the three side by side (the paper's Tables 1 and 3)."""
     from heads.report import render_runs, table_width
@@ -259,7 +266,8 @@ def ablate(
 
     config = _train_config(layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
-                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device)
+                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
+                           protocol=protocol)
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet)
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
@@ -274,7 +282,7 @@ def finetune(
     all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
     full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = False,
     top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = 4,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder of a speech SSL model")] = "microsoft/wavlm-large",
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder: a wav2vec2-family model or Whisper")] = "microsoft/wavlm-large",
     cache: Annotated[Path | None, typer.Option("--cache", help="reuse this feature cache's VAD masks (same model grid and truncation)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<corpus>-<model>-<mode>]")] = None,
     pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
@@ -294,6 +302,7 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted folds from their checkpoints, skip finished ones")] = False,
     max_epochs_this_run: Annotated[int | None, typer.Option("--max-epochs-this-run", help="stop after N epochs (checkpointed) and exit; continue with --resume")] = None,
     classes: ClassesOpt = "angry,happy,neutral,sad",
+    protocol: ProtocolOpt = "speaker",
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
@@ -303,7 +312,7 @@ def finetune(
         raise UserError("give exactly one of --fold K or --all-folds")
     config = finetune_config(pooling=pooling, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
-                             gamma=gamma, proj_dim=proj_dim, heads=heads, device=device)
+                             gamma=gamma, proj_dim=proj_dim, heads=heads, device=device, protocol=protocol)
     settings = FinetuneSettings(model=model, full=full, top_layers=top_layers, head_lr=head_lr,
                                 step_seconds=step_seconds, max_seconds=max_seconds,
                                 freeze_feature_encoder=freeze_feature_encoder, grad_checkpointing=grad_checkpointing,
@@ -324,21 +333,25 @@ def finetune(
 @user_errors
 def predict(
     audio: Annotated[list[Path], typer.Argument(help="audio files (any format soundfile reads)")],
-    run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK (train-head or finetune)")],
+    run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK, or a run folder RUN (all its folds averaged)")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list instead of a line per file")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "cpu",
 ) -> None:
-    """Emotion probabilities, valence, arousal and the VAD speech ratio of each file; bad files are reported, not fatal."""
+    """Emotion probabilities (and valence/arousal, when the head learned them) and the VAD speech ratio of each
+    file; bad files are reported, not fatal; files a fold trained on are flagged."""
     from heads.metrics import json_safe
-    from heads.predict import Predictor, format_line
+    from heads.predict import format_line, load_predictor, seen_warning
 
-    predictor = Predictor(run, device=device)
+    predictor = load_predictor(run, device=device)
     results = []
     for path in audio:
         p = predictor.predict_one(path)
         results.append(p)
         if not as_json:
             typer.echo(format_line(p), err=not p.ok)
+        warning = seen_warning(p)
+        if warning:
+            typer.echo(warning, err=True)
     if as_json:
         typer.echo(json.dumps(json_safe([p.as_dict() for p in results]), indent=2, allow_nan=False))
     failed = sum(not p.ok for p in results)

@@ -14,6 +14,7 @@ A finished cache `F.h5` is one self-contained HDF5 file, readable with plain h5p
     /vad/<key>             (4, T) uint8 (0/1); row m = WebRTC aggressiveness m
     /meta/<column>         (N,) one row per utterance, sorted by utt_id:
         utt_id, key, speaker, session, emotion ("" = none), path, dataset   UTF-8 strings
+        split ("" = none; absent in caches made before it existed)          UTF-8 string
         valence, arousal (NaN = none), duration (seconds)                    float64
         n_frames                                                             int64
         truncated, float32_fallback                                          bool
@@ -76,11 +77,13 @@ DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _STR = h5py.string_dtype("utf-8")
 
-STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset")
+STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset", "split")
 FLOAT_COLUMNS = ("valence", "arousal", "duration")
 INT_COLUMNS = ("n_frames",)
 BOOL_COLUMNS = ("truncated", "float32_fallback")
 META_COLUMNS = STR_COLUMNS + FLOAT_COLUMNS + INT_COLUMNS + BOOL_COLUMNS
+# Columns added after format 1 was fixed: a file without them reads them as "" (old caches keep working).
+OPTIONAL_COLUMNS = ("split",)
 SKIP_COLUMNS = ("item", "reason", "detail")
 
 # Skips a rerun tries again: a model error can be transient (out of GPU memory, a driver
@@ -277,11 +280,16 @@ def write_columns(group: Any, columns: dict[str, list], str_names: tuple[str, ..
 
 
 def read_columns(group: Any, names: tuple[str, ...], str_names: tuple[str, ...]) -> dict[str, list]:
-    """The inverse of write_columns: plain Python lists per column."""
+    """The inverse of write_columns: plain Python lists per column (OPTIONAL_COLUMNS absent -> "")."""
     out: dict[str, list] = {}
     for name in names:
+        if name in OPTIONAL_COLUMNS and name not in group:
+            continue
         ds = group[name]
         out[name] = list(ds.asstr()[()]) if name in str_names else ds[()].tolist()
+    n = len(next(iter(out.values()))) if out else 0
+    for name in names:
+        out.setdefault(name, [""] * n)
     return out
 
 
@@ -332,6 +340,8 @@ def _check_lengths(group: Any, names: tuple[str, ...], path: Path) -> None:
     lengths = {}
     for name in names:
         ds = group.get(name)
+        if ds is None and name in OPTIONAL_COLUMNS:  # a cache made before the column existed
+            continue
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
             raise damaged(path, f"its {group.name}/{name} column is missing or not one-dimensional")
         lengths[name] = ds.shape[0]

@@ -29,7 +29,7 @@ from cache.format import (
 from cache.writer import read_contents
 
 PUBLIC_META = ("speaker", "session", "emotion", "valence", "arousal", "n_frames", "duration",
-               "truncated", "path", "dataset", "float32_fallback")
+               "truncated", "path", "dataset", "float32_fallback", "split")
 
 
 class FeatureCache:

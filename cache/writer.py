@@ -410,7 +410,7 @@ class CacheWriter:
         self._check_hidden(d, utt.utt_id)
         row = {
             "utt_id": utt.utt_id, "key": utt_key(utt.utt_id), "speaker": utt.speaker, "session": utt.session,
-            "emotion": utt.emotion or "", "path": str(utt.path), "dataset": utt.dataset,
+            "emotion": utt.emotion or "", "path": str(utt.path), "dataset": utt.dataset, "split": utt.split,
             "valence": float(utt.valence), "arousal": float(utt.arousal), "duration": float(duration),
             "n_frames": int(t), "truncated": bool(truncated), "float32_fallback": False,
         }

@@ -163,7 +163,7 @@ class HFBackend:
         except Exception as exc:  # hub offline, typo, not a model folder: all user-facing
             raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
         if not hasattr(config, "conv_kernel") or not hasattr(config, "conv_stride"):
-            raise BackendError(f"{model!r} ({config.model_type}) is not a wav2vec2-style speech SSL model")
+            raise BackendError(f"{model!r} ({config.model_type}) is neither a wav2vec2-style speech SSL model nor Whisper")
         if getattr(config, "add_adapter", False):
             raise BackendError(f"{model!r} has an adapter that changes the frame rate; use its base model")
         try:
@@ -458,7 +458,7 @@ class EgemapsBackend(_OneLayerBackend):
 
 def load_backend(model: str, *, layers: Sequence[int] | None = None, device: str = "auto",
                  dtype: str = "auto") -> Backend:
-    """`fbank`, `egemaps`, or a Hugging Face hub id / local folder.
+    """`fbank`, `egemaps`, or a Hugging Face hub id / local folder (wav2vec2 family or Whisper).
 
     `dtype` is the compute precision of SSL models: float32, bfloat16 or
     float16 (autocast), or auto = bfloat16 on CUDA and float32 on CPU.
@@ -468,6 +468,10 @@ def load_backend(model: str, *, layers: Sequence[int] | None = None, device: str
         if layers is not None and tuple(layers) != (0,):
             raise BackendError(f"--model {model} has one layer (0); --layers does not apply")
         return FbankBackend() if model == "fbank" else EgemapsBackend()
+    from extract.whisper import WhisperBackend, is_whisper
+
+    if is_whisper(model):  # log-mel input and a 30 s window: a backend of its own
+        return WhisperBackend(model, layers=layers, device=device, dtype=dtype)
     return HFBackend(model, layers=layers, device=device, dtype=dtype)
 
 

@@ -16,24 +16,51 @@ SAMPLE_RATE = 16_000
 
 @dataclass(frozen=True)
 class FrameGrid:
-    """Frame t covers samples [stride*t, stride*t + window); no padding at the ends."""
+    """Frame t covers samples [offset + stride*t, offset + stride*t + window).
+
+    Which frames exist for N samples depends on how the model counts them:
+    - count="window" (unpadded conv front ends: WavLM, fbank, eGeMAPS): frames
+      whose whole window lies inside the audio, T = floor((N - window) / stride) + 1;
+    - count="center" (front ends that pad, such as Whisper's centred STFT and
+      padded convolutions): frames whose centre sample lies inside the audio,
+      T = #{t >= 0 : offset + stride*t + window//2 < N}.
+    `offset` is negative when the front end reads before sample 0 (padding).
+    """
 
     window: int  # samples
     stride: int  # samples
+    offset: int = 0  # first sample of frame 0's window
+    count: str = "window"  # "window" | "center"
+
+    def __post_init__(self) -> None:
+        if self.count not in ("window", "center"):
+            raise ValueError(f"FrameGrid.count must be 'window' or 'center', got {self.count!r}")
+
+    @property
+    def first_center(self) -> int:
+        return self.offset + self.window // 2
 
     def n_frames(self, n_samples: int) -> int:
-        """T = floor((N - window) / stride) + 1, and 0 when N < window."""
-        if n_samples < self.window:
+        """The number of frames of N samples (see the class docstring); 0 when there is none."""
+        if self.count == "center":
+            c0 = self.first_center
+            return 0 if n_samples <= c0 else (n_samples - 1 - c0) // self.stride + 1
+        if n_samples - self.offset < self.window:
             return 0
-        return (n_samples - self.window) // self.stride + 1
+        return (n_samples - self.offset - self.window) // self.stride + 1
 
     def centers(self, n_samples: int) -> np.ndarray:
         """(T,) index of each frame's centre sample."""
         t = np.arange(self.n_frames(n_samples), dtype=np.int64)
-        return t * self.stride + self.window // 2
+        return t * self.stride + self.first_center
 
-    def as_dict(self) -> dict[str, int]:
-        return {"frame_window": self.window, "frame_stride": self.stride}
+    def as_dict(self) -> dict[str, int | str]:
+        # offset/count only when they differ from the defaults, so the fingerprints of
+        # caches made before they existed stay the same (and those caches resumable)
+        d: dict[str, int | str] = {"frame_window": self.window, "frame_stride": self.stride}
+        if self.offset or self.count != "window":
+            d.update(frame_offset=self.offset, frame_count=self.count)
+        return d
 
 
 # WavLM / wav2vec2 / HuBERT convolutional front end: 25 ms receptive field, 20 ms stride.

@@ -1,7 +1,7 @@
 """Any other corpus: a CSV manifest (`--root` is the CSV file itself).
 
 Columns (header names are case-insensitive): `path,speaker,emotion`, and
-optionally `valence,arousal,session,utt_id,start,end`; other columns are
+optionally `valence,arousal,session,utt_id,start,end,split`; other columns are
 ignored, so the normalized manifest that `cli manifest --out` writes reads
 back unchanged.
 
@@ -17,6 +17,8 @@ back unchanged.
   dimensional-only corpus); empty with neither -> unlabelled.
 - valence/arousal are kept on the corpus's own scale (not clipped: the
   reader cannot know it).
+- `split`: an official split (train, val/dev, test; lower-cased) for
+  `--protocol split` (heads/folds.py); empty = none.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from extract.readers import ReadCorpus, audio_ok, check_classes, inside, parse_c
 from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 REQUIRED: tuple[str, ...] = ("path", "speaker", "emotion")
-OPTIONAL: tuple[str, ...] = ("valence", "arousal", "session", "utt_id", "start", "end")
+OPTIONAL: tuple[str, ...] = ("valence", "arousal", "session", "utt_id", "start", "end", "split")
 
 
 def read(
@@ -130,6 +132,7 @@ def _utterance(
         dataset=name,
         start=start,
         end=end,
+        split=row.get("split", "").lower(),
     )
 
 

@@ -65,6 +65,7 @@ class Utterance:
     dataset: str = ""
     start: float = 0.0  # seconds into the file where the utterance starts
     end: float = math.nan  # seconds; NaN = to the end of the file
+    split: str = ""  # official split (train/val/test) from a manifest's split column; "" = none
 
 
 # Skip items and details are stored in the cache as HDF5 strings, which cannot hold a NUL,

@@ -10,11 +10,25 @@ from collections import Counter
 from rich.table import Table
 
 from extract.records import SKIP_REASONS, Corpus
-from heads.folds import FoldError, plan_folds
+import pandas as pd
+
+from heads.folds import FoldError, plan
 
 
-def summarize(corpus: Corpus) -> dict:
-    """A JSON-ready summary; fewer than 3 speakers give no folds and a `folds_note`, not an error."""
+def corpus_groups(corpus: Corpus) -> pd.DataFrame:
+    """speaker, session, split per utterance: what the fold plans group by."""
+    return pd.DataFrame({"speaker": [u.speaker for u in corpus.utterances],
+                         "session": [u.session for u in corpus.utterances],
+                         "split": [u.split for u in corpus.utterances]},
+                        index=pd.Index([u.utt_id for u in corpus.utterances], name="utt_id"))
+
+
+def summarize(corpus: Corpus, protocol: str = "speaker") -> dict:
+    """A JSON-ready summary; a plan that cannot be made (e.g. < 3 speakers) gives no folds and a `folds_note`.
+
+    Folds are listed as {fold, test_<group>, val_<group>, n_test} with <group> the
+    protocol's (speaker, session or split); `protocol` names it.
+    """
     speakers = corpus.speaker_counts()
     summary: dict = {
         "dataset": corpus.name,
@@ -32,16 +46,19 @@ def summarize(corpus: Corpus) -> dict:
     adjusted = getattr(corpus, "adjusted", {})
     if adjusted:
         summary["adjusted"] = dict(sorted(adjusted.items()))
+    groups = corpus_groups(corpus)
+    summary["protocol"] = protocol
     try:
-        folds = plan_folds(corpus.speaker_sessions())
+        folds = plan(groups, protocol)
     except FoldError as err:
         summary["folds_note"] = str(err)
         return summary
-    summary["folds"] = [
-        {"fold": f.fold, "test_speaker": f.test_speaker, "val_speaker": f.val_speaker,
-         "n_test": speakers[f.test_speaker]}
-        for f in folds
-    ]
+    for f in folds:
+        roles = f.roles(groups[f.column])
+        summary["folds"].append({"fold": f.fold, f"test_{protocol}": f.test, f"val_{protocol}": f.val,
+                                 "n_test": int((roles == "test").sum())})
+        if protocol != "speaker":  # speaker folds keep their historical four keys
+            summary["folds"][-1].update(n_val=int((roles == "val").sum()), n_train=int((roles == "train").sum()))
     return summary
 
 
@@ -72,11 +89,14 @@ def summary_tables(corpus: Corpus, summary: dict) -> list[Table]:
         counts.add_row(spk, sessions[spk], *map(str, per_class.values()), str(summary["speakers"][spk]))
     counts.add_row("all", "", *map(str, summary["classes"].values()), str(summary["utterances"]), style="bold")
 
-    folds = Table(title="leave-one-speaker-out folds")
-    for name in ("fold", "test speaker", "validation speaker", "test utterances"):
+    protocol = summary.get("protocol", "speaker")
+    title = {"speaker": "leave-one-speaker-out folds", "session": "leave-one-session-out folds",
+             "split": "the official split"}[protocol]
+    folds = Table(title=title)
+    for name in ("fold", f"test {protocol}", f"validation {protocol}", "test utterances"):
         folds.add_column(name, justify="right" if name in ("fold", "test utterances") else "left")
     for f in summary["folds"]:
-        folds.add_row(str(f["fold"]), f["test_speaker"], f["val_speaker"], str(f["n_test"]))
+        folds.add_row(str(f["fold"]), f[f"test_{protocol}"], f[f"val_{protocol}"], str(f["n_test"]))
     if "folds_note" in summary:
         folds.caption = summary["folds_note"]
 

@@ -1,4 +1,9 @@
-"""A Hugging Face speech SSL model loaded for training: what is trained, how, and its frame grid.
+"""A Hugging Face speech model loaded for training: what is trained, how, and its frame grid.
+
+Two families: the wav2vec2 family (WavLM, wav2vec2, HuBERT, data2vec-audio:
+waveform in, `Wav2Vec2Backbone`) and Whisper encoders (log-mel in, a fixed 30 s
+window, `WhisperBackbone`; the extraction backend's input and grid, see
+extract/whisper.py). The model type comes from the checkpoint's config.
 
 Two modes (README, "End-to-end fine-tuning"):
 - full (`--full`, the paper): every transformer parameter is trained; the
@@ -6,7 +11,7 @@ Two modes (README, "End-to-end fine-tuning"):
   (freezing it is the usual wav2vec2/WavLM recipe and removes the largest
   activations from the backward pass: the 512-channel conv outputs at 3.2 kHz).
 - top-K (default, K = 4): only the top K transformer layers (plus the final
-  layer norm of stable-layer-norm models such as WavLM Large) are trained.
+  layer norm of stable-layer-norm models such as WavLM Large, and of Whisper) are trained.
   Everything below runs with `requires_grad=False`, so autograd stores no
   activations for it: memory and backward time scale with K, not the depth.
 
@@ -35,6 +40,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,7 +54,7 @@ warnings.filterwarnings("ignore", message="Support for mismatched key_padding_ma
 
 
 class BackboneError(UserError):
-    """A model that cannot be fine-tuned here (not found, not a speech SSL model, bad K)."""
+    """A model that cannot be fine-tuned here (not found, not a supported speech model, bad K)."""
 
 
 @dataclass(frozen=True)
@@ -69,18 +75,53 @@ class BackboneSettings:
 
 
 class Backbone(nn.Module):
-    """Waveforms (B, N) -> last hidden state (B, T, D) and its (B, T) frame mask."""
+    """Waveforms (B, N) -> last hidden state (B, T, D) and its (B, T) frame mask; what each family shares."""
 
-    def __init__(self, model: nn.Module, normalize: bool, use_attention_mask: bool) -> None:
+    grid: FrameGrid
+    hidden_size: int
+    n_layers: int  # transformer layers; hidden state n_layers is the last one (after the final norm)
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.settings: BackboneSettings | None = None  # set by load_backbone
+
+    def frame_counts(self, n_samples: torch.Tensor) -> torch.Tensor:
+        """(B,) samples -> (B,) frames, the grid's formula (equal to the model's own, tested)."""
+        g = self.grid
+        if g.count == "center":
+            c0 = g.first_center
+            return torch.where(n_samples <= c0, torch.zeros_like(n_samples), (n_samples - 1 - c0) // g.stride + 1)
+        n = n_samples - g.offset
+        return torch.where(n < g.window, torch.zeros_like(n), (n - g.window) // g.stride + 1)
+
+    def cost_samples(self, n_samples: np.ndarray) -> np.ndarray:
+        """(U,) samples -> (U,) the padded samples an utterance costs in a forward (micro-batch budgets)."""
+        return np.asarray(n_samples)
+
+    def transformer_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module | None:
+        """The layer norm applied after the last transformer layer, if the model has one."""
+        raise NotImplementedError
+
+    def freeze_front_end(self) -> None:
+        """Freeze what turns the input into the transformer's input (conv feature encoder)."""
+        raise NotImplementedError
+
+
+class Wav2Vec2Backbone(Backbone):
+    """The wav2vec2 family: raw waveform through the conv feature encoder and the transformer."""
+
+    def __init__(self, model: nn.Module, normalize: bool, use_attention_mask: bool) -> None:
+        super().__init__(model)
         self.normalize = normalize  # zero-mean unit-variance per utterance (feature-extractor config)
         self.use_attention_mask = use_attention_mask
         config = model.config
-        self.grid: FrameGrid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
-        self.hidden_size: int = int(config.hidden_size)
-        self.n_layers: int = int(config.num_hidden_layers)
-        self.settings: BackboneSettings | None = None  # set by load_backbone
+        self.grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
+        self.hidden_size = int(config.hidden_size)
+        self.n_layers = int(config.num_hidden_layers)
 
     def forward(self, waves: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """waves (B, N) float32 zero-padded, wave_mask (B, N) bool -> (B, T, D), (B, T) bool."""
@@ -102,10 +143,70 @@ class Backbone(nn.Module):
         frame_mask = t[None, :] < frames[:, None]  # (B, T)
         return hidden, frame_mask
 
-    def frame_counts(self, n_samples: torch.Tensor) -> torch.Tensor:
-        """(B,) samples -> (B,) frames, the grid's formula (equal to the model's own, tested)."""
-        w, s = self.grid.window, self.grid.stride
-        return torch.where(n_samples < w, torch.zeros_like(n_samples), (n_samples - w) // s + 1)
+    def transformer_layers(self) -> nn.ModuleList:
+        return self.model.encoder.layers
+
+    def final_norm(self) -> nn.Module | None:
+        # Stable-layer-norm models (WavLM Large) apply encoder.layer_norm after the last layer.
+        return self.model.encoder.layer_norm if getattr(self.model.config, "do_stable_layer_norm", False) else None
+
+    def freeze_front_end(self) -> None:
+        # The model's own method, not just requires_grad: it also stops the encoder from
+        # marking its output as requiring grad, which would run the conv backward anyway.
+        self.model.freeze_feature_encoder()
+
+
+class WhisperBackbone(Backbone):
+    """A Whisper encoder: log-mel of zero-padded 30 s windows -> last_hidden_state (after the final layer norm).
+
+    A padded batch gives each utterance exactly its input alone (every window is
+    padded to 30 s anyway). Utterances over 30 s run as consecutive 30 s windows
+    whose frames are concatenated, as in extraction. No SpecAugment: Whisper's
+    config switches it off and the encoder alone does not apply it.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_extractor) -> None:
+        from extract.whisper import whisper_grid
+
+        super().__init__(encoder)
+        fe = feature_extractor
+        self.n_fft, self.hop, self.window_samples = int(fe.n_fft), int(fe.hop_length), int(fe.n_samples)
+        self.register_buffer("mel_filters", torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32)),
+                             persistent=False)  # (F, M): from the feature extractor, not a trained weight
+        self.grid = whisper_grid(self.n_fft, self.hop)
+        self.hidden_size = int(encoder.config.d_model)
+        self.n_layers = int(encoder.config.encoder_layers)
+
+    def forward(self, waves: torch.Tensor, wave_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """waves (B, N) float32 zero-padded, wave_mask (B, N) bool -> (B, T, D), (B, T) bool."""
+        from extract.whisper import log_mel
+
+        b, n = waves.shape
+        s = self.window_samples
+        k = -(-n // s)  # windows per utterance
+        x = torch.nn.functional.pad(waves * wave_mask, (0, k * s - n))  # (B, k*S): zeros after each utterance
+        with torch.autocast(waves.device.type, enabled=False):  # the STFT and log in float32
+            mel = log_mel(x.reshape(b * k, s), self.mel_filters, self.n_fft, self.hop)  # (B*k, M, S / hop)
+        hidden = self.model(mel).last_hidden_state  # (B*k, S / stride, D)
+        t_max = self.grid.n_frames(n)
+        hidden = hidden.reshape(b, -1, hidden.shape[-1])[:, :t_max]  # (B, T, D)
+        frames = self.frame_counts(wave_mask.sum(dim=1))  # (B,)
+        frame_mask = torch.arange(t_max, device=hidden.device)[None, :] < frames[:, None]  # (B, T)
+        return hidden, frame_mask
+
+    def cost_samples(self, n_samples: np.ndarray) -> np.ndarray:
+        s = self.window_samples
+        return -(-np.asarray(n_samples) // s) * s  # every started window costs 30 s
+
+    def transformer_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self) -> nn.Module | None:
+        return self.model.layer_norm
+
+    def freeze_front_end(self) -> None:
+        for conv in (self.model.conv1, self.model.conv2):
+            conv.requires_grad_(False)
 
 
 def normalize_waves(waves: torch.Tensor, wave_mask: torch.Tensor) -> torch.Tensor:
@@ -135,23 +236,68 @@ def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | N
     keep_layerdrop = not (settings.distributed or settings.grad_checkpointing)
     try:
         config = AutoConfig.from_pretrained(source)
-        if not keep_layerdrop and hasattr(config, "layerdrop"):
-            config.layerdrop = 0.0
-        if from_config_dir is not None:
-            model = AutoModel.from_config(config)
-        else:
-            model = AutoModel.from_pretrained(source, config=config)
     except (OSError, ValueError) as exc:
         raise BackboneError(f"cannot load model {source!r}: {str(exc).splitlines()[0][:200]}") from None
-    if not hasattr(config, "conv_kernel") or not hasattr(model, "encoder"):
-        raise BackboneError(
-            f"{source!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)"
-        )
-    normalize, use_mask = _feature_extractor_flags(source)
-    backbone = Backbone(model, normalize=normalize, use_attention_mask=use_mask)
+    if config.model_type == "whisper":
+        backbone: Backbone = _load_whisper(source, weights=from_config_dir is None, keep_layerdrop=keep_layerdrop)
+    else:
+        try:
+            if not keep_layerdrop and hasattr(config, "layerdrop"):
+                config.layerdrop = 0.0
+            if from_config_dir is not None:
+                model = AutoModel.from_config(config)
+            else:
+                model = AutoModel.from_pretrained(source, config=config)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"cannot load model {source!r}: {str(exc).splitlines()[0][:200]}") from None
+        if not hasattr(config, "conv_kernel") or not hasattr(model, "encoder"):
+            raise BackboneError(f"{source!r} is not a speech model this can train (wav2vec2 family: WavLM, "
+                                "wav2vec2, HuBERT, data2vec-audio; or Whisper)")
+        normalize, use_mask = _feature_extractor_flags(source)
+        backbone = Wav2Vec2Backbone(model, normalize=normalize, use_attention_mask=use_mask)
     backbone.settings = settings
     configure_training(backbone, settings)
     return backbone
+
+
+def _load_whisper(source: str, *, weights: bool, keep_layerdrop: bool) -> WhisperBackbone:
+    from extract.backends import BackendError
+    from extract.whisper import load_encoder
+
+    try:
+        encoder, fe = load_encoder(source, weights=weights)
+    except BackendError as err:
+        raise BackboneError(str(err)) from None
+    if not keep_layerdrop:
+        encoder.layerdrop = 0.0
+        encoder.config.encoder_layerdrop = 0.0
+    return WhisperBackbone(encoder, fe)
+
+
+def model_shape(model: str) -> tuple[FrameGrid, int, int]:
+    """(frame grid, transformer layers, hidden size) from the model's config alone (no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"cannot load model {model!r}: {str(exc).splitlines()[0][:200]}") from None
+    if config.model_type == "whisper":
+        from transformers import WhisperFeatureExtractor
+
+        from extract.whisper import whisper_grid
+
+        try:
+            fe = WhisperFeatureExtractor.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"{model!r} has no usable feature-extractor config: {str(exc).splitlines()[0][:200]}"
+                                ) from None
+        return whisper_grid(int(fe.n_fft), int(fe.hop_length)), int(config.encoder_layers), int(config.d_model)
+    if not hasattr(config, "conv_kernel"):
+        raise BackboneError(f"{model!r} is not a speech model this can train (wav2vec2 family: WavLM, wav2vec2, "
+                            "HuBERT, data2vec-audio; or Whisper)")
+    grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
+    return grid, int(config.num_hidden_layers), int(config.hidden_size)
 
 
 def _feature_extractor_flags(source: str) -> tuple[bool, bool]:
@@ -170,9 +316,9 @@ def _feature_extractor_flags(source: str) -> tuple[bool, bool]:
 
 
 def configure_training(backbone: Backbone, settings: BackboneSettings) -> None:
-    """Set requires_grad for the mode, freeze the conv encoder, enable checkpointing."""
+    """Set requires_grad for the mode, freeze the front end, enable checkpointing."""
     model = backbone.model
-    layers = model.encoder.layers
+    layers = backbone.transformer_layers()
     if not settings.full and not 1 <= settings.top_layers <= len(layers):
         raise BackboneError(
             f"--top-layers must be between 1 and {len(layers)} for this model, got {settings.top_layers}")
@@ -182,13 +328,13 @@ def configure_training(backbone: Backbone, settings: BackboneSettings) -> None:
         model.requires_grad_(False)
         for layer in layers[len(layers) - settings.top_layers :]:
             layer.requires_grad_(True)
-        if getattr(model.config, "do_stable_layer_norm", False):
-            # Stable-layer-norm models apply encoder.layer_norm after the last layer.
-            model.encoder.layer_norm.requires_grad_(True)
+        norm = backbone.final_norm()
+        if norm is not None:  # it sits on top of the trained layers
+            norm.requires_grad_(True)
     if settings.freeze_feature_encoder or not settings.full:
-        # The model's own method, not just requires_grad: it also stops the encoder from
-        # marking its output as requiring grad, which would run the conv backward anyway.
-        model.freeze_feature_encoder()
+        backbone.freeze_front_end()
+    for p in getattr(getattr(model, "embed_positions", None), "parameters", lambda: [])():
+        p.requires_grad_(False)  # Whisper's sinusoidal positions are fixed, never trained
     if settings.grad_checkpointing:
         # Non-reentrant: works with frozen inputs (top-K) and with DDP.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name

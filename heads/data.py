@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from cache.dataset import CacheDataset, collate
 from cache.reader import FeatureCache
 from extract.errors import UserError
-from heads.folds import Fold, get_fold, plan_folds
+from heads.folds import Fold, pick, plan
 
 VAD_MODES = (0, 1, 2, 3)
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: enough to group lengths, small enough to stay random
@@ -69,11 +69,11 @@ def speaker_sessions(meta: pd.DataFrame) -> dict[str, str]:
     return {str(s): str(x) for s, x in zip(meta["speaker"], meta["session"])}
 
 
-def fold_count(cache: FeatureCache) -> int:
-    return len(plan_folds(speaker_sessions(cache.meta)))
+def fold_count(cache: FeatureCache, protocol: str = "speaker") -> int:
+    return len(plan(cache.meta, protocol))
 
 
-def fold_data(cache: FeatureCache, k: int) -> FoldData:
+def fold_data(cache: FeatureCache, k: int, protocol: str = "speaker") -> FoldData:
     """Fold k's train/val/test utterance ids (sorted), or a UserError saying why it cannot be trained."""
     labels = labels_of(cache.meta, cache.classes)
     if len(labels) == 0:
@@ -81,17 +81,15 @@ def fold_data(cache: FeatureCache, k: int) -> FoldData:
     keep = usable(labels)
     if not keep.any():
         raise UserError(f"the cache {cache.path} has no labels at all (no emotion, valence or arousal on any utterance)")
-    fold = get_fold(speaker_sessions(cache.meta), k)
+    fold = pick(plan(cache.meta, protocol), k)
     labels = labels[keep]
-    by_speaker = labels["speaker"]
-    test = sorted(labels.index[by_speaker == fold.test_speaker])
-    val = sorted(labels.index[by_speaker == fold.val_speaker])
-    train = sorted(labels.index[by_speaker.isin(fold.train_speakers)])
-    for name, ids, who in (("test", test, fold.test_speaker), ("validation", val, fold.val_speaker)):
+    role = fold.roles(cache.meta.loc[labels.index, fold.column])  # (N,) train / val / test / ""
+    test, val, train = (sorted(labels.index[role == r]) for r in ("test", "val", "train"))
+    for name, ids, who in (("test", test, fold.test), ("validation", val, fold.val)):
         if not ids:
-            raise UserError(f"fold {k} cannot be trained: its {name} speaker {who} has no labelled utterances")
+            raise UserError(f"fold {k} cannot be trained: its {name} {fold.column} {who} has no labelled utterances")
     if not train:
-        raise UserError(f"fold {k} cannot be trained: its training speakers have no labelled utterances")
+        raise UserError(f"fold {k} cannot be trained: its training {fold.column}s have no labelled utterances")
     return FoldData(fold, train, val, test, labels.drop(columns="speaker"), tuple(cache.classes))
 
 

@@ -50,7 +50,7 @@ from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_s
                               set_rng_state)
 from heads.data import FoldData, check_vad_mode, fold_data
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
-from heads.folds import plan_folds
+from heads.folds import Fold, plan, write_run_utterances
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
 from heads.trainer import TrainConfig, Trainer, resolve_device, write_fold
@@ -211,11 +211,12 @@ class FineTuneTrainer(Trainer):
         utts = [self.utterances[u] for u in self.data.split(split)]
         dataset = WaveDataset(utts, self.index, self.data.labels, grid=self.backbone.grid,
                               max_seconds=self.max_seconds, vad_mode=c.vad_mode)
+        cost = self.backbone.cost_samples(dataset.n_samples)  # Whisper: every utterance costs whole 30 s windows
         if split == "train":
-            sampler: Sampler = StepBatchSampler(dataset.n_samples, batch_size=c.batch_size,
+            sampler: Sampler = StepBatchSampler(cost, batch_size=c.batch_size,
                                                 step_seconds=s.step_seconds, shuffle=True, seed=c.seed, ctx=self.ctx)
         else:
-            sampler = EvalBatchSampler(dataset.n_samples, s.step_seconds)
+            sampler = EvalBatchSampler(cost, s.step_seconds)
         # Workers die with this process: a killed fine-tuning run must not leave decoders behind.
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=WaveCollate(self.backbone.grid),
                           num_workers=s.workers, pin_memory=self.device.type == "cuda",
@@ -335,20 +336,9 @@ def from_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
 
 def backbone_shape(model: str) -> tuple[Any, int, int]:
     """(frame grid, transformer layers, hidden size) from the model's config alone (no weights)."""
-    from transformers import AutoConfig
+    from heads.backbone import model_shape
 
-    from extract.frames import conv_grid
-    from heads.backbone import BackboneError
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load model {model!r}: {str(exc).splitlines()[0][:200]}") from None
-    if not hasattr(config, "conv_kernel"):
-        raise BackboneError(
-            f"{model!r} is not a wav2vec2-style speech SSL model (WavLM, wav2vec2, HuBERT, data2vec-audio)")
-    grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
-    return grid, int(config.num_hidden_layers), int(config.hidden_size)
+    return model_shape(model)
 
 
 def default_out(corpus: Any, settings: FinetuneSettings) -> Path:
@@ -361,7 +351,7 @@ def default_out(corpus: Any, settings: FinetuneSettings) -> Path:
 
 def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, settings: FinetuneSettings,
                         max_seconds: float, grid: Any, n_layers: int, hidden: int, classes: Sequence[str],
-                        sessions: dict[str, str], cache_path: str | None, ctx: DistContext) -> dict[str, Any]:
+                        fold_plan: list[Fold], cache_path: str | None, ctx: DistContext) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     from extract.vad import vad_settings
@@ -388,7 +378,7 @@ def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, set
         "classes": list(classes),
         "layers": [n_layers],  # the last hidden state
         "hidden_size": hidden,
-        "folds": [asdict(f) for f in plan_folds(sessions)],
+        "folds": [asdict(f) for f in fold_plan],
         "world_size": ctx.world_size,
         "versions": {"sapser": sapser, "torch": torch.__version__},
     }
@@ -431,10 +421,12 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     grid, n_layers, hidden = backbone_shape(settings.model)
     config = TrainConfig(**{**asdict(config), "layer": n_layers})
     out = Path(out) if out else default_out(corpus, settings)
-    sessions = corpus.speaker_sessions()
-    ks = list(folds) if folds else list(range(1, len(plan_folds(sessions)) + 1))
+    from extract.summary import corpus_groups
+
+    fold_plan = plan(corpus_groups(corpus), config.protocol)
+    ks = list(folds) if folds else list(range(1, len(fold_plan) + 1))
     run_cfg = finetune_run_config(dataset, root, config, settings, max_seconds, grid, n_layers, hidden, classes,
-                                  sessions, cache_path, ctx)
+                                  fold_plan, cache_path, ctx)
     if ctx.is_main:
         prepare_run_dir(out, run_cfg)
         cache = _open_cache(cache_path) if cache_path else None
@@ -449,8 +441,10 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     if not ctx.is_main:
         index = WaveIndex.load(out / INDEX_FILE)
     meta = corpus_meta(corpus, index)
+    if ctx.is_main:
+        write_run_utterances(out, meta)  # which files each fold saw: predict warns about them
     source = SimpleNamespace(meta=meta, classes=classes, path=str(root))
-    datas = {k: fold_data(source, k) for k in ks}  # every fold checked before any training
+    datas = {k: fold_data(source, k, config.protocol) for k in ks}  # every fold checked before any training
     utterances = {u.utt_id: u for u in corpus.utterances}
     result = FinetuneResult(out, is_main=ctx.is_main)
     for k in ks:

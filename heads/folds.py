@@ -1,18 +1,44 @@
-"""Leave-one-speaker-out folds, as in the paper.
+"""Fold plans: leave-one-speaker-out (the paper), leave-one-session-out (SUPERB-ER, EmoBox) and official splits.
 
-Fold K (from 1) tests the K-th speaker in sorted order and validates on the
-other speaker of the test speaker's session; the rest train. A session with
-one speaker, or more than two (manifest corpora without session pairs), has
-no natural partner: the validation speaker is then the next speaker in
-sorted order (cyclically) that is not the test speaker. The rule is in the
-README.
+A fold holds out groups of one column of the metadata (`Fold.column`):
+
+- `speaker` (default, the paper): fold K (from 1) tests the K-th speaker in
+  sorted order and validates on the other speaker of the test speaker's
+  session; the rest train. A session with one speaker, or more than two
+  (manifest corpora without session pairs), has no natural partner: the
+  validation speaker is then the next speaker in sorted order (cyclically)
+  that is not the test speaker.
+- `session`: fold K tests the K-th session in sorted order (IEMOCAP: 5 folds)
+  and validates on the next session (cyclically); the other sessions train.
+  SUPERB-ER instead validates on a random 20 % of the training sessions'
+  utterances, so it trains on 4 sessions where this plan trains on 3 and
+  validates on unseen speakers: expect numbers slightly below theirs.
+- `split`: one fold from the manifest's `split` column: `train`, `val` (also
+  `valid`, `validation`, `dev`, `development`) and `test`, case-insensitive.
+  Utterances with an empty split take no part; any other value is refused,
+  naming it (MSP-Podcast's Test1/Test2: write `test` for the one to use).
+
+Every utterance of the held-out groups is in test (or validation), none in
+training: folds are disjoint by construction and tested so. The plan is
+recorded in RUN/config.json ("protocol", "folds").
 """
 
 from __future__ import annotations
 
+import csv
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
 
 from extract.errors import UserError
+
+PROTOCOLS: tuple[str, ...] = ("speaker", "session", "split")
+SPLIT_ALIASES: dict[str, str] = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+                                 "development": "val", "test": "test"}
+ROLES: tuple[str, ...] = ("train", "val", "test")
 
 
 class FoldError(UserError):
@@ -22,13 +48,52 @@ class FoldError(UserError):
 @dataclass(frozen=True)
 class Fold:
     fold: int  # from 1
-    test_speaker: str
-    val_speaker: str
-    train_speakers: tuple[str, ...]
+    test: str  # the held-out group: a speaker, a session, or the split "test"
+    val: str
+    train: tuple[str, ...]
+    protocol: str = "speaker"
+
+    @property
+    def column(self) -> str:
+        """The metadata column whose values the groups are."""
+        return self.protocol
+
+    # The held-out group under its historical names: metrics.json, reports and
+    # older code call it the test/validation "speaker" whatever the protocol.
+    @property
+    def test_speaker(self) -> str:
+        return self.test
+
+    @property
+    def val_speaker(self) -> str:
+        return self.val
+
+    @property
+    def train_speakers(self) -> tuple[str, ...]:
+        return self.train
+
+    def role(self, group: str) -> str:
+        """"train", "val", "test", or "" for a group that takes no part."""
+        group = split_name(group) if self.protocol == "split" else group
+        if group == self.test:
+            return "test"
+        if group == self.val:
+            return "val"
+        return "train" if group in self.train else ""
+
+    def roles(self, groups: pd.Series) -> pd.Series:
+        """The role of each utterance, from its value of `column` (same index)."""
+        return groups.astype(str).map(self.role)
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise FoldError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    return protocol
 
 
 def plan_folds(speaker_sessions: dict[str, str]) -> list[Fold]:
-    """All folds for speakers mapped to their sessions, one per speaker."""
+    """Leave-one-speaker-out: one fold per speaker, for speakers mapped to their sessions."""
     speakers = sorted(speaker_sessions)
     if len(speakers) < 3:
         raise FoldError(
@@ -45,12 +110,111 @@ def plan_folds(speaker_sessions: dict[str, str]) -> list[Fold]:
         else:
             val = speakers[k % len(speakers)]
         train = tuple(s for s in speakers if s not in (test, val))
-        folds.append(Fold(fold=k, test_speaker=test, val_speaker=val, train_speakers=train))
+        folds.append(Fold(fold=k, test=test, val=val, train=train))
     return folds
 
 
-def get_fold(speaker_sessions: dict[str, str], k: int) -> Fold:
-    folds = plan_folds(speaker_sessions)
+def plan_session_folds(sessions: Iterable[str]) -> list[Fold]:
+    """Leave-one-session-out: fold K tests session K (sorted) and validates on the next one."""
+    names = sorted(set(str(s) for s in sessions))
+    if len(names) < 3:
+        raise FoldError(f"leave-one-session-out needs at least 3 sessions (test, validation, training); "
+                        f"found {len(names)}")
+    folds = []
+    for k, test in enumerate(names, start=1):
+        val = names[k % len(names)]
+        folds.append(Fold(fold=k, test=test, val=val, train=tuple(s for s in names if s not in (test, val)),
+                          protocol="session"))
+    return folds
+
+
+def split_name(value: str) -> str:
+    """A split cell -> train / val / test, "" for empty; unknown names pass through (plan_split_fold refuses them)."""
+    v = str(value).strip().lower()
+    return SPLIT_ALIASES.get(v, v)
+
+
+def plan_split_fold(splits: Iterable[str]) -> list[Fold]:
+    """The one fold of an official split."""
+    counts = Counter(split_name(s) for s in splits)
+    counts.pop("", None)
+    unknown = sorted(k for k in counts if k not in ROLES)
+    if unknown:
+        raise FoldError(f"the split column holds {', '.join(repr(u) for u in unknown)}; use train, val (or dev) and "
+                        "test, and leave the cell empty for utterances that take no part")
+    missing = [r for r in ROLES if not counts.get(r)]
+    if missing:
+        raise FoldError(f"--protocol split needs utterances in train, val and test; none in {', '.join(missing)} "
+                        "(the manifest's split column, carried into the cache by `cli extract`)")
+    return [Fold(fold=1, test="test", val="val", train=("train",), protocol="split")]
+
+
+def plan(meta: pd.DataFrame, protocol: str = "speaker") -> list[Fold]:
+    """The folds of a metadata table (columns speaker, session and, for `split`, split) under a protocol."""
+    check_protocol(protocol)
+    if protocol == "speaker":
+        return plan_folds({str(s): str(x) for s, x in zip(meta["speaker"], meta["session"])})
+    if protocol == "session":
+        return plan_session_folds(meta["session"])
+    if "split" not in meta.columns or not meta["split"].astype(str).str.strip().any():
+        raise FoldError("--protocol split needs a split column (train/val/test) in the manifest; this corpus or "
+                        "cache has none (a cache made before sapser recorded splits: extract it again)")
+    return plan_split_fold(meta["split"])
+
+
+def pick(folds: list[Fold], k: int) -> Fold:
     if not 1 <= k <= len(folds):
-        raise FoldError(f"fold {k} is out of range: this corpus has folds 1 to {len(folds)} (one per speaker)")
+        per = {"speaker": "one per speaker", "session": "one per session", "split": "the official split"}
+        what = per.get(folds[0].protocol if folds else "speaker", "")
+        raise FoldError(f"fold {k} is out of range: this corpus has folds 1 to {len(folds)} ({what})")
     return folds[k - 1]
+
+
+def get_fold(speaker_sessions: dict[str, str], k: int) -> Fold:
+    return pick(plan_folds(speaker_sessions), k)
+
+
+def folds_from_config(cfg: dict[str, Any]) -> list[Fold]:
+    """The plan a run recorded in config.json (also the pre-protocol format: test_speaker, val_speaker, ...)."""
+    protocol = cfg.get("settings", {}).get("protocol", "speaker")
+    out = []
+    for f in cfg.get("folds", []):
+        if "test" in f:
+            out.append(Fold(int(f["fold"]), str(f["test"]), str(f["val"]), tuple(f["train"]),
+                            f.get("protocol", protocol)))
+        else:
+            out.append(Fold(int(f["fold"]), str(f["test_speaker"]), str(f["val_speaker"]),
+                            tuple(f.get("train_speakers", ())), "speaker"))
+    return out
+
+
+# --- which utterances a run saw: RUN/utterances.csv ---------------------------------------
+
+UTTERANCES_FILE = "utterances.csv"
+UTTERANCE_COLUMNS = ("utt_id", "path", "speaker", "session", "split")
+
+
+def write_run_utterances(run: str | Path, meta: pd.DataFrame) -> Path:
+    """RUN/utterances.csv: every utterance the run's folds draw from, with the columns folds group by.
+
+    With config.json's fold plan it tells which fold trained on which file
+    (predict warns when asked about one); meta is indexed by utt_id.
+    """
+    path = Path(run) / UTTERANCES_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(UTTERANCE_COLUMNS)
+        split = meta["split"] if "split" in meta.columns else pd.Series("", index=meta.index)
+        for utt_id, p, spk, ses, spl in zip(meta.index, meta["path"], meta["speaker"], meta["session"], split):
+            writer.writerow([utt_id, p, spk, ses, spl or ""])
+    tmp.replace(path)
+    return path
+
+
+def read_run_utterances(run: str | Path) -> pd.DataFrame | None:
+    """RUN/utterances.csv indexed by utt_id, or None for runs made before it was written."""
+    path = Path(run) / UTTERANCES_FILE
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype=str, keep_default_na=False).set_index("utt_id")

@@ -1,4 +1,16 @@
-"""`cli predict`: a trained fold on new audio files -> emotion probabilities, valence, arousal, speech ratio.
+"""`cli predict`: a trained fold (or all folds of a run) on new audio -> emotion probabilities, valence, arousal.
+
+Only what the head learned is reported (heads.outputs): a fold trained without
+valence/arousal labels gives no valence/arousal, in lines, JSON and
+predictions.csv alike.
+
+`--run RUN/fold-KK` predicts with that fold; `--run RUN` with every trained
+fold of the run (`Ensemble`): class probabilities and valence/arousal are the
+mean over folds, the emotion the argmax of the mean. A file that is one of
+the run's corpus utterances (same resolved path; or, failing that, a file
+name equal to exactly one utterance id) is flagged with the folds whose
+training or validation split held it (`seen_in_training`): those predictions
+are optimistic. Runs record their utterances in RUN/utterances.csv.
 
 Works for both kinds of run folder:
 - head-only (`cli train-head`): features are re-extracted with the model the
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,10 +46,12 @@ import torch
 
 from extract.audio import AudioError, load_audio
 from extract.errors import UserError
-from extract.frames import FrameGrid
+from extract.frames import SAMPLE_RATE, FrameGrid
 from extract.vad import speech_ratio, vad_masks
 from heads.checkpoint import load_weights
+from heads.folds import folds_from_config, read_run_utterances
 from heads.head import SERHead
+from heads.outputs import OUTPUTS, fold_outputs
 
 
 class PredictError(UserError):
@@ -55,13 +70,21 @@ class Prediction:
     speech_ratio: float = math.nan  # fraction of frames the VAD (the run's mode) called speech
     seconds: float = math.nan  # audio used (after truncation)
     truncated: bool = False
+    outputs: tuple[str, ...] = OUTPUTS  # what the head learned; the others are left out of as_dict/format_line
+    utt_id: str = ""  # the run's utterance this file is, if any
+    seen_in_training: list[int] = field(default_factory=list)  # folds whose train/val split held it
 
     def as_dict(self) -> dict:
         d = asdict(self)
         for k in ("valence", "arousal", "speech_ratio", "seconds"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
                 d[k] = None
-        return d
+        d["outputs"] = list(self.outputs)
+        drop = ({"emotion", "probs"} if "emotion" not in self.outputs else set()) | \
+            {k for k in ("valence", "arousal") if k not in self.outputs}
+        if not self.utt_id:
+            drop |= {"utt_id", "seen_in_training"}
+        return {k: v for k, v in d.items() if k not in drop}
 
 
 def read_run_config(fold_dir: Path) -> dict:
@@ -100,8 +123,8 @@ def _config_problem(cfg: object) -> str | None:
     return None
 
 
-def load_head(head: SERHead, path: Path) -> None:
-    """The fold's weights into `head`; a torn, foreign or mismatched file is one PredictError."""
+def load_head(head: SERHead, path: Path) -> dict[str, torch.Tensor]:
+    """The fold's weights into `head` (and returned); a torn, foreign or mismatched file is one PredictError."""
     try:
         weights = load_weights(path)
     except Exception as err:  # noqa: BLE001 - SafetensorError and friends: a damaged file, not a bug
@@ -111,6 +134,7 @@ def load_head(head: SERHead, path: Path) -> None:
         head.load_state_dict(weights)
     except RuntimeError as err:
         raise PredictError(f"{path} does not fit the head RUN/config.json describes ({_first_line(err)})") from None
+    return weights
 
 
 def _first_line(err: BaseException) -> str:
@@ -119,9 +143,10 @@ def _first_line(err: BaseException) -> str:
 
 
 class Predictor:
-    """One fold's model, ready to predict files one at a time."""
+    """One fold's model, ready to predict files (or arrays) one at a time."""
 
-    def __init__(self, fold_dir: str | Path, *, device: str = "cpu") -> None:
+    def __init__(self, fold_dir: str | Path, *, device: str = "cpu", encoder: "_Encoder | None" = None,
+                 seen: "TrainingSets | None" = None) -> None:
         self.fold_dir = Path(fold_dir)
         cfg = read_run_config(self.fold_dir)
         self.config = cfg
@@ -133,11 +158,16 @@ class Predictor:
         self.head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
                             pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
                             heads=int(settings["heads"]), dropout=float(settings["dropout"]))
-        load_head(self.head, self.fold_dir / "head.safetensors")
+        state = load_head(self.head, self.fold_dir / "head.safetensors")
         self.head.to(self.device).eval()
+        self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
+        self.fold = int(self.fold_dir.name.removeprefix("fold-")) if self.fold_dir.name.startswith("fold-") else 0
+        self.seen = seen or TrainingSets(self.fold_dir.parent, cfg)  # an ensemble's folds share one
         try:
-            if str(cfg.get("mode", "")).startswith("finetune"):
-                self.encoder: _Encoder = _FinetunedEncoder(self.fold_dir, cfg, self.device)
+            if encoder is not None:
+                self.encoder: _Encoder = encoder
+            elif str(cfg.get("mode", "")).startswith("finetune"):
+                self.encoder = _FinetunedEncoder(self.fold_dir, cfg, self.device)
             else:
                 self.encoder = _CachedModelEncoder(cfg, self.device)
         except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickle
@@ -151,28 +181,168 @@ class Predictor:
     def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
         return [self.predict_one(p) for p in paths]
 
-    @torch.no_grad()
     def predict_one(self, path: str | Path) -> Prediction:
+        """A file, read and truncated as the run's training read its audio."""
         try:
             audio = load_audio(path, max_seconds=self.max_seconds)
         except AudioError as err:
             return Prediction(path=str(path), ok=False, error=str(err))
-        feats = self.encoder(audio.samples)  # (1, T, L, D) or (1, T, D)
+        return self._predict(str(path), audio.samples, audio.truncated, self.seen.match(path))
+
+    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
+        """(N,) or (N, channels) audio at `sample_rate` -> a Prediction (channels averaged, resampled to 16 kHz)."""
+        try:
+            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
+        except PredictError as err:
+            return Prediction(path=name, ok=False, error=str(err))
+        return self._predict(name, wave, truncated, "")
+
+    def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
+        probs, va, ratio = self.scores(samples)
+        seen = [self.fold] if utt_id and self.seen.role(utt_id, self.fold) in ("train", "val") else []
+        return Prediction(
+            path=name, ok=True, emotion=self.classes[int(probs.argmax())],
+            probs={c: float(p) for c, p in zip(self.classes, probs)},
+            valence=float(va[0]), arousal=float(va[1]), speech_ratio=ratio,
+            seconds=len(samples) / SAMPLE_RATE, truncated=truncated, outputs=self.outputs,
+            utt_id=utt_id, seen_in_training=seen,
+        )
+
+    @torch.no_grad()
+    def scores(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """16 kHz samples (N,) -> class probabilities (C,), valence/arousal (2,) on the corpus scale, speech ratio."""
+        feats = self.encoder(samples)  # (1, T, L, D) or (1, T, D)
         t = feats.shape[1]
-        vad = vad_masks(audio.samples, self.encoder.grid)[self.vad_mode]  # (T,)
+        vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]  # (T,)
         if len(vad) != t:
-            raise RuntimeError(f"{path}: {t} feature frames but {len(vad)} VAD frames")
+            raise RuntimeError(f"{t} feature frames but {len(vad)} VAD frames")
         padding = torch.ones(1, t, dtype=torch.bool, device=self.device)  # (1, T)
         vad_t = torch.from_numpy(vad)[None].to(self.device)  # (1, T)
         out = self.head(feats, padding, vad_t)
         probs = torch.softmax(out.logits.float(), dim=1)[0].cpu().numpy()  # (C,)
         va = self.head.to_corpus_scale(out.va.float())[0].cpu().numpy()  # (2,)
+        return probs, va, speech_ratio(vad)
+
+
+class Ensemble:
+    """Every trained fold of a run: probabilities and valence/arousal averaged over the folds.
+
+    Head-only runs share one feature extractor (all folds read the same cache);
+    fine-tuned runs run each fold's own backbone. Reported outputs are those
+    every fold learned.
+    """
+
+    def __init__(self, run_dir: str | Path, *, device: str = "cpu") -> None:
+        self.run_dir = Path(run_dir)
+        folds = sorted(p.parent for p in self.run_dir.glob("fold-*/head.safetensors"))
+        if not folds:
+            raise PredictError(f"{self.run_dir} holds no trained fold (no fold-KK/head.safetensors)")
+        first = Predictor(folds[0], device=device)
+        shared = None if str(first.config.get("mode", "")).startswith("finetune") else first.encoder
+        self.members = [first] + [Predictor(f, device=device, encoder=shared, seen=first.seen) for f in folds[1:]]
+        self.classes = first.classes
+        self.outputs: tuple[str, ...] = tuple(o for o in OUTPUTS if all(o in m.outputs for m in self.members))
+        self.seen = first.seen
+        self.folds = [m.fold for m in self.members]
+
+    @property
+    def max_seconds(self) -> float:
+        return self.members[0].max_seconds
+
+    def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
+        return [self.predict_one(p) for p in paths]
+
+    def predict_one(self, path: str | Path) -> Prediction:
+        try:
+            audio = load_audio(path, max_seconds=self.max_seconds)
+        except AudioError as err:
+            return Prediction(path=str(path), ok=False, error=str(err))
+        return self._predict(str(path), audio.samples, audio.truncated, self.seen.match(path))
+
+    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
+        try:
+            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
+        except PredictError as err:
+            return Prediction(path=name, ok=False, error=str(err))
+        return self._predict(name, wave, truncated, "")
+
+    def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
+        scored = [m.scores(samples) for m in self.members]
+        probs = np.mean([p for p, _, _ in scored], axis=0)  # (C,)
+        va = np.mean([v for _, v, _ in scored], axis=0)  # (2,)
+        seen = [k for k in self.folds if utt_id and self.seen.role(utt_id, k) in ("train", "val")]
         return Prediction(
-            path=str(path), ok=True, emotion=self.classes[int(probs.argmax())],
-            probs={c: float(p) for c, p in zip(self.classes, probs)},
-            valence=float(va[0]), arousal=float(va[1]), speech_ratio=speech_ratio(vad),
-            seconds=len(audio.samples) / 16_000, truncated=audio.truncated,
+            path=name, ok=True, emotion=self.classes[int(probs.argmax())],
+            probs={c: float(p) for c, p in zip(self.classes, probs)}, valence=float(va[0]), arousal=float(va[1]),
+            speech_ratio=scored[0][2], seconds=len(samples) / SAMPLE_RATE, truncated=truncated,
+            outputs=self.outputs, utt_id=utt_id, seen_in_training=seen,
         )
+
+
+def load_predictor(path: str | Path, *, device: str = "cpu") -> Predictor | Ensemble:
+    """A fold folder (RUN/fold-KK) -> its Predictor; a run folder (RUN) -> the Ensemble of its trained folds."""
+    path = Path(path)
+    if (path / "head.safetensors").is_file():
+        return Predictor(path, device=device)
+    if (path / "config.json").is_file():
+        return Ensemble(path, device=device)
+    raise PredictError(f"{path} is neither a trained fold folder (RUN/fold-KK with head.safetensors) "
+                       "nor a run folder (RUN with config.json)")
+
+
+def prepare_array(samples: np.ndarray, sample_rate: int, max_seconds: float) -> tuple[np.ndarray, bool]:
+    """Audio as an array -> (16 kHz mono float32 in [-1, 1], truncated), as `load_audio` treats files."""
+    import soxr
+
+    from extract.audio import MIN_SECONDS, RESAMPLE_QUALITY
+
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float32)  # (N, C) -> (N,)
+    if x.ndim != 1 or not len(x):
+        raise PredictError(f"expected audio of shape (N,) or (N, channels), got {np.shape(samples)}")
+    if not np.isfinite(x).all():
+        raise PredictError("the audio contains NaN or inf")
+    if sample_rate != SAMPLE_RATE:
+        x = soxr.resample(x, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
+    truncated = max_seconds > 0 and len(x) > round(max_seconds * SAMPLE_RATE)
+    if truncated:
+        x = x[: round(max_seconds * SAMPLE_RATE)]
+    x = np.clip(x, -1.0, 1.0)
+    if len(x) < MIN_SECONDS * SAMPLE_RATE or not x.any():
+        raise PredictError(f"the audio is too short (< {MIN_SECONDS * 1000:.0f} ms) or silent")
+    return np.ascontiguousarray(x), bool(truncated)
+
+
+class TrainingSets:
+    """Which folds of a run trained or validated on an utterance, and which utterance a file is."""
+
+    def __init__(self, run_dir: Path, cfg: dict) -> None:
+        self.folds = {f.fold: f for f in folds_from_config(cfg)}
+        self.utts = read_run_utterances(run_dir)  # None: a run made before utterances.csv existed
+        self.by_path: dict[str, str] = {}
+        self.by_name: dict[str, list[str]] = {}
+        if self.utts is not None:
+            for utt_id, p in zip(self.utts.index, self.utts["path"]):
+                self.by_path.setdefault(os.path.realpath(p), utt_id)
+                self.by_name.setdefault(utt_id.rsplit("/", 1)[-1], []).append(utt_id)
+
+    def match(self, path: str | Path) -> str:
+        """The run utterance this file is: same resolved path, else a file name equal to one utterance id."""
+        if self.utts is None:
+            return ""
+        hit = self.by_path.get(os.path.realpath(path))
+        if hit:
+            return hit
+        named = self.by_name.get(Path(path).stem, [])
+        return named[0] if len(named) == 1 else ""
+
+    def role(self, utt_id: str, fold: int) -> str:
+        """"train", "val", "test" or "" for utterance `utt_id` in fold `fold`."""
+        f = self.folds.get(fold)
+        if f is None or self.utts is None or utt_id not in self.utts.index:
+            return ""
+        return f.role(str(self.utts.at[utt_id, f.column]))
 
 
 class _Encoder(Protocol):
@@ -253,10 +423,22 @@ class _FinetunedEncoder:
 
 
 def format_line(p: Prediction) -> str:
-    """One human-readable line per file."""
+    """One human-readable line per file, with only the outputs the head learned."""
     if not p.ok:
         return f"{p.path}: error: {p.error}"
-    probs = " ".join(f"{c} {v:.3f}" for c, v in p.probs.items())
+    parts = []
+    if "emotion" in p.outputs:
+        parts.append(f"{p.emotion}  [{' '.join(f'{c} {v:.3f}' for c, v in p.probs.items())}]")
+    parts += [f"{d} {getattr(p, d):.2f}" for d in ("valence", "arousal") if d in p.outputs]
     cut = " (truncated)" if p.truncated else ""
-    return (f"{p.path}: {p.emotion}  [{probs}]  valence {p.valence:.2f}  arousal {p.arousal:.2f}  "
-            f"speech {100 * p.speech_ratio:.0f}%  {p.seconds:.1f} s{cut}")
+    parts.append(f"speech {100 * p.speech_ratio:.0f}%  {p.seconds:.1f} s{cut}")
+    return f"{p.path}: " + "  ".join(parts)
+
+
+def seen_warning(p: Prediction) -> str | None:
+    """The warning for a file some fold trained on (None otherwise)."""
+    if not p.ok or not p.seen_in_training:
+        return None
+    folds = ", ".join(str(k) for k in p.seen_in_training)
+    return (f"warning: {p.path} is utterance {p.utt_id} of this run's corpus, in the training or validation "
+            f"split of fold {folds}: that prediction is optimistic")

@@ -38,7 +38,7 @@ from cache.reader import FeatureCache
 from extract.children import die_with_parent
 from extract.errors import UserError
 from heads.data import check_vad_mode, fold_count, fold_data, preload, select_layers
-from heads.folds import plan_folds
+from heads.folds import plan, write_run_utterances
 from heads.metrics import json_safe
 from heads.trainer import TrainConfig, Trainer, write_fold
 
@@ -77,7 +77,7 @@ def run_config(config: TrainConfig, cache: FeatureCache, layers: list[int]) -> d
         "classes": list(cache.classes),
         "layers": layers,
         "hidden_size": int(cache.hidden_size),
-        "folds": [asdict(f) for f in plan_folds({str(s): str(x) for s, x in zip(cache.meta["speaker"], cache.meta["session"])})],
+        "folds": [asdict(f) for f in plan(cache.meta, config.protocol)],
         "versions": {"sapser": sapser, "torch": torch.__version__},
     }
 
@@ -96,11 +96,16 @@ def cache_content(cache: FeatureCache) -> dict[str, Any]:
     return {"utterances": int(len(meta)), "sha256": digest.hexdigest()}
 
 
+# Settings added after runs were first written, with the value that reproduces what those runs did.
+LEGACY_SETTINGS = {"protocol": "speaker"}
+
+
 def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What makes two run configs different computations, one short phrase each ([] = the same run)."""
     new = json_safe(new)
     out = []
-    a = {k: v for k, v in (old.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}
+    # a run written before a setting existed computed what that setting's legacy value does
+    a = {**LEGACY_SETTINGS, **{k: v for k, v in (old.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}}
     b = {k: v for k, v in (new.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}
     for k in sorted(set(a) | set(b)):
         if a.get(k, "<absent>") != b.get(k, "<absent>"):
@@ -172,7 +177,7 @@ def fold_line(m: dict[str, Any], seconds: float | None) -> str:
 def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layers: list[int], run_cfg: dict[str, Any],
               on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics."""
-    data = fold_data(cache, k)
+    data = fold_data(cache, k, config.protocol)
     try:
         trainer = Trainer(config, data, cache=cache, layers=layers, on_epoch=on_epoch)
         result = trainer.run()
@@ -216,11 +221,12 @@ def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[
     out = Path(out) if out else default_run_dir(cache_path, config.pooling)
     with open_cache(cache_path) as cache:
         layers = select_layers(cache, config.layer)
-        ks = list(folds) if folds else list(range(1, fold_count(cache) + 1))
+        ks = list(folds) if folds else list(range(1, fold_count(cache, config.protocol) + 1))
         for k in ks:  # every fold checked before any training starts
-            fold_data(cache, k)
+            fold_data(cache, k, config.protocol)
         run_cfg = run_config(config, cache, layers)
         prepare_run_dir(out, run_cfg)
+        write_run_utterances(out, cache.meta)  # which files each fold saw: predict warns about them
         kept = {k: m for k in ks if (m := finished_fold(out, k)) is not None}
         todo = [k for k in ks if k not in kept]
         for m in kept.values():

@@ -50,6 +50,7 @@ from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, json_safe, regression_metrics
+from heads.outputs import OUTPUTS, trained_outputs
 
 
 class TrainingError(UserError):
@@ -79,6 +80,7 @@ class TrainConfig:
     grad_accum: int = 1
     memory_gb: float = 8.0
     device: str = "auto"  # auto | cpu | cuda
+    protocol: str = "speaker"  # fold plan: speaker | session | split (heads.folds)
 
     def validate(self) -> None:
         checks = [
@@ -94,6 +96,8 @@ class TrainConfig:
             (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
             (self.memory_gb >= 0, "--memory-gb must not be negative"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda; got {self.device!r}"),
+            (self.protocol in ("speaker", "session", "split"),
+             f"--protocol must be speaker, session or split; got {self.protocol!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -362,6 +366,7 @@ class Trainer:
             "best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
             "no_speech": int(pred.no_speech.sum()), "n_test": len(pred.utt_id),
             "n_train": len(self.data.train), "n_val": len(self.data.val), "test_loss": pred.loss,
+            "outputs": trained_outputs(self.data.labels.loc[self.data.train]),  # what predict may report
         }
         mix = getattr(self.head(self.model), "mix", None)
         if mix is not None and getattr(mix, "logits", None) is not None:
@@ -413,7 +418,7 @@ def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...]
     fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     with _replacing(fold_dir / "predictions.csv") as tmp:
-        write_predictions(tmp, result.test, classes)
+        write_predictions(tmp, result.test, classes, result.metrics.get("outputs", OUTPUTS))
     with _replacing(fold_dir / "history.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
         writer.writeheader()
@@ -438,17 +443,22 @@ def _replacing(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...]) -> None:
-    cols = ["utt_id", "true", "pred", *[f"prob_{c}" for c in classes], "valence", "arousal",
-            "valence_true", "arousal_true"]
+def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...],
+                      outputs: tuple[str, ...] | list[str] = OUTPUTS) -> None:
+    """One row per utterance; columns of outputs the head did not learn (heads.outputs) are left out."""
+    emo = "emotion" in outputs
+    dims = [j for j, d in enumerate(("valence", "arousal")) if d in outputs]
+    names = ("valence", "arousal")
+    cols = ["utt_id", *(["true", "pred", *[f"prob_{c}" for c in classes]] if emo else []),
+            *[names[j] for j in dims], *[f"{names[j]}_true" for j in dims]]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(cols)
         for i, utt in enumerate(pred.utt_id):
             true = classes[pred.emotion[i]] if pred.emotion[i] >= 0 else ""
-            writer.writerow([utt, true, classes[int(pred.probs[i].argmax())],
-                             *[f"{p:.6f}" for p in pred.probs[i]],
-                             *[_num(x) for x in (*pred.va[i], *pred.va_true[i])]])
+            row = [utt, true, classes[int(pred.probs[i].argmax())], *[f"{p:.6f}" for p in pred.probs[i]]] if emo \
+                else [utt]
+            writer.writerow([*row, *[_num(pred.va[i][j]) for j in dims], *[_num(pred.va_true[i][j]) for j in dims]])
 
 
 def _num(x: float) -> str:

@@ -148,11 +148,11 @@ def index_from_cache(cache, utterances: Sequence[Utterance], grid: FrameGrid, ma
     being fine-tuned, or its masks would describe other frames.
     """
     fp = cache.fingerprint
-    cache_grid = (int(fp.get("frame_window", -1)), int(fp.get("frame_stride", -1)))
-    if cache_grid != (grid.window, grid.stride):
+    cache_grid = {k: v for k, v in fp.items() if k.startswith("frame_")}  # window, stride (+ offset, count)
+    if cache_grid != grid.as_dict():
         raise WaveDataError(
-            f"the cache's frame grid (window, stride) {cache_grid} differs from the model's "
-            f"{(grid.window, grid.stride)}; its VAD masks cannot be reused (drop --cache)"
+            f"the cache's frame grid {cache_grid} differs from the model's "
+            f"{grid.as_dict()}; its VAD masks cannot be reused (drop --cache)"
         )
     cache_max = float(fp.get("max_seconds", 0.0) or 0.0)
     if not math.isclose(cache_max, float(max_seconds)):
@@ -234,6 +234,7 @@ def corpus_meta(corpus: Corpus, index: WaveIndex) -> pd.DataFrame:
             "valence": [u.valence for u in rows],
             "arousal": [u.arousal for u in rows],
             "path": [u.path for u in rows],
+            "split": [u.split for u in rows],
         },
         index=pd.Index([u.utt_id for u in rows], name="utt_id"),
     )

@@ -57,3 +57,16 @@ def test_fold_out_of_range_is_one_sentence():
         get_fold(iemocap_like(), 11)
     with pytest.raises(FoldError, match="at least 3 speakers"):
         plan_folds({"a": "s", "b": "s"})
+
+
+def test_center_counted_grid_counts_frames_whose_centre_is_in_the_audio():
+    grid = FrameGrid(window=1039, stride=320, offset=-519, count="center")
+    for n in SWEEP:
+        expected = sum(1 for t in range(n // 320 + 2) if 320 * t < n)
+        assert grid.n_frames(n) == expected
+        assert len(grid.centers(n)) == expected and all(c < n for c in grid.centers(n))
+    # default grids keep their old fingerprint entries (old caches stay resumable)
+    assert SSL_GRID.as_dict() == {"frame_window": 400, "frame_stride": 320}
+    assert grid.as_dict() == {"frame_window": 1039, "frame_stride": 320, "frame_offset": -519, "frame_count": "center"}
+    with pytest.raises(ValueError, match="count"):
+        FrameGrid(400, 320, count="middle")
