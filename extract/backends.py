@@ -309,10 +309,24 @@ def _quiet_from_pretrained(auto_class, model: str) -> torch.nn.Module:
     try:
         return auto_class.from_pretrained(model)
     except Exception as exc:
-        raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
+        raise BackendError(load_error(model, exc)) from None
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+def load_error(model: str, exc: BaseException) -> str:
+    """One line for a model folder or hub id that from_pretrained refused.
+
+    A pickled checkpoint refused by torch.load(weights_only=True) gets its own sentence:
+    torch's message goes on to explain how to load it unsafely, which is not our advice.
+    """
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return (f"cannot load model {model!r}: its weights are a pickle that is not plain tensors, and loading it "
+                "could run code, so it was not loaded; use a checkpoint saved as safetensors")
+    return f"cannot load model {model!r}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

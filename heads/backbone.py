@@ -248,8 +248,10 @@ def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | N
                 model = AutoModel.from_config(config)
             else:
                 model = AutoModel.from_pretrained(source, config=config)
-        except (OSError, ValueError) as exc:
-            raise BackboneError(f"cannot load model {source!r}: {str(exc).splitlines()[0][:200]}") from None
+        except Exception as exc:  # noqa: BLE001 - any refusal of the weights is the user's folder, one line
+            from extract.backends import load_error
+
+            raise BackboneError(load_error(source, exc)) from None
         if not hasattr(config, "conv_kernel") or not hasattr(model, "encoder"):
             raise BackboneError(f"{source!r} is not a speech model this can train (wav2vec2 family: WavLM, "
                                 "wav2vec2, HuBERT, data2vec-audio; or Whisper)")
