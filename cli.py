@@ -257,6 +257,12 @@ def ablate(
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
+    if baseline:
+        from heads.report import baseline_comparisons
+
+        for run in runs[1:]:  # does each head beat the baseline on the same folds?
+            for _, paired in baseline_comparisons(run):
+                typer.echo(paired)
 
 
 @app.command()

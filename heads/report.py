@@ -425,12 +425,20 @@ def end_of_run_lines(run: Run | str | Path, *, baselines: bool = True) -> list[s
     `find_baselines` on the same folds beside it and the paired per-fold difference."""
     run = _as_run(run)
     s = summarize(run)
-    label = method_label(s)
-    lines = [f"{label} ({run.path}), mean over {s['folds']} folds: UA {_stat_text(s['ua'])}, "
+    lines = [f"{method_label(s)} ({run.path}), mean over {s['folds']} folds: UA {_stat_text(s['ua'])}, "
              f"WA {_stat_text(s['wa'])}"]
-    if not baselines:
-        return lines
+    if baselines:
+        for base_line, diff_line in baseline_comparisons(run):
+            lines += [base_line, diff_line]
+    return lines
+
+
+def baseline_comparisons(run: Run | str | Path) -> list[tuple[str, str]]:
+    """(the baseline's mean over the folds both runs have, the paired difference) per baseline beside RUN."""
+    run = _as_run(run)
+    label = method_label(summarize(run))
     ours = {m["fold"]: m for m in run.folds}
+    out = []
     for base in find_baselines(run):
         common = set(ours) & {m["fold"] for m in base.folds}
         if not common:
@@ -438,12 +446,12 @@ def end_of_run_lines(run: Run | str | Path, *, baselines: bool = True) -> list[s
         b = summarize(_subset(base, common))
         n = len(common)
         which = f"the same {n} folds" if n == len(ours) else f"the {n} fold{'s' if n > 1 else ''} in common"
-        lines.append(f"{method_label(b)} ({base.path}), {which}: UA {_stat_text(b['ua'])}, WA {_stat_text(b['wa'])}")
         diffs = {k: mean_ci(_difference(ours[m["fold"]][k], m[k]) for m in base.folds if m["fold"] in common)
                  for k in ("ua", "wa")}
-        lines.append(f"{label} minus {method_label(b)}, paired over folds: UA {_points_text(diffs['ua'])}, "
-                     f"WA {_points_text(diffs['wa'])}")
-    return lines
+        out.append((f"{method_label(b)} ({base.path}), {which}: UA {_stat_text(b['ua'])}, WA {_stat_text(b['wa'])}",
+                    f"{label} minus {method_label(b)}, paired over folds: UA {_points_text(diffs['ua'])}, "
+                    f"WA {_points_text(diffs['wa'])}"))
+    return out
 
 
 def _difference(a: float | None, b: float | None) -> float | None:

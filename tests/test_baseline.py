@@ -213,7 +213,7 @@ def test_binary_and_one_class_models_give_proper_probabilities():
 
 
 def test_cli_report_shows_the_baseline_beside_a_head(cache, run, tmp_path):
-    code, out = cli("train-head", "--cache", cache, "--all-folds", "--epochs", 2, "--out", run.parent / "synth-sr",
+    code, out = cli("train-head", "--cache", cache, "--all-folds", "--epochs", 1, "--out", run.parent / "synth-sr",
                     "--quiet")
     assert code == 0, out
     # train-head --all-folds ends with its mean and the sibling baseline's on the same folds
@@ -250,12 +250,16 @@ def test_baselines_are_found_only_for_the_same_cache_and_folds(cache, tmp_path):
     assert f"paired over folds: UA {100 * (ua_a - load_run(b).folds[0]['ua']):+.2f} points" in lines[2]
 
 
-def test_ablate_adds_the_baseline_row(cache, tmp_path):
+def test_ablate_adds_the_baseline_row(tmp_path):
+    cache = make_cache(tmp_path / "small.h5", per_class=2)
     code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--epochs", 1, "--quiet")
     assert code == 0, out
     assert len(load_run(tmp_path / "abl" / "baseline").folds) == 6
-    rows = [line.split()[0] for line in out.splitlines() if line.strip()[:3] in ("Bas", "GAP", "SAP", "SR ")]
-    assert rows[-4:] == ["Baseline", "GAP", "SAP", "SR"]
+    rows = [line.split()[:2] for line in out.splitlines() if len(line.split()) > 2
+            and line.split()[1] in ("baseline", "gap", "sap", "sr")]
+    assert rows == [["Baseline", "baseline"], ["GAP", "gap"], ["SAP", "sap"], ["SR", "sr"]]
+    for head in ("GAP", "SAP", "SR"):
+        assert f"{head} minus Baseline, paired over folds: UA " in out
     code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl2", "--epochs", 1, "--quiet", "--no-baseline")
     assert code == 0 and not (tmp_path / "abl2" / "baseline").exists()
 
