@@ -36,7 +36,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -268,7 +268,6 @@ class FoldOutput:
     metrics: dict[str, Any]
     model: LinearModel
     predictions: Any  # heads.trainer.Predictions
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _label_matrix(data: FoldData, ids: Sequence[str]) -> np.ndarray:
@@ -336,7 +335,9 @@ def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Seque
                  out: str | Path | None = None, console: Console | None = None,
                  progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
     """The baseline on the given folds (None = all) of a cache into RUN; returns RUN and the metrics in fold order."""
-    from heads.run import _progress, open_cache, prepare_run_dir, run_config
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from heads.run import open_cache, prepare_run_dir, run_config
 
     config.validate()
     console = console or Console(stderr=True)
@@ -348,7 +349,8 @@ def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Seque
         run_cfg = {**run_config(config, cache, layers), "mode": "baseline"}
         prepare_run_dir(out, run_cfg)
         ids = sorted({u for d in datas for s in ("train", "val", "test") for u in d.split(s)})
-        with _progress(console, progress) as bar:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=not progress, transient=True) as bar:
             task = bar.add_task("utterance statistics", total=len(ids))
             stats, no_speech = cache_statistics(cache, ids, layers, statistics=config.statistics,
                                                 frames=config.frames, vad_mode=config.vad_mode,
