@@ -276,11 +276,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def code_version() -> str:
+    """The commit the runs used (from a git checkout), or "unknown"."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def write_report(path: Path, rows: list[Row], *, command: str, corpus: str, started: str, loads: tuple) -> None:
     lines = [
         "# Real speech: heads vs the classical baseline (bench/real_speech.py)",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` (code at commit {code_version()})",
         "",
         f"Corpus: {corpus}",
         "",
@@ -288,7 +297,8 @@ def write_report(path: Path, rows: list[Row], *, command: str, corpus: str, star
         f"{loads[0][0]:.1f}, {loads[0][1]:.1f}, {loads[0][2]:.1f} and at the end {loads[1][0]:.1f}, "
         f"{loads[1][1]:.1f}, {loads[1][2]:.1f} (the machine may be shared: wall times are noisy).",
         "",
-        "UA, WA, macro-F1: mean over the leave-one-speaker-out folds with the 95% CI (t-distribution), in %. "
+        "UA, WA, macro-F1: mean over the leave-one-speaker-out folds with the 95% CI (t-distribution), in % "
+        "(UA = WA when every test speaker has the same number of utterances per class, as in this corpus). "
         "\"vs baseline\": this run's UA minus the baseline's (`cli baseline`, same cache) fold by fold, mean "
         "and 95% CI, in points. Load: 1-minute load average when the run started.",
         "",
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                               work, args.reuse_runs)
                 paired(row, base)
                 rows.append(row)
-    command = "python bench/real_speech.py " + shlex.join(given)
+    command = ("python bench/real_speech.py " + shlex.join(given)).rstrip()
     corpus = (f"bench/speech_corpus.py, {args.sessions} sessions x 2 speakers, {args.per_class} utterances per "
               f"speaker and class (angry, happy, neutral, sad), seed {args.seed}: "
               f"{2 * args.sessions * 4 * args.per_class} utterances, {2 * args.sessions} leave-one-speaker-out "
