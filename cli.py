@@ -121,7 +121,7 @@ def report(
     valence/arousal MAE and CCC; writes the confusion-matrix and training-curve plots."""
     from heads.metrics import json_safe
     from heads.plots import write_run_plots  # matplotlib only when this command runs
-    from heads.report import load_run, render_folds, render_table, render_tables, summarize, table_width
+    from heads.report import load_run, pooled_recall_line, render_folds, render_table, render_tables, summarize, table_width
 
     loaded = [load_run(r) for r in runs]
     summaries = [summarize(r) for r in loaded]
@@ -142,6 +142,8 @@ def report(
         console.print(table)
     if len(loaded) == 1:
         console.print(render_folds(loaded[0]))
+    for s in summaries:
+        console.print(pooled_recall_line(s), highlight=False)
     for p in written:
         console.print(f"wrote {p}", highlight=False)
 
@@ -246,6 +248,11 @@ def train_head(
                            gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
                            protocol=protocol)
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
+    if all_folds:
+        from heads.report import end_of_run_lines
+
+        for line in end_of_run_lines(run):  # and a baseline's on the same folds, when one is beside it
+            typer.echo(line)
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
 
 
@@ -258,9 +265,11 @@ def ablate(
     lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
     heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,
     protocol: ProtocolOpt = "speaker", quiet: QuietOpt = False,
 ) -> None:
-    """GAP, SAP and SR over all folds of one cache, then the three side by side (the paper's Tables 1 and 3)."""
+    """GAP, SAP and SR over all folds of one cache, plus the classical baseline, then side by side
+    (the paper's Tables 1 and 3)."""
     from heads.report import render_runs, table_width
     from heads.run import ablate as run_ablation
 
@@ -268,9 +277,40 @@ def ablate(
                            weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
                            gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
                            protocol=protocol)
-    runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet)
+    runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
+    if baseline:
+        from heads.report import baseline_comparisons
+
+        for run in runs[1:]:  # does each head beat the baseline on the same folds?
+            for _, paired in baseline_comparisons(run):
+                typer.echo(paired)
+
+
+@app.command()
+@user_errors
+def baseline(
+    cache: CacheOpt,
+    fold: Annotated[int | None, typer.Option("--fold", help="only fold K [default: every fold]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-baseline]")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="statistics of this one cached layer [default: every cached layer, concatenated]")] = None,
+    frames: Annotated[str, typer.Option("--frames", help="speech (the VAD mask of --vad-mode) or all frames")] = "speech",
+    stats: Annotated[str, typer.Option("--stats", help="per-dimension statistics: mean+std or mean")] = "mean+std",
+    vad_mode: VadOpt = 3,
+    protocol: ProtocolOpt = "speaker",
+    quiet: QuietOpt = False,
+) -> None:
+    """A classical baseline on the same folds: mean and std of each utterance's frames + StandardScaler +
+    LogisticRegression (class-balanced; C chosen on the validation speaker) and Ridge for valence/arousal."""
+    from heads.baseline import BaselineConfig, run_baseline
+    from heads.report import end_of_run_lines
+
+    config = BaselineConfig(layer=layer, frames=frames, statistics=stats, vad_mode=vad_mode, protocol=protocol)
+    run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)
+    for line in end_of_run_lines(run, baselines=False):
+        typer.echo(line)
+    typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
 
 
 @app.command()

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from extract.errors import UserError
-from heads.report import Run, load_histories
+from heads.report import Run, load_histories, summarize
 
 
 class PlotError(UserError):
@@ -32,9 +32,28 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def row_labels(labels: Sequence[str], totals: Sequence[int],
+               fold_mean_recall: Sequence[float | None] | None = None) -> list[str]:
+    """Y tick labels: class and test count, and (when given) the class's recall as a mean over folds,
+    so the figure shows both forms of per-class recall and says which is which."""
+    out = []
+    for i, (c, t) in enumerate(zip(labels, totals)):
+        text = f"{c}\n(n={int(t)})"
+        if fold_mean_recall is not None:
+            r = fold_mean_recall[i]
+            text += "\nfold mean: " + ("–" if r is None else f"{100 * r:.1f}%")
+        out.append(text)
+    return out
+
+
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path,
-                  *, title: str = "") -> Path:
-    """Row-normalized percentages with the counts under them; rows = true class, columns = predicted."""
+                  *, title: str = "", fold_mean_recall: Sequence[float | None] | None = None) -> Path:
+    """Row-normalized percentages with the counts under them; rows = true class, columns = predicted.
+
+    The diagonal is the recall of the counts as given (summed over folds: pooled
+    recall); `fold_mean_recall` adds each class's mean-over-folds recall (the
+    report table's number) to its row label.
+    """
     cm = np.asarray(confusion, dtype=np.int64)  # (C, C)
     totals = cm.sum(axis=1, keepdims=True)  # (C, 1) test utterances per true class
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -51,9 +70,9 @@ def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], pat
             dark = not np.isnan(share[i, j]) and share[i, j] > 55
             ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     ax.set_xticks(range(n), labels=list(labels))
-    ax.set_yticks(range(n), labels=[f"{c}\n(n={int(t)})" for c, t in zip(labels, totals[:, 0])])
+    ax.set_yticks(range(n), labels=row_labels(labels, totals[:, 0], fold_mean_recall))
     ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
+    ax.set_ylabel("True (cells: % of the row's pooled count)")
     ax.set_title(title or f"Confusion matrix, summed over folds (N={int(cm.sum())})")
     return _save(fig, Path(path))
 
@@ -99,8 +118,10 @@ def _fold_colours(n: int) -> list:
 def write_run_plots(run: Run) -> list[Path]:
     """RUN/confusion.png (summed over folds) and, when folds logged a history, RUN/curves.png."""
     total = np.sum([m["confusion"] for m in run.folds], axis=0)  # (C, C)
-    written = [confusion_png(total, run.labels, run.path / "confusion.png",
-                             title=f"{run.name}: confusion over {len(run.folds)} folds (N={int(total.sum())})")]
+    fold_mean = [summarize(run)["recall"][c]["mean"] for c in run.labels]
+    written = [confusion_png(total, run.labels, run.path / "confusion.png", fold_mean_recall=fold_mean,
+                             title=f"{run.name}: counts summed over {len(run.folds)} folds (N={int(total.sum())});\n"
+                                   "diagonal = pooled recall, row label = recall as mean over folds")]
     histories = load_histories(run)
     if histories:
         written.append(curves_png(histories, run.path / "curves.png", title=f"{run.name}: training curves"))

@@ -39,7 +39,7 @@ import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -279,9 +279,14 @@ class Ensemble:
         )
 
 
-def load_predictor(path: str | Path, *, device: str = "cpu") -> Predictor | Ensemble:
-    """A fold folder (RUN/fold-KK) -> its Predictor; a run folder (RUN) -> the Ensemble of its trained folds."""
+def load_predictor(path: str | Path, *, device: str = "cpu") -> Any:
+    """A fold folder (RUN/fold-KK) -> its Predictor (a BaselinePredictor for a `cli baseline` fold);
+    a run folder (RUN) -> the Ensemble of its trained folds."""
+    from heads.baseline import BaselinePredictor, is_baseline_fold
+
     path = Path(path)
+    if is_baseline_fold(path):
+        return BaselinePredictor(path, device=device)
     if (path / "head.safetensors").is_file():
         return Predictor(path, device=device)
     if (path / "config.json").is_file():

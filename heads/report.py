@@ -11,6 +11,12 @@ Tables 1 and 3). Absent values (a class missing from a fold's test speaker,
 valence on a corpus without it) are left out, so n may differ per score.
 With n = 1 the interval is undefined and reported as null; with n = 0 the
 mean is null too. JSON holds fractions in [0, 1]; tables print percent.
+
+Per-class recall exists in two forms that differ on unbalanced folds, and
+every output names which one it shows: `recall` is the mean over folds of each
+fold's recall (what UA, the mean over folds of per-fold UA, is built from; the
+tables show it), `recall_pooled` is the recall of the confusion counts summed
+over folds (what confusion.png shows on its diagonal).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr")
 FRACTIONS = ("ua", "wa", "macro_f1")
 REGRESSION = ("valence_mae", "arousal_mae", "valence_ccc", "arousal_ccc")
 POOLING_LABELS = {"gap": "GAP", "sap": "SAP", "sr": "SR"}
+METHOD_LABELS = {"baseline": "Baseline"}  # runs that are not a pooling head (heads/baseline.py)
 
 
 @dataclass(frozen=True)
@@ -211,12 +218,27 @@ def summarize(run: Run | str | Path) -> dict:
         summary[key] = mean_ci(m[key] for m in folds)
     summary["no_speech"] = sum(m["no_speech"] for m in folds)
     summary["confusion"] = np.sum([m["confusion"] for m in folds], axis=0).astype(int).tolist()
+    summary["recall_pooled"] = pooled_recall(summary["confusion"], run.labels)
     summary["pooling"] = _find(run.config, "pooling")
     # heads/run.py nests the training options under "settings"; an older or hand-made
     # config without that key is taken whole.
     settings = run.config.get("settings")
     summary["settings"] = settings if isinstance(settings, dict) else run.config
+    summary["method"] = summary["settings"].get("method")  # "baseline" for heads/baseline.py runs
     return summary
+
+
+def pooled_recall(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> dict[str, float | None]:
+    """Recall of counts summed over folds (confusion.png's diagonal); None for a class never in any test set."""
+    cm = np.asarray(confusion, dtype=np.int64)  # (C, C) rows = true class
+    totals = cm.sum(axis=1)
+    return {c: (float(cm[i, i] / totals[i]) if totals[i] else None) for i, c in enumerate(labels)}
+
+
+def pooled_recall_line(summary: dict) -> str:
+    """The other form of per-class recall, for the text report (the tables show the mean over folds)."""
+    parts = ", ".join(f"{c} {'–' if r is None else f'{100 * r:.2f}'}" for c, r in summary["recall_pooled"].items())
+    return f"{summary['run']}: per-class recall pooled over folds (confusion.png's diagonal), %: {parts}"
 
 
 def compare(run_dirs: Sequence[str | Path | Run]) -> list[dict]:
@@ -244,11 +266,16 @@ def num(stat: dict) -> str:
 
 
 def method_label(summary: dict) -> str:
+    method = summary.get("method")
+    if method in METHOD_LABELS:
+        return METHOD_LABELS[method]
     pooling = summary.get("pooling")
     return POOLING_LABELS.get(str(pooling).lower(), str(pooling)) if pooling is not None else "?"
 
 
-CAPTION = "UA, WA, macro-F1, recall in %. V/A = valence/arousal: MAE on the label scale, CCC in [-1, 1]."
+CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "
+           "(confusion.png pools the folds' counts instead). V/A = valence/arousal: MAE on the label scale, "
+           "CCC in [-1, 1].")
 
 
 def _columns(summaries: Sequence[dict], parts: Sequence[str]) -> list[tuple[str, Callable[[dict], str]]]:
@@ -271,8 +298,8 @@ def _columns(summaries: Sequence[dict], parts: Sequence[str]) -> list[tuple[str,
 
 
 ALL_PARTS = ("main", "recall", "dims")
-PART_TITLES = {("recall", "dims"): "Per-class recall (%) and valence/arousal: mean over folds",
-               ("recall",): "Per-class recall (%): mean over folds",
+PART_TITLES = {("recall", "dims"): "Per-class recall (%) and valence/arousal: mean over folds (not pooled)",
+               ("recall",): "Per-class recall (%): mean over folds (not pooled)",
                ("dims",): "Valence (V) and arousal (A): mean over folds"}
 
 
@@ -331,3 +358,103 @@ def render_folds(run: Run | str | Path) -> Table:
         table.add_row(str(m["fold"]), m["test_speaker"], m["val_speaker"], str(m["n_test"]), *scores,
                       "–" if m["best_epoch"] is None else str(m["best_epoch"]), str(m["no_speech"]))
     return table
+
+
+# --- what a finished run prints (train-head --all-folds, ablate, baseline) ------------------
+
+
+def _is_baseline_config(config: Any) -> bool:
+    return isinstance(config, dict) and isinstance(config.get("settings"), dict) \
+        and config["settings"].get("method") == "baseline"
+
+
+def find_baselines(run: Run | str | Path) -> list[Run]:
+    """Baseline runs (heads/baseline.py) beside RUN made from the same cache with the same fold plan.
+
+    Looked for among RUN's sibling folders (`cli ablate` writes OUT/baseline
+    beside OUT/sr; `cli baseline` and `cli train-head` default to
+    runs/<cache stem>-baseline and runs/<cache stem>-<pooling>). Same cache =
+    the same fingerprint and classes; same folds = the same fold plan.
+    """
+    run = _as_run(run)
+    key = ("fingerprint", "folds", "classes")
+    found = []
+    for d in sorted(run.path.resolve().parent.iterdir()):
+        if not d.is_dir() or d == run.path.resolve():
+            continue
+        try:
+            config = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _is_baseline_config(config) or any(config.get(k) != run.config.get(k) for k in key):
+            continue
+        try:
+            found.append(load_run(d))
+        except ReportError:
+            continue  # a broken or empty sibling is not this run's business
+    return found
+
+
+def _stat_text(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{100 * stat['mean']:.2f}%"
+    if stat["ci95"] is not None:
+        lo, hi = stat["ci95"]
+        text += f" (95% CI {100 * lo:.2f} to {100 * hi:.2f})"
+    return text
+
+
+def _points_text(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    text = f"{100 * stat['mean']:+.2f} points"
+    if stat["ci95"] is not None:
+        lo, hi = stat["ci95"]
+        text += f" (95% CI {100 * lo:+.2f} to {100 * hi:+.2f})"
+    return text
+
+
+def _subset(run: Run, folds: set[int]) -> Run:
+    keep = [(m, d) for m, d in zip(run.folds, run.fold_dirs) if m["fold"] in folds]
+    return Run(run.path, run.config, run.labels, tuple(m for m, _ in keep), tuple(d for _, d in keep), run.unfinished)
+
+
+def end_of_run_lines(run: Run | str | Path, *, baselines: bool = True) -> list[str]:
+    """Mean UA/WA (95% CI) over the run's finished folds; with `baselines`, each baseline run of
+    `find_baselines` on the same folds beside it and the paired per-fold difference."""
+    run = _as_run(run)
+    s = summarize(run)
+    lines = [f"{method_label(s)} ({run.path}), mean over {s['folds']} folds: UA {_stat_text(s['ua'])}, "
+             f"WA {_stat_text(s['wa'])}"]
+    if baselines:
+        for base_line, diff_line in baseline_comparisons(run):
+            lines += [base_line, diff_line]
+    return lines
+
+
+def baseline_comparisons(run: Run | str | Path) -> list[tuple[str, str]]:
+    """(the baseline's mean over the folds both runs have, the paired difference) per baseline beside RUN."""
+    run = _as_run(run)
+    label = method_label(summarize(run))
+    ours = {m["fold"]: m for m in run.folds}
+    out = []
+    for base in find_baselines(run):
+        common = set(ours) & {m["fold"] for m in base.folds}
+        if not common:
+            continue
+        b = summarize(_subset(base, common))
+        n = len(common)
+        which = f"the same {n} folds" if n == len(ours) else f"the {n} fold{'s' if n > 1 else ''} in common"
+        diffs = {k: mean_ci(_difference(ours[m["fold"]][k], m[k]) for m in base.folds if m["fold"] in common)
+                 for k in ("ua", "wa")}
+        out.append((f"{method_label(b)} ({base.path}), {which}: UA {_stat_text(b['ua'])}, WA {_stat_text(b['wa'])}",
+                    f"{label} minus {method_label(b)}, paired over folds: UA {_points_text(diffs['ua'])}, "
+                    f"WA {_points_text(diffs['wa'])}"))
+    return out
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return a - b

@@ -296,11 +296,19 @@ ABLATION = ("gap", "sap", "sr")
 
 
 def ablate(cache_path: str | Path, config: TrainConfig, *, out: str | Path | None = None, jobs: int = 1,
-           console: Console | None = None, progress: bool = True) -> list[Path]:
-    """GAP, SAP and SR over all folds of one cache, into OUT/gap, OUT/sap, OUT/sr (same other settings)."""
+           console: Console | None = None, progress: bool = True, baseline: bool = True) -> list[Path]:
+    """GAP, SAP and SR over all folds of one cache, into OUT/gap, OUT/sap, OUT/sr (same other settings),
+    after the classical baseline (heads/baseline.py, same layer and VAD mode) into OUT/baseline."""
     console = console or Console(stderr=True)
     out = Path(out) if out else Path("runs") / f"{Path(cache_path).stem}-ablation"
     runs = []
+    if baseline:
+        from heads.baseline import BaselineConfig, run_baseline
+
+        console.print(f"[bold]Baseline[/bold] -> {out / 'baseline'}")
+        run, _ = run_baseline(cache_path, BaselineConfig(layer=config.layer, vad_mode=config.vad_mode, protocol=config.protocol),
+                              out=out / "baseline", console=console, progress=progress)
+        runs.append(run)
     for pooling in ABLATION:
         console.print(f"[bold]{pooling.upper()}[/bold] -> {out / pooling}")
         run, _ = train_folds(cache_path, replace(config, pooling=pooling), out=out / pooling, jobs=jobs,

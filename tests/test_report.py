@@ -10,7 +10,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from cli import app
-from heads.plots import confusion_png, write_run_plots
+from heads.plots import confusion_png, row_labels, write_run_plots
 from heads.report import (
     ReportError,
     compare,
@@ -29,7 +29,8 @@ UA = [0.75, 0.875, 2 / 3]  # per fold, by hand from run_fixtures.FOLDS
 WA = [11 / 14, 14 / 16, 10 / 14]
 SUMMED = [[9, 3, 0, 0], [1, 9, 2, 0], [0, 1, 12, 1], [0, 0, 1, 5]]
 SUMMARY_KEYS = {"run", "folds", "labels", "ua", "wa", "macro_f1", "recall", "valence_mae", "arousal_mae",
-                "valence_ccc", "arousal_ccc", "no_speech", "confusion", "pooling", "settings"}
+                "valence_ccc", "arousal_ccc", "no_speech", "confusion", "recall_pooled", "pooling", "method",
+                "settings"}
 
 
 def scipy_ci(values):
@@ -98,6 +99,19 @@ def test_summarize_known_run(runs):
     assert s["valence_mae"]["mean"] == pytest.approx(0.5)
     assert s["arousal_mae"]["mean"] == pytest.approx(1 / 3)
     assert s["settings"]["pooling"] == "sr" and s["settings"]["epochs"] == 30
+
+
+def test_pooled_and_fold_mean_recall_are_both_given_and_named(runs):
+    """The table's recall is the mean over folds; confusion.png's diagonal pools the folds' counts.
+    They differ on this run (neutral: 83.33 vs 85.71), and each output says which one it shows."""
+    s = summarize(runs["sr"])
+    assert s["recall_pooled"] == pytest.approx({"angry": 9 / 12, "happy": 9 / 12, "neutral": 12 / 14, "sad": 5 / 6})
+    assert s["recall"]["neutral"]["mean"] == pytest.approx(5 / 6) and 12 / 14 != pytest.approx(5 / 6)
+    labels = row_labels(s["labels"], [12, 12, 14, 6], [s["recall"][c]["mean"] for c in s["labels"]])
+    assert labels[2] == "neutral\n(n=14)\nfold mean: 83.3%"
+    assert row_labels(["sad"], [0], [None]) == ["sad\n(n=0)\nfold mean: –"]
+    text = text_of(*render_tables([s], 100))
+    assert "mean over folds (not pooled)" in text and "confusion.png pools the folds' counts" in text
 
 
 def test_summarize_ccc_agrees_with_predictions_csv(runs):
@@ -259,6 +273,9 @@ def test_cli_report_one_run(cli_runs):
     assert f"{100 * 55 / 72:.2f} (" in result.stdout
     assert "per fold" in result.stdout and "Ses01M" in result.stdout
     assert f"wrote {sr / 'confusion.png'}" in result.stdout
+    assert ("sr: per-class recall pooled over folds (confusion.png's diagonal), %: angry 75.00, happy 75.00, "
+            "neutral 85.71, sad 83.33") in result.stdout
+    assert "Per-class recall: mean over folds of each fold's recall" in " ".join(result.stdout.split())
     assert (sr / "confusion.png").read_bytes().startswith(PNG_MAGIC)
     assert (sr / "curves.png").read_bytes().startswith(PNG_MAGIC)
 

@@ -1,0 +1,428 @@
+"""A classical baseline on the same folds: utterance statistics of the cached frames + StandardScaler + a linear model.
+
+Every ablation should answer "does the neural head beat the obvious
+baseline?". This one uses the same fold plan (heads/folds.py through
+`heads.data.fold_data`), the same metrics (heads/metrics.py) and the same
+run-folder format as `cli train-head`, so `cli report` shows it beside
+GAP/SAP/SR.
+
+Per utterance, in one streaming pass over the cache (one utterance's
+(T, L, D) frames in memory at a time, moments accumulated in float64):
+
+    s = [mean_t c_t, std_t c_t] over the utterance's speech frames (the VAD
+        mask of `vad_mode`; all its frames when the VAD found none, counted as
+        no_speech like the head does), for each selected layer (every cached
+        layer by default, or `layer`), concatenated: (L * 2 * D,),
+        layout layer-major, then statistic, then dimension.
+
+Per fold, everything is fitted on the training speakers only:
+- StandardScaler on the training split's statistics;
+- LogisticRegression(class_weight="balanced") for the emotion, one fit per C
+  in `c_grid`; the C with the best UA on the validation speaker is kept
+  (ties: the smaller C, i.e. the simpler model);
+- Ridge for valence and for arousal, alpha chosen by MAE on the validation
+  speaker (ties: the smaller alpha).
+The validation speaker only chooses, as early stopping does for the head; the
+kept model was trained on the training speakers alone.
+
+The fold's model is stored as plain arrays in `fold-KK/baseline.safetensors`
+(scaler, classifier and regressor coefficients; no pickle), and
+`LinearModel.predict` is what produced the fold's predictions.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from rich.console import Console
+
+from cache.reader import FeatureCache
+from extract.errors import UserError
+from heads.data import FoldData, check_vad_mode, fold_count, fold_data, select_layers
+from heads.outputs import fold_outputs, trained_outputs
+from heads.metrics import classification_metrics, json_safe, regression_metrics
+
+MODEL_FILE = "baseline.safetensors"
+STATISTICS = {"mean": ("mean",), "mean+std": ("mean", "std")}
+FRAMES = ("speech", "all")
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+@dataclass
+class BaselineConfig:
+    """Every baseline setting; saved in RUN/config.json under "settings"."""
+
+    method: str = "baseline"  # how `cli report` labels the run
+    statistics: str = "mean+std"  # mean | mean+std, per dimension over the chosen frames
+    frames: str = "speech"  # speech (VAD mask of vad_mode) | all
+    layer: int | None = None  # None: every cached layer, concatenated
+    vad_mode: int = 3
+    protocol: str = "speaker"  # the fold plan, as for the heads (heads/folds.py)
+    classifier: str = "logreg"  # LogisticRegression, class_weight="balanced"
+    c_grid: tuple[float, ...] = C_GRID
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    max_iter: int = 5000
+
+    def validate(self) -> None:
+        checks = [
+            (self.statistics in STATISTICS, f"--stats must be mean or mean+std; got {self.statistics!r}"),
+            (self.frames in FRAMES, f"--frames must be speech or all; got {self.frames!r}"),
+            (self.classifier == "logreg", f"the classifier must be logreg; got {self.classifier!r}"),
+            (len(self.c_grid) > 0 and min(self.c_grid) > 0, "every C in the grid must be positive"),
+            (len(self.alpha_grid) > 0 and min(self.alpha_grid) > 0, "every alpha in the grid must be positive"),
+            (self.max_iter >= 1, "max_iter must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        check_vad_mode(self.vad_mode)
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def utterance_statistics(frames: np.ndarray, use: np.ndarray, statistics: str = "mean+std") -> np.ndarray:
+    """(T, L, D) frames and a (T,) bool mask of the frames to use -> (L * S * D,) float64, S statistics.
+
+    Population std (ddof=0). Computed one layer at a time so that a long
+    utterance of a wide model never needs a float64 copy of all its layers.
+    """
+    t, n_layers, d = frames.shape
+    names = STATISTICS[statistics]
+    out = np.empty((n_layers, len(names), d), dtype=np.float64)  # (L, S, D)
+    for layer in range(n_layers):
+        x = frames[use, layer].astype(np.float64)  # (T', D)
+        if len(x) == 0:  # a frameless utterance has no statistics; zeros are the scaler's neutral input
+            out[layer] = 0.0
+            continue
+        mean = x.mean(axis=0)  # (D,)
+        out[layer, 0] = mean
+        if "std" in names:
+            out[layer, 1] = np.sqrt(np.mean((x - mean) ** 2, axis=0))
+    return out.reshape(-1)
+
+
+def cache_statistics(cache: FeatureCache, utt_ids: Sequence[str], layers: Sequence[int], *, statistics: str,
+                     frames: str, vad_mode: int, on_utterance: Callable[[], None] | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L * S * D) float32 statistics of `utt_ids` in that order, and (N,) bool: the VAD found no speech.
+
+    One pass, one utterance at a time: a cache larger than RAM is fine (only
+    the (N, F) result is held).
+    """
+    n_features = len(layers) * len(STATISTICS[statistics]) * int(cache.hidden_size)
+    out = np.empty((len(utt_ids), n_features), dtype=np.float32)  # (N, F)
+    no_speech = np.zeros(len(utt_ids), dtype=bool)  # (N,)
+    for i, utt_id in enumerate(utt_ids):
+        x = cache.features(utt_id, list(layers))  # (T, L, D) stored dtype
+        vad = cache.vad(utt_id, vad_mode)  # (T,)
+        no_speech[i] = not vad.any()
+        use = vad if frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
+        out[i] = utterance_statistics(x, use, statistics)
+        if on_utterance:
+            on_utterance()
+    return out, no_speech
+
+
+# --- the per-fold model --------------------------------------------------------------------
+
+
+@dataclass
+class LinearModel:
+    """One fold's fitted baseline as plain arrays: predicts from the statistics, saves without pickle."""
+
+    mean: np.ndarray  # (F,) scaler
+    scale: np.ndarray  # (F,)
+    class_index: np.ndarray  # (C',) int64: the classes the classifier saw in training, in `classes` order
+    coef: np.ndarray  # (C', F) softmax logits = x_scaled @ coef.T + intercept
+    intercept: np.ndarray  # (C',)
+    va_coef: np.ndarray  # (2, F) valence, arousal; NaN rows: no training target
+    va_intercept: np.ndarray  # (2,)
+    n_classes: int
+
+    def predict(self, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, F) statistics -> (N, C) class probabilities, (N, 2) valence and arousal (corpus scale)."""
+        z = (np.asarray(stats, dtype=np.float64) - self.mean) / self.scale  # (N, F)
+        probs = np.zeros((len(z), self.n_classes))  # (N, C) classes never seen in training stay at 0
+        if len(self.class_index) == 0:
+            probs[:] = 1.0 / self.n_classes
+        else:
+            logits = z @ self.coef.T + self.intercept  # (N, C')
+            logits -= logits.max(axis=1, keepdims=True)
+            e = np.exp(logits)
+            probs[:, self.class_index] = e / e.sum(axis=1, keepdims=True)
+        va = z @ self.va_coef.T + self.va_intercept  # (N, 2)
+        return probs, va
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"scaler.mean": self.mean, "scaler.scale": self.scale, "classifier.class_index": self.class_index,
+                "classifier.coef": self.coef, "classifier.intercept": self.intercept,
+                "regressor.coef": self.va_coef, "regressor.intercept": self.va_intercept}
+
+    def save(self, path: Path, metadata: dict[str, str]) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors().items()}
+        save_file(tensors, str(path), metadata={**metadata, "n_classes": str(self.n_classes)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearModel:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
+            n_classes = int(fh.metadata()["n_classes"])
+        return cls(t["scaler.mean"], t["scaler.scale"], t["classifier.class_index"], t["classifier.coef"],
+                   t["classifier.intercept"], t["regressor.coef"], t["regressor.intercept"], n_classes)
+
+
+def _fit_classifier(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
+                    config: BaselineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """(class_index, coef (C', F), intercept (C',), what was chosen) from scaled training rows with a label."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    present = np.unique(y)
+    if len(present) < 2:  # nothing to separate: one known class gets every utterance, none: uniform
+        return present.astype(np.int64), np.zeros((len(present), x.shape[1])), np.zeros(len(present)), {"C": None}
+    best: tuple[float, Any] | None = None
+    val_ua = {}
+    for c in config.c_grid:
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=config.max_iter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # recorded below instead
+            clf.fit(x, y)
+        ua = classification_metrics(y_val, clf.predict(x_val), range(n_classes))["ua"] if len(y_val) else math.nan
+        val_ua[str(c)] = ua
+        score = -math.inf if math.isnan(ua) else ua
+        if best is None or score > best[0]:  # strict: a tie keeps the smaller C
+            best = (score, clf)
+    if best[0] == -math.inf:  # no validation label: the middle of the grid
+        c = sorted(config.c_grid)[len(config.c_grid) // 2]
+        clf = LogisticRegression(C=c, class_weight="balanced", max_iter=config.max_iter).fit(x, y)
+    else:
+        clf = best[1]
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:  # binary: one row w gives p(class 1) = sigmoid(w.x + b) = softmax([-z/2, z/2])
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    chosen = {"C": float(clf.C), "val_ua_by_C": val_ua, "iterations": int(np.max(clf.n_iter_)),
+              "converged": bool(np.max(clf.n_iter_) < config.max_iter)}
+    return clf.classes_.astype(np.int64), coef, intercept, chosen
+
+
+def _fit_regressor(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                   config: BaselineConfig) -> tuple[np.ndarray, float, float | None]:
+    """(coef (F,), intercept, alpha) of a Ridge on the rows whose target exists; NaN coefficients if none."""
+    from sklearn.linear_model import Ridge
+
+    keep, keep_val = ~np.isnan(y), ~np.isnan(y_val)
+    if not keep.any():
+        return np.full(x.shape[1], np.nan), math.nan, None
+    best: tuple[float, Any] | None = None
+    for alpha in config.alpha_grid:
+        reg = Ridge(alpha=alpha).fit(x[keep], y[keep])
+        mae = float(np.mean(np.abs(reg.predict(x_val[keep_val]) - y_val[keep_val]))) if keep_val.any() else math.nan
+        score = math.inf if math.isnan(mae) else mae
+        if best is None or score < best[0]:
+            best = (score, reg)
+    if best[0] == math.inf:
+        alpha = sorted(config.alpha_grid)[len(config.alpha_grid) // 2]
+        reg = Ridge(alpha=alpha).fit(x[keep], y[keep])
+    else:
+        reg = best[1]
+    return reg.coef_.astype(np.float64), float(reg.intercept_), float(reg.alpha)
+
+
+def fit_fold(stats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int,
+             config: BaselineConfig) -> tuple[LinearModel, dict[str, Any]]:
+    """Fit one fold from `stats["train"|"val"]` (N, F) and `labels[...]` (N, 3): emotion index, valence, arousal."""
+    from sklearn.preprocessing import StandardScaler
+
+    # float64 from here on: the statistics are stored as float32, the fits and predict() run in float64
+    scaler = StandardScaler().fit(stats["train"].astype(np.float64))
+    x, x_val = (scaler.transform(stats[s].astype(np.float64)) for s in ("train", "val"))
+    y, y_val = labels["train"], labels["val"]
+    has, has_val = y[:, 0] >= 0, y_val[:, 0] >= 0
+    class_index, coef, intercept, chosen = _fit_classifier(
+        x[has], y[has, 0].astype(np.int64), x_val[has_val], y_val[has_val, 0].astype(np.int64), n_classes, config)
+    va_coef, va_intercept = np.empty((2, x.shape[1])), np.empty(2)
+    for j, name in ((0, "valence"), (1, "arousal")):
+        va_coef[j], va_intercept[j], chosen[f"{name}_alpha"] = _fit_regressor(x, y[:, 1 + j], x_val, y_val[:, 1 + j],
+                                                                               config)
+    model = LinearModel(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64), class_index, coef,
+                        intercept, va_coef, va_intercept, n_classes)
+    return model, chosen
+
+
+# --- one fold, all folds -------------------------------------------------------------------
+
+
+@dataclass
+class FoldOutput:
+    metrics: dict[str, Any]
+    model: LinearModel
+    predictions: Any  # heads.trainer.Predictions
+
+
+def _label_matrix(data: FoldData, ids: Sequence[str]) -> np.ndarray:
+    """(N, 3) float64: emotion index (-1 none), valence, arousal (NaN none)."""
+    return data.labels.loc[list(ids), ["emotion", "valence", "arousal"]].to_numpy(np.float64)
+
+
+def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict[str, int],
+             config: BaselineConfig) -> FoldOutput:
+    """Fit on the training speakers, choose on the validation speaker, test on the test speaker."""
+    from heads.trainer import Predictions
+
+    split_stats = {s: stats[[row[u] for u in data.split(s)]] for s in ("train", "val", "test")}
+    split_labels = {s: _label_matrix(data, data.split(s)) for s in ("train", "val", "test")}
+    model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config)
+    probs, va = model.predict(split_stats["test"])
+    truth = split_labels["test"]
+    emotion = truth[:, 0].astype(np.int64)
+    test_no_speech = no_speech[[row[u] for u in data.test]]
+    cls = classification_metrics(emotion, probs.argmax(1), data.classes)
+    val_m = regression_metrics(truth[:, 1], va[:, 0])
+    aro_m = regression_metrics(truth[:, 2], va[:, 1])
+    fold = data.fold
+    metrics = {
+        "fold": fold.fold, "test_speaker": fold.test_speaker, "val_speaker": fold.val_speaker,
+        "labels": list(data.classes), **cls,
+        "valence_mae": val_m["mae"], "arousal_mae": aro_m["mae"],
+        "valence_ccc": val_m["ccc"], "arousal_ccc": aro_m["ccc"],
+        "best_epoch": None, "no_speech": int(test_no_speech.sum()), "n_test": len(data.test),
+        "n_train": len(data.train), "n_val": len(data.val), "baseline": chosen,
+        "outputs": trained_outputs(data.labels.loc[data.train]),  # what predict may report
+    }
+    pred = Predictions(utt_id=list(data.test), probs=probs, va=va, emotion=emotion, va_true=truth[:, 1:],
+                       no_speech=test_no_speech, loss=math.nan)
+    return FoldOutput(metrics, model, pred)
+
+
+def write_baseline_fold(out: Path, result: FoldOutput, classes: Sequence[str], run_cfg: dict[str, Any]) -> Path:
+    """RUN/fold-KK/{baseline.safetensors, predictions.csv, metrics.json}; metrics.json last, as the 'finished' mark."""
+    from heads.trainer import _replacing, write_predictions
+
+    fold_dir = out / f"fold-{result.metrics['fold']:02d}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    with _replacing(fold_dir / MODEL_FILE) as tmp:
+        result.model.save(tmp, {"config": json.dumps(json_safe(run_cfg)), "classes": json.dumps(list(classes))})
+    with _replacing(fold_dir / "predictions.csv") as tmp:
+        write_predictions(tmp, result.predictions, tuple(classes), result.metrics["outputs"])
+    with _replacing(fold_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
+    return fold_dir
+
+
+def default_baseline_dir(cache_path: str | Path) -> Path:
+    return Path("runs") / f"{Path(cache_path).stem}-baseline"
+
+
+def baseline_line(m: dict[str, Any], seconds: float) -> str:
+    def pct(x: Any) -> str:
+        return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
+
+    c = m["baseline"].get("C")
+    return (f"fold {m['fold']:02d} {m['test_speaker']} (val {m['val_speaker']})  UA {pct(m['ua'])}%  "
+            f"WA {pct(m['wa'])}%  C {'-' if c is None else f'{c:g}'}  "
+            f"no-speech {m['no_speech']}/{m['n_test']}  {seconds:.1f} s")
+
+
+def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Sequence[int] | None = None,
+                 out: str | Path | None = None, console: Console | None = None,
+                 progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
+    """The baseline on the given folds (None = all) of a cache into RUN; returns RUN and the metrics in fold order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from heads.run import open_cache, prepare_run_dir, run_config
+
+    config.validate()
+    console = console or Console(stderr=True)
+    out = Path(out) if out else default_baseline_dir(cache_path)
+    with open_cache(cache_path) as cache:
+        layers = select_layers(cache, config.layer)
+        ks = list(folds) if folds else list(range(1, fold_count(cache, config.protocol) + 1))
+        datas = [fold_data(cache, k, config.protocol) for k in ks]  # every fold checked before any work
+        run_cfg = {**run_config(config, cache, layers), "mode": "baseline"}
+        prepare_run_dir(out, run_cfg)
+        ids = sorted({u for d in datas for s in ("train", "val", "test") for u in d.split(s)})
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=not progress, transient=True) as bar:
+            task = bar.add_task("utterance statistics", total=len(ids))
+            stats, no_speech = cache_statistics(cache, ids, layers, statistics=config.statistics,
+                                                frames=config.frames, vad_mode=config.vad_mode,
+                                                on_utterance=lambda: bar.advance(task))
+    row = {u: i for i, u in enumerate(ids)}
+    results = []
+    for data in datas:
+        start = time.perf_counter()
+        result = run_fold(data, stats, no_speech, row, config)
+        write_baseline_fold(out, result, data.classes, run_cfg)
+        console.print(baseline_line(result.metrics, time.perf_counter() - start), highlight=False)
+        results.append(result.metrics)
+    return out, results
+
+
+def is_baseline_fold(fold_dir: str | Path) -> bool:
+    return (Path(fold_dir) / MODEL_FILE).is_file()
+
+
+class BaselinePredictor:
+    """`cli predict` on a baseline fold: features re-extracted as the cache made them (the extractor's
+    backend, the cached layers, the storage dtype's rounding), the same statistics, the saved linear model."""
+
+    def __init__(self, fold_dir: str | Path, *, device: str = "cpu") -> None:
+        import torch
+
+        from heads.predict import PredictError, _CachedModelEncoder
+
+        self.fold_dir = Path(fold_dir)
+        config_file = self.fold_dir.parent / "config.json"
+        try:
+            cfg = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            raise PredictError(f"{config_file} is missing or not valid JSON: --run must be a fold folder "
+                               "inside a run folder") from None
+        settings = cfg.get("settings", {})
+        self.classes: list[str] = list(cfg["classes"])
+        self.statistics, self.frames = settings["statistics"], settings["frames"]
+        self.vad_mode = int(settings["vad_mode"])
+        self.model = LinearModel.load(self.fold_dir / MODEL_FILE)
+        self.outputs = tuple(fold_outputs(self.fold_dir))
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        self.encoder = _CachedModelEncoder(cfg, dev)
+
+    def predict_one(self, path: str | Path):
+        from extract.audio import AudioError, load_audio
+        from extract.vad import speech_ratio, vad_masks
+        from heads.predict import Prediction
+
+        try:
+            audio = load_audio(path, max_seconds=self.encoder.max_seconds)
+        except AudioError as err:
+            return Prediction(path=str(path), ok=False, error=str(err))
+        x = self.encoder(audio.samples)[0].cpu().numpy()  # (T, L, D), the cache's values
+        vad = vad_masks(audio.samples, self.encoder.grid)[self.vad_mode]  # (T,)
+        if len(vad) != len(x):
+            raise RuntimeError(f"{path}: {len(x)} feature frames but {len(vad)} VAD frames")
+        use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
+        stats = utterance_statistics(x, use, self.statistics).astype(np.float32)  # as cache_statistics stores it
+        probs, va = self.model.predict(stats[None])
+        return Prediction(
+            path=str(path), ok=True, emotion=self.classes[int(probs[0].argmax())],
+            probs={c: float(p) for c, p in zip(self.classes, probs[0])},
+            valence=float(va[0, 0]), arousal=float(va[0, 1]), speech_ratio=speech_ratio(vad),
+            seconds=len(audio.samples) / 16_000, truncated=audio.truncated, outputs=self.outputs,
+        )
+
+    def predict(self, paths: Sequence[str | Path]) -> list:
+        return [self.predict_one(p) for p in paths]
