@@ -13,7 +13,7 @@ Variants are `NAME=option:value,...`, e.g. `train=norm:train`,
 
     python bench/input_norm.py --cache A.h5 [--cache B.h5] --variants none=norm:none train=norm:train ...
         [--poolings sr,gap] [--runs /tmp/norm-runs] [--out bench/results/input-norm-cpu.md] [--jobs 1]
-        [--set epochs=60]
+        [--set epochs=60] [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+
+import torch  # noqa: E402
 
 from heads.report import load_run, summarize  # noqa: E402
 from heads.run import train_folds  # noqa: E402
@@ -97,7 +99,10 @@ def main() -> None:
     ap.add_argument("--title", default="Input normalization on real-speech caches")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides for every run, e.g. epochs=60")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine spinning threads cost more than they give)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     known = {f.name for f in fields(TrainConfig)}
     base_opts = dict(parse_variant("x=" + ",".join(s.replace("=", ":", 1) for s in args.set))[1])
     unknown = set(base_opts) - known

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -49,6 +49,9 @@ from heads.trainer import TrainConfig, Trainer, TrainingError
 # small corpus they barely leave uniform (the weights of a jointly learned mix on Whisper base
 # stayed at 0.13-0.16 against 1/7). Stage 1 is cheap, so its logits get a larger step.
 MIX_LR_FACTOR = 30.0
+# float32 values per slice of a batch in the two passes (256 MiB): a batch of 64 utterances x 25
+# layers x 1024 is ~3 GB in float32, and the passes need a few temporaries of that size
+SLICE_VALUES = 2**26
 
 
 @dataclass
@@ -73,19 +76,23 @@ def prepare_inputs(trainer: Trainer) -> None:
     if fit_norm:
         head.norm.set_stats(scan.moments)
     info: dict[str, Any] = {}
+    seconds = {"scan": time.perf_counter() - start}  # for benchmarks; metrics.json stays deterministic
     if pooled:
         affine = head.norm.affine()
         if affine is not None:  # a mean of affinely normalized frames = the normalized mean
             scale, shift = (torch.cat([a, a], dim=-1).to(scan.pooled["train"].device) for a in affine)  # (L, 2D)
             scan.pooled = {k: v * scale + shift for k, v in scan.pooled.items()}
+        mark = time.perf_counter()
         logits, info = learn_layer_weights(trainer, scan.pooled)
         head.mix.fix(logits.to(head.mix.logits.device))
+        seconds["weights"], mark = time.perf_counter() - mark, time.perf_counter()
         where = set()
         for split in ("train", "val"):
             trainer.loaders[split], place = materialize(trainer, head, split, scan.lengths)
             where.add(place)
+        seconds["materialize"] = time.perf_counter() - mark
         trainer.mixed_frames_in = ", ".join(sorted(where))  # a speed matter, so not in metrics.json
-    trainer.input_seconds = time.perf_counter() - start  # for benchmarks; metrics.json stays deterministic
+    trainer.input_seconds = seconds
     trainer.input_info = {"inputs": info} if info else {}
 
 
@@ -100,7 +107,7 @@ def scan_splits(trainer: Trainer, head: SERHead, splits: tuple[str, ...], *, fit
         ids = trainer.data.split(split)
         row = {u: i for i, u in enumerate(ids)}
         out = torch.zeros(len(ids), n_layers, 2 * hidden, device=trainer.device) if pool else None  # (N, L, 2D)
-        for batch in trainer.loaders[split]:
+        for batch in sliced(trainer.loaders[split]):
             features, padding, vad = trainer.encode(batch)
             if features.dim() not in (3, 4):
                 raise UserError("fitting --norm train or pooled layer weights needs frame features (B, T, [L,] D)")
@@ -121,6 +128,20 @@ def scan_splits(trainer: Trainer, head: SERHead, splits: tuple[str, ...], *, fit
         if out is not None:
             pooled[split] = out
     return Scan(lengths, pooled, moments)
+
+
+def sliced(batches: Iterable[dict]) -> Iterator[dict]:
+    """The batches cut into slices of at most SLICE_VALUES feature values (at least one utterance each)."""
+    for batch in batches:
+        features = batch["features"]
+        b = features.shape[0]
+        step = max(1, SLICE_VALUES // max(1, features[0].numel()))
+        if step >= b:
+            yield batch
+            continue
+        for i in range(0, b, step):
+            yield {k: v[i : i + step] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == b else v
+                   for k, v in batch.items()}
 
 
 def check_finite(x: torch.Tensor, padding: torch.Tensor, utt_ids: list[str]) -> None:
@@ -184,7 +205,7 @@ def materialize(trainer: Trainer, head: SERHead, split: str,
     dest, place = resident_tensor((rows_total, hidden), dtype, trainer.device, trainer.host_budget())  # (R, D)
     vad = torch.zeros(rows_total, dtype=torch.bool, device=dest.device)  # (R,)
     start_of = dict(zip(ids, starts.tolist()))
-    for batch in trainer.loaders[split]:
+    for batch in sliced(trainer.loaders[split]):
         features, padding, vad_mask = trainer.encode(batch)
         y = head.mixed(features, padding)  # (B, T, D)
         t = torch.arange(padding.shape[1], device=padding.device)  # (T,)

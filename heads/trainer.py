@@ -205,7 +205,7 @@ class Trainer:
         self.loss_fn = MTLLoss(self.class_weights, config.alpha, config.beta, config.gamma).to(self.device)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val", "test")}
         self.input_info: dict[str, Any] = {}  # what prepare_inputs did, for metrics.json
-        self.input_seconds = 0.0
+        self.input_seconds: dict[str, float] = {}  # prepare_inputs' phases (scan, weights, materialize)
         self.prepare_inputs()
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         steps = config.epochs * self.steps_per_epoch()

@@ -48,8 +48,11 @@ def reference_stats(cache_path: Path, fold: int) -> tuple[np.ndarray, np.ndarray
     return frames.mean(axis=0), std
 
 
-@pytest.mark.parametrize("memory_gb", [8.0, 0.0])  # RAM batches pad with copies of real frames, disk ones with zeros
-def test_statistics_come_from_the_training_speakers_real_frames_only(poisoned, tmp_path, memory_gb):
+# RAM batches pad with copies of real frames, disk ones with zeros; slice_values=1: one utterance per slice
+@pytest.mark.parametrize("memory_gb, slice_values", [(8.0, 2**26), (0.0, 1)])
+def test_statistics_come_from_the_training_speakers_real_frames_only(poisoned, tmp_path, memory_gb, slice_values,
+                                                                     monkeypatch):
+    monkeypatch.setattr("heads.layer_weights.SLICE_VALUES", slice_values)
     run, _ = train_folds(poisoned, config(memory_gb=memory_gb), folds=[1], out=tmp_path / "run", progress=False)
     stored = load_file(run / "fold-01" / "head.safetensors")
     mean, std = reference_stats(poisoned, 1)
