@@ -1,5 +1,12 @@
 """From a FeatureCache to what the trainer needs: fold splits, labels, RAM preload, batches.
 
+Resident batches: frames that sit in one tensor (the cache's RAM preload,
+or the frames the pooled layer weights mixed once) are batched with one
+vectorized gather on that tensor's device; on CUDA they are placed in GPU
+memory once when they fit in GPU_SHARE of what is free, so batches are
+built there and nothing crosses the bus per step (`resident_copy`,
+`resident_tensor`).
+
 Only utterances with some label (an emotion, a valence or an arousal) take
 part; the fold plan is built from every speaker in the cache, so a speaker
 whose utterances are all unlabelled yields a clear error for its folds.

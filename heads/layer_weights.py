@@ -49,6 +49,7 @@ from heads.trainer import TrainConfig, Trainer, TrainingError
 # small corpus they barely leave uniform (the weights of a jointly learned mix on Whisper base
 # stayed at 0.13-0.16 against 1/7). Stage 1 is cheap, so its logits get a larger step.
 MIX_LR_FACTOR = 30.0
+STAGE_EPOCHS: int | None = None  # None: the head's --epochs
 # float32 values per slice of a batch in the two passes (256 MiB): a batch of 64 utterances x 25
 # layers x 1024 is ~3 GB in float32, and the passes need a few temporaries of that size
 SLICE_VALUES = 2**26
@@ -155,7 +156,8 @@ def check_finite(x: torch.Tensor, padding: torch.Tensor, utt_ids: list[str]) -> 
 
 def learn_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Stage 1: the layer logits (L,) of a GAP-style head trained on the pooled layers, and what it did."""
-    config = replace(trainer.config, pooling="gap", norm="none", layer_weights="joint", layer=None)
+    config = replace(trainer.config, pooling="gap", norm="none", layer_weights="joint", layer=None,
+                     epochs=STAGE_EPOCHS or trainer.config.epochs)
     stage = PooledTrainer(config, trainer.data, pooled, layers=trainer.layers)
     stage.fit()
     mix = stage.model.mix

@@ -117,6 +117,7 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
 def _worker(cache_path: str, k: int, config: TrainConfig, out: str, layers: list[int], run_cfg: dict[str, Any],
             threads: int, memory_gb: float) -> tuple[dict[str, Any], float]:
     torch.set_num_threads(threads)
+    config = replace(config, memory_gb=memory_gb)  # this process's share, also for the frames it mixes once
     start = time.perf_counter()
     with open_cache(cache_path) as cache:
         preload(cache, layers, memory_gb)
