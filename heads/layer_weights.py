@@ -108,7 +108,7 @@ def scan_splits(trainer: Trainer, head: SERHead, splits: tuple[str, ...], *, fit
         ids = trainer.data.split(split)
         row = {u: i for i, u in enumerate(ids)}
         out = torch.zeros(len(ids), n_layers, 2 * hidden, device=trainer.device) if pool else None  # (N, L, 2D)
-        for batch in sliced(trainer.loaders[split]):
+        for batch in sliced(trainer.pass_loader(split)):
             features, padding, vad = trainer.encode(batch)
             if features.dim() not in (3, 4):
                 raise UserError("fitting --norm train or pooled layer weights needs frame features (B, T, [L,] D)")
@@ -207,7 +207,7 @@ def materialize(trainer: Trainer, head: SERHead, split: str,
     dest, place = resident_tensor((rows_total, hidden), dtype, trainer.device, trainer.host_budget())  # (R, D)
     vad = torch.zeros(rows_total, dtype=torch.bool, device=dest.device)  # (R,)
     start_of = dict(zip(ids, starts.tolist()))
-    for batch in sliced(trainer.loaders[split]):
+    for batch in sliced(trainer.pass_loader(split)):
         features, padding, vad_mask = trainer.encode(batch)
         y = head.mixed(features, padding)  # (B, T, D)
         t = torch.arange(padding.shape[1], device=padding.device)  # (T,)

@@ -8,6 +8,8 @@ overrides these hooks (everything else is shared):
     build_model()   -> SERHead                   the head (or a module wrapping backbone + head)
     prepare_inputs()                             fit the input normalization / layer weights on the
                                                  training split (no-op when there is nothing to fit)
+    pass_loader(split) -> iterable of batches    what prepare_inputs reads (default: from the cache,
+                                                 in memory-bounded groups)
     make_loader(split) -> iterable of batches    "train" | "val" | "test"; each batch a dict
                                                  with "emotion" (B,), "valence"/"arousal" (B,),
                                                  "utt_id" (list) plus whatever encode needs
@@ -250,6 +252,25 @@ class Trainer:
         from heads.layer_weights import prepare_inputs
 
         prepare_inputs(self)
+
+    def pass_loader(self, split: str) -> Iterable[dict]:
+        """Batches for prepare_inputs' one-off passes over a split, in order.
+
+        From a cache: groups of utterances small enough that the longest
+        batch's (B, T, L, D) float32 copy stays near `SLICE_VALUES` values
+        (a training batch of 64 x 950 frames x 25 x 1024 would be 6 GB);
+        otherwise the split's own loader.
+        """
+        if self.cache is None:
+            return self.loaders[split]
+        from heads.data import make_loader
+        from heads.layer_weights import SLICE_VALUES
+
+        ids = self.data.split(split)
+        longest = int(self.cache.meta.loc[ids, "n_frames"].max())
+        batch = max(1, min(self.config.batch_size, SLICE_VALUES // (longest * len(self.layers) * self.cache.hidden_size)))
+        return make_loader(self.cache, ids, layers=self.layers, vad_mode=self.config.vad_mode, batch_size=batch,
+                           shuffle=False, seed=self.config.seed, resident=self._resident)
 
     def host_budget(self) -> int:
         """Bytes of RAM the trainer may still fill (`--memory-gb` minus what the cache preloaded)."""
