@@ -113,19 +113,20 @@ def scan_splits(trainer: Trainer, head: SERHead, splits: tuple[str, ...], *, fit
             if features.dim() not in (3, 4):
                 raise UserError("fitting --norm train or pooled layer weights needs frame features (B, T, [L,] D)")
             x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
-            check_finite(x, padding, batch["utt_id"])
+            b, t, l, d = x.shape
+            flat = x.reshape(b, t, l * d)  # (B, T, L*D)
+            all_frames = masked_mean(flat, padding)  # (B, L*D)
+            check_finite(all_frames, x, padding, batch["utt_id"])
             if moments is not None and split == "train":
                 moments.add(x, padding)
-            n = padding.sum(dim=1).tolist()  # (B,)
-            lengths.update(zip(batch["utt_id"], (int(t) for t in n)))
+            lengths.update(zip(batch["utt_id"], (int(n) for n in padding.sum(dim=1).tolist())))
             if out is not None:
-                y = x if head.norm.per_frame_affine else head.norm(x, padding)  # affine ones: after pooling
+                if not head.norm.per_frame_affine:  # affine norms are applied to the means afterwards
+                    flat = head.norm(x, padding).reshape(b, t, l * d)
+                    all_frames = masked_mean(flat, padding)
                 speech, _ = speech_frames(padding, vad)  # (B, T) SAP's frames (all real ones if none is speech)
-                b, t, l, d = y.shape
-                flat = y.reshape(b, t, l * d)  # (B, T, L*D)
-                means = torch.cat([masked_mean(flat, padding).view(b, l, d),
-                                   masked_mean(flat, speech).view(b, l, d)], dim=-1)  # (B, L, 2D)
-                out[torch.tensor([row[u] for u in batch["utt_id"]], device=out.device)] = means
+                means = torch.cat([all_frames.view(b, l, d), masked_mean(flat, speech).view(b, l, d)], dim=-1)
+                out[torch.tensor([row[u] for u in batch["utt_id"]], device=out.device)] = means  # (B, L, 2D)
         if out is not None:
             pooled[split] = out
     return Scan(lengths, pooled, moments)
@@ -145,13 +146,18 @@ def sliced(batches: Iterable[dict]) -> Iterator[dict]:
                    for k, v in batch.items()}
 
 
-def check_finite(x: torch.Tensor, padding: torch.Tensor, utt_ids: list[str]) -> None:
-    """A NaN/inf frame would poison the statistics of every utterance: name the culprits instead."""
-    bad = (~torch.isfinite(x)).flatten(2).any(dim=2) & padding  # (B, T)
-    if bad.any():
-        names = [u for u, b in zip(utt_ids, bad.any(dim=1).tolist()) if b]
-        raise TrainingError(f"utterance(s) {', '.join(names[:5])} have NaN/inf features in the cache; "
-                            "re-extract them or leave them out")
+def check_finite(means: torch.Tensor, x: torch.Tensor, padding: torch.Tensor, utt_ids: list[str]) -> None:
+    """A NaN/inf frame would poison the statistics of every utterance: name the culprits instead.
+
+    `means (B, L*D)`, the utterances' frame means, are non-finite iff a real frame is (a
+    float32 sum of cached values cannot overflow), so only then are the frames `x` searched.
+    """
+    if bool(torch.isfinite(means).all()):
+        return
+    bad = ((~torch.isfinite(x)).flatten(2).any(dim=2) & padding).any(dim=1)  # (B,)
+    names = [u for u, b in zip(utt_ids, bad.tolist()) if b] or utt_ids  # else: non-finite padding, blame the batch
+    raise TrainingError(f"utterance(s) {', '.join(names[:5])} have NaN/inf features in the cache; "
+                        "re-extract them or leave them out")
 
 
 def learn_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:

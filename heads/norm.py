@@ -54,15 +54,22 @@ class RunningMoments:
         self.m2 = torch.zeros(n_layers, hidden_size, dtype=torch.float64, device=device)  # (L, D)
 
     def add(self, features: torch.Tensor, padding_mask: torch.Tensor) -> None:
-        """`features (B, T, L, D)`, `padding_mask (B, T)` True = real frame: only real frames count."""
-        x = features[padding_mask].float()  # (N, L, D) the real frames only
-        n = x.shape[0]
+        """`features (B, T, L, D)`, `padding_mask (B, T)` True = real frame: only real frames count.
+
+        Padded positions are weighted by 0 (they must be finite, as every loader here pads with
+        zeros or copies of real frames), so no gathered copy of the real frames is made.
+        """
+        b, t, n_layers, d = features.shape
+        w = padding_mask.to(torch.float32)[:, None, :]  # (B, 1, T)
+        n = int(padding_mask.sum())
         if n == 0:
             return
+        x = features.reshape(b, t, n_layers * d).float()  # (B, T, L*D)
         # the batch's own moments in float32 (centred first), then a float64 merge
-        mean_b = x.mean(dim=0)  # (L, D)
-        m2_b = (x - mean_b).square().sum(dim=0)  # (L, D)
-        self.merge(n, mean_b.double(), m2_b.double())
+        mean_b = torch.bmm(w, x).sum(dim=0)[0] / n  # (L*D,)
+        centred = x - mean_b  # (B, T, L*D)
+        m2_b = torch.bmm(w, centred.square_()).sum(dim=0)[0]  # (L*D,)
+        self.merge(n, mean_b.view(n_layers, d).double(), m2_b.view(n_layers, d).double())
 
     def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         total = self.count + n
