@@ -200,6 +200,8 @@ def extract(
 # Options shared by `train-head` and `ablate` (defaults: heads.trainer.TrainConfig, README "Training heads").
 CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
 LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]
+NormOpt = Annotated[str, typer.Option("--norm", help="input normalization before the layer mix: train (per layer and dimension, training-split statistics), utterance (per-utterance CMVN), frame (parameter-free LayerNorm per frame) or none")]
+LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help="how the layer mix is learned: pooled (first, from per-utterance layer means, then fixed: one layer's cost per epoch) or joint (with the head at every step: reads every layer every epoch)")]
 VadOpt = Annotated[int, typer.Option("--vad-mode", help="WebRTC VAD aggressiveness 0-3 whose mask SAP uses")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="maximum epochs")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batch")]
@@ -232,7 +234,8 @@ def train_head(
     all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
     pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
-    layer: LayerOpt = None, vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+    layer: LayerOpt = None, norm: NormOpt = "train", layer_weights: LayerWeightsOpt = "pooled",
+    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
     heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
@@ -243,8 +246,9 @@ def train_head(
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    config = _train_config(pooling=pooling, layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size,
-                           lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
+    config = _train_config(pooling=pooling, layer=layer, norm=norm, layer_weights=layer_weights, vad_mode=vad_mode,
+                           epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                           seed=seed, alpha=alpha, beta=beta,
                            gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
                            protocol=protocol)
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
@@ -261,7 +265,8 @@ def train_head(
 def ablate(
     cache: CacheOpt,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
-    layer: LayerOpt = None, vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+    layer: LayerOpt = None, norm: NormOpt = "train", layer_weights: LayerWeightsOpt = "pooled",
+    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
     lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
     alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
     heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
@@ -273,8 +278,9 @@ def ablate(
     from heads.report import render_runs, table_width
     from heads.run import ablate as run_ablation
 
-    config = _train_config(layer=layer, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
+    config = _train_config(layer=layer, norm=norm, layer_weights=layer_weights, vad_mode=vad_mode, epochs=epochs,
+                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
+                           alpha=alpha, beta=beta,
                            gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
                            protocol=protocol)
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)

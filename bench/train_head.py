@@ -26,6 +26,23 @@ subprocess so that its peak RSS is its own.
     python bench/train_head.py [--utts 400] [--layers 4] [--dim 1024] [--frames 250]
                                [--dir /tmp/sapser-bench] [--out bench/results/train-head-cpu.md]
                                [--sap-only | --no-sap]
+
+Layer scaling (`--layer-scaling`, issue 13): the all-layer default head on a
+cache LARGER than `--memory-gb` against the same head on one layer. Each
+case runs in a fresh process (its own peak RSS and /proc/self/io): fold 1's
+trainer is built (for the default: normalization statistics, layer weights
+learned on utterance means, frames mixed once), then `--epochs` epochs
+(train + validation pass) are timed, each after dropping the cache file's
+pages (posix_fadvise), as when the cache does not fit the page cache
+either. Reported: set-up and epoch seconds, bytes read from the cache per
+epoch (rchar: what the process read from files; read_bytes: what came from
+storage), peak RSS, and on CUDA the peak GPU memory. Cases: one layer,
+the default (`--layer-weights pooled`, all layers) and the jointly learned
+mix (`--layer-weights joint`, all layers, read from disk every epoch).
+
+    python bench/train_head.py --layer-scaling [--utts 300] [--layers 25] [--dim 512] [--memory-gb 0.5]
+                               [--epochs 2] [--poolings gap,sr] [--cases one,pooled,joint] [--device cpu|cuda]
+                               [--threads N]
 """
 
 from __future__ import annotations
@@ -235,17 +252,155 @@ def sap_report(results: list[dict], repeats: int) -> list[str]:
     return lines + [""]
 
 
-def write_sap_section(out: Path, lines: list[str]) -> None:
-    """Replace (or append) the SAP section of an existing report, leaving the rest as it was."""
+SCALING_SECTION = "## All layers vs one layer, cache larger than the memory budget"
+SCALING_CASES = {  # name -> (layer_weights, one layer?)
+    "one": ("pooled", True),
+    "pooled": ("pooled", False),
+    "joint": ("joint", False),
+}
+
+
+def io_bytes() -> tuple[int, int]:
+    """(rchar, read_bytes) of this process: bytes read from files, and from storage."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"]), int(fields["read_bytes"])
+
+
+def scaling_case(path: str, case: str, pooling: str, memory_gb: float, epochs: int, device: str,
+                 threads: int = 0) -> dict:
+    """One case in this (fresh) process: set-up, then `epochs` timed epochs after dropping the cache's pages."""
+    if threads:
+        torch.set_num_threads(threads)
+    weights, one = SCALING_CASES[case]
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with FeatureCache(path) as cache:
+        layers = [cache.layers[-1]] if one else list(cache.layers)
+        config = TrainConfig(pooling=pooling, layer=layers[0] if one else None, layer_weights=weights,
+                             memory_gb=memory_gb, device=device)
+        drop_pages(Path(path))
+        io0, start = io_bytes(), time.perf_counter()
+        in_ram = preload(cache, layers, memory_gb)
+        trainer = Trainer(config, fold_data(cache, 1), cache=cache, layers=layers)
+        sync()
+        setup_s, io1 = time.perf_counter() - start, io_bytes()
+        walls, cpus, reads = [], [], []
+        for epoch in range(1, epochs + 1):
+            drop_pages(Path(path))
+            before, start, cpu = io_bytes(), time.perf_counter(), time.process_time()
+            trainer.train_epoch(epoch)
+            trainer.predict("val")
+            sync()
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+            after = io_bytes()
+            reads.append((after[0] - before[0], after[1] - before[1]))
+        train_frames = int(cache.meta.loc[trainer.data.train, "n_frames"].sum())
+        return {
+            "case": case, "pooling": pooling, "layers": len(layers), "preloaded": in_ram,
+            "setup_s": setup_s, "prepare_s": trainer.input_seconds, "setup_read": [io1[0] - io0[0], io1[1] - io0[1]],
+            "epoch_s": walls, "epoch_cpu_s": cpus, "epoch_read": reads, "train_frames": train_frames,
+            "mixed_in": getattr(trainer, "mixed_frames_in", ""), "peak_rss_gib": peak_rss_gb(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+            "cache_gib": Path(path).stat().st_size / 2**30, "threads": torch.get_num_threads(), "device": device,
+        }
+
+
+def layer_scaling(args) -> None:
+    path = build_cache(args.dir / f"bench-{args.utts}-{args.layers}-{args.dim}-{args.frames}.h5",
+                       utts=args.utts, layers=args.layers, dim=args.dim, frames=args.frames)
+    results = []
+    for pooling in args.poolings.split(","):
+        for case in args.cases.split(","):  # in a fresh process each: its own peak RSS and I/O counters
+            spec = json.dumps([str(path), case, pooling, args.memory_gb, args.epochs, args.device, args.threads])
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--scaling-case", spec],
+                                 check=True, capture_output=True, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            results.append(r)
+            print(f"{pooling} {case}: set-up {r['setup_s']:.1f} s, epoch {min(r['epoch_s']):.2f} s, "
+                  f"read/epoch {r['epoch_read'][-1][0] / 2**30:.2f} GiB, peak RSS {r['peak_rss_gib']:.2f} GiB",
+                  flush=True)
+    (args.dir / "scaling-cases.json").write_text(json.dumps(results, indent=1))
+    write_section(args.out, SCALING_SECTION, scaling_report(args, path, results))
+    print(f"wrote {args.out}")
+
+
+def scaling_report(args, path: Path, results: list[dict]) -> list[str]:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    r0 = results[0]
+    lines = [
+        SCALING_SECTION, "",
+        f"`python bench/train_head.py --layer-scaling --utts {args.utts} --layers {args.layers} --dim {args.dim} "
+        f"--frames {args.frames} --memory-gb {args.memory_gb:g} --epochs {args.epochs} --device {args.device}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`. "
+        f"IEMOCAP-shaped synthetic cache (10 speakers / 5 sessions, median {args.frames} frames, log-normal "
+        f"50-950): {args.utts} utterances x {args.layers} layers x D = {args.dim}, float16, "
+        f"{r0['cache_gib']:.2f} GiB on disk against `--memory-gb {args.memory_gb:g}`, so all layers are read "
+        "from disk and one layer is preloaded. Fold 1 (8 training speakers), batch 64, default settings. "
+        "Each case in a fresh process; every epoch (training + validation pass) starts after the cache "
+        "file's pages are dropped. Set-up = preload + the trainer's construction (for the default: "
+        "normalization statistics and utterance means in one pass, layer weights learned on the means, "
+        "the mixed frames written once); epoch = the fastest of "
+        f"{args.epochs}. Device `{args.device}`, {r0['threads']} torch threads, load average when it finished: "
+        f"{load} (shared machine: compare within a row).", "",
+        "| head | case | layers | set-up (s) | of which: scan / weights / mix (s) | epoch wall (s) | epoch CPU (s) | epoch / one-layer epoch | "
+        "read per epoch (GiB, rchar / storage) | set-up read (GiB) | 30 epochs incl. set-up / one layer's | "
+        "peak RSS (GiB) | mixed frames in |" + (" peak GPU (GiB) |" if args.device.startswith("cuda") else ""),
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|" + ("---:|" if args.device.startswith("cuda") else ""),
+    ]
+    by = {(r["pooling"], r["case"]): r for r in results}
+    for r in results:
+        base = by.get((r["pooling"], "one"))
+        epoch = min(r["epoch_s"])
+        ratio = epoch / min(base["epoch_s"]) if base else float("nan")
+        total = (r["setup_s"] + 30 * epoch) / (base["setup_s"] + 30 * min(base["epoch_s"])) if base else float("nan")
+        rchar, stor = r["epoch_read"][-1]
+        label = {"one": "one layer", "pooled": "all layers, default (pooled weights)",
+                 "joint": "all layers, joint weights"}[r["case"]]
+        lines.append(
+            f"| {r['pooling'].upper()} | {label} | {r['layers']} | {r['setup_s']:.1f} | {phases(r['prepare_s'])} | "
+            f"{epoch:.2f} | "
+            f"{min(r['epoch_cpu_s']):.2f} | **{ratio:.2f}x** | {rchar / 2**30:.2f} / {stor / 2**30:.2f} | "
+            f"{r['setup_read'][0] / 2**30:.2f} | {total:.2f}x | {r['peak_rss_gib']:.2f} | {r['mixed_in'] or '-'} |"
+            + (f" {r['peak_gpu_gib']:.2f} |" if args.device.startswith("cuda") else ""))
+    return lines + [""]
+
+
+def section(text: str, title: str) -> str:
+    """The section `title` of a report (its heading up to the next "## " heading), or ""."""
+    if title not in text:
+        return ""
+    body = text[text.index(title):]
+    end = body.find("\n## ", len(title))
+    return body if end < 0 else body[: end + 1]
+
+
+def phases(seconds: dict | float) -> str:
+    """prepare_inputs' phases as 'scan / weights / mix' seconds ('-' where a phase did not run)."""
+    if not isinstance(seconds, dict):
+        return "-"
+    return " / ".join(f"{seconds[k]:.1f}" if k in seconds else "-" for k in ("scan", "weights", "materialize"))
+
+
+def write_section(out: Path, title: str, lines: list[str]) -> None:
+    """Replace (or append) the section `title` of an existing report, leaving the rest as it was."""
     text = out.read_text() if out.exists() else ""
-    head, _, tail = text.partition(SAP_SECTION)
+    head, _, tail = text.partition(title)
     rest = tail[tail.find("\n## ") + 1 :] if "\n## " in tail else ""
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(head.rstrip("\n") + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""))
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--sap-case":  # a child of sap_shapes
         print(json.dumps(sap_case(*json.loads(sys.argv[2]))))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--scaling-case":  # a child of layer_scaling
+        print(json.dumps(scaling_case(*json.loads(sys.argv[2]))))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--utts", type=int, default=400)
@@ -260,11 +415,23 @@ def main() -> None:
     group.add_argument("--sap-only", action="store_true", help="only SAP's attention; rewrites just that section")
     group.add_argument("--no-sap", action="store_true", help="skip SAP's attention alone")
     ap.add_argument("--sap-reuse", action="store_true", help="report the SAP cases saved in --dir by the last run")
+    group.add_argument("--layer-scaling", action="store_true",
+                       help="all layers (default head) vs one layer on a cache over --memory-gb; rewrites that section")
+    ap.add_argument("--memory-gb", type=float, default=0.5, help="--layer-scaling: the trainer's RAM budget")
+    ap.add_argument("--epochs", type=int, default=2, help="--layer-scaling: epochs timed per case; the fastest counts")
+    ap.add_argument("--poolings", default="gap,sr", help="--layer-scaling: heads to time")
+    ap.add_argument("--cases", default="one,pooled,joint", help="--layer-scaling: one, pooled, joint")
+    ap.add_argument("--device", default="cpu", help="--layer-scaling: cpu or cuda")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="--layer-scaling: torch threads per case (0: torch's default; 1 is steadier on a busy machine)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
+    if args.layer_scaling:
+        layer_scaling(args)
+        return
     saved = args.dir / "sap-cases.json"
     if args.sap_only:
-        write_sap_section(args.out, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
+        write_section(args.out, SAP_SECTION, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
         print(f"wrote {args.out}")
         return
     path = build_cache(args.dir / f"bench-{args.utts}-{args.layers}-{args.dim}-{args.frames}.h5",
@@ -304,9 +471,12 @@ def main() -> None:
         print(f"{label}: epoch {wall:.2f} s wall / {cpu:.2f} s CPU, read cold {cold:.2f} s / warm {warm:.2f} s "
               f"({warm_cpu:.2f} s CPU, {nbytes / 2**30:.2f} GiB)", flush=True)
 
+    scaling = section(args.out.read_text() if args.out.exists() else "", SCALING_SECTION)
     write_report(args, path, device, rows, preload_s, total_frames)
+    if scaling:  # measured by its own invocation (--layer-scaling): keep it
+        write_section(args.out, SCALING_SECTION, scaling.splitlines())
     if not args.no_sap:
-        write_sap_section(args.out, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
+        write_section(args.out, SAP_SECTION, sap_report(sap_shapes(args.sap_repeats, saved, args.sap_reuse), args.sap_repeats))
 
 
 def write_report(args, path: Path, device: str, rows, preload_s, total_frames: int) -> None:

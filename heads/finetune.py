@@ -105,8 +105,13 @@ class FinetuneSettings:
 
 
 def finetune_config(**overrides: Any) -> TrainConfig:
-    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden."""
-    return TrainConfig(**{"lr": 3e-5, **overrides})
+    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden, and no input normalization.
+
+    The head sees the live backbone's last hidden state, which WavLM/HuBERT
+    (and Whisper) put through a final LayerNorm; statistics fitted before
+    training would go stale as soon as the backbone moves.
+    """
+    return TrainConfig(**{"lr": 3e-5, "norm": "none", **overrides})
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,10 +1,19 @@
-"""The SR/MTL head: layer use -> pooling -> 32-d projection -> emotion classifier + valence/arousal regressors.
+"""The SR/MTL head: input normalization -> layer mix -> pooling -> 32-d projection -> classifier + regressors.
 
 Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
 says "projected into 32 dimensions"; the non-linearity lets the three tasks
 share a non-linear bottleneck (without it proj + classifier is just a
 rank-32 linear map), and dropout because a head on ~4k utterances overfits
 the training speakers quickly.
+
+Input normalization (`norm`, heads/norm.py) comes before the layer mix;
+with `--norm train` its statistics are buffers of this module (`norm.mean`,
+`norm.std`), saved in head.safetensors with the weights.
+
+`forward` = `from_mixed(mixed(features))`: the trainer calls `from_mixed`
+directly on frames it materialized once with `mixed` (fixed layer weights,
+`--layer-weights pooled`), and `cli predict` calls `forward`, so both see
+the same function.
 
 Valence/arousal are predicted in standardized units (training-split mean
 and std, kept as buffers `va_mean`/`va_std`, saved with the weights);
@@ -19,6 +28,7 @@ import torch
 from torch import nn
 
 from heads.layers import LayerMix
+from heads.norm import InputNorm
 from heads.pooling import GAP, make_pooling, speech_frames
 
 
@@ -33,8 +43,9 @@ class SERHead(nn.Module):
     """Layer mix + pooling + shared projection + 4-way classifier + two regressors."""
 
     def __init__(self, hidden_size: int, n_layers: int, n_classes: int, *, pooling: str = "sr",
-                 proj_dim: int = 32, heads: int = 8, dropout: float = 0.1) -> None:
+                 proj_dim: int = 32, heads: int = 8, dropout: float = 0.1, norm: str = "none") -> None:
         super().__init__()
+        self.norm = InputNorm(norm, n_layers, hidden_size)
         self.mix = LayerMix(n_layers, hidden_size)
         self.pool = make_pooling(pooling, hidden_size, heads=heads)
         self.proj = nn.Sequential(nn.Linear(self.pool.output_size, proj_dim), nn.GELU(), nn.Dropout(dropout))
@@ -47,15 +58,28 @@ class SERHead(nn.Module):
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
-        if isinstance(self.pool, GAP) and features.dim() == 4:
-            # GAP and the mix are both linear: pool each layer, then mix (B, L, D), so the
-            # mix and its gradient never touch every frame (one pass over the features).
-            per_layer = torch.einsum("btld,bt->bld", features, padding_mask.to(features.dtype))  # (B, L, D)
-            per_layer = per_layer / padding_mask.sum(dim=1).clamp(min=1)[:, None, None].to(features.dtype)
-            pooled = self.mix(per_layer.unsqueeze(1)).squeeze(1)  # (B, D)
-        else:
-            x = self.mix(features)  # (B, T, D)
-            pooled = self.pool(x, padding_mask, vad_mask)  # (B, P)
+        if isinstance(self.pool, GAP) and self.norm.per_frame_affine:
+            # GAP, the normalization and the mix are all linear: pool each layer, then normalize and
+            # mix (B, L, D), so neither touches every frame (one pass over the features).
+            x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
+            w = padding_mask.to(x.dtype)  # (B, T)
+            per_layer = torch.einsum("btld,bt->bld", x, w) / w.sum(dim=1).clamp(min=1)[:, None, None]  # (B, L, D)
+            pooled = self.mix(per_layer.unsqueeze(1), self.norm.affine()).squeeze(1)  # (B, D)
+            return self.outputs(pooled, padding_mask, vad_mask)
+        return self.from_mixed(self.mixed(features, padding_mask), padding_mask, vad_mask)
+
+    def mixed(self, features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Normalized and mixed frames: `(B, T, L, D)` or `(B, T, D)` -> `(B, T, D)`."""
+        if self.norm.per_frame_affine:
+            return self.mix(features, self.norm.affine())  # normalization folded into the mix
+        x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
+        return self.mix(self.norm(x, padding_mask))
+
+    def from_mixed(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
+        """Pooling and the task layers on already normalized and mixed frames `x (B, T, D)`."""
+        return self.outputs(self.pool(x, padding_mask, vad_mask), padding_mask, vad_mask)
+
+    def outputs(self, pooled: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         z = self.proj(pooled)  # (B, proj_dim)
         _, no_speech = speech_frames(padding_mask, vad_mask)
         return HeadOutput(self.classifier(z), self.regressor(z), no_speech)

@@ -157,7 +157,8 @@ class Predictor:
         self.vad_mode = int(settings["vad_mode"])
         self.head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
                             pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
-                            heads=int(settings["heads"]), dropout=float(settings["dropout"]))
+                            heads=int(settings["heads"]), dropout=float(settings["dropout"]),
+                            norm=str(settings.get("norm", "none")))  # runs before --norm stored no statistics
         state = load_head(self.head, self.fold_dir / "head.safetensors")
         self.head.to(self.device).eval()
         self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))

@@ -97,7 +97,7 @@ def cache_content(cache: FeatureCache) -> dict[str, Any]:
 
 
 # Settings added after runs were first written, with the value that reproduces what those runs did.
-LEGACY_SETTINGS = {"protocol": "speaker"}
+LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint"}
 
 
 def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -202,6 +202,7 @@ def _check_scored(utt_ids: list[str], probs: Any, cache: FeatureCache, k: int) -
 def _worker(cache_path: str, k: int, config: TrainConfig, out: str, layers: list[int], run_cfg: dict[str, Any],
             threads: int, memory_gb: float) -> tuple[dict[str, Any], float]:
     torch.set_num_threads(threads)
+    config = replace(config, memory_gb=memory_gb)  # this process's share, also for the frames it mixes once
     start = time.perf_counter()
     with open_cache(cache_path) as cache:
         preload(cache, layers, memory_gb)

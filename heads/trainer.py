@@ -6,6 +6,10 @@ overrides these hooks (everything else is shared):
 
     feature_shape() -> (n_layers, hidden_size)   what the head's input looks like
     build_model()   -> SERHead                   the head (or a module wrapping backbone + head)
+    prepare_inputs()                             fit the input normalization / layer weights on the
+                                                 training split (no-op when there is nothing to fit)
+    pass_loader(split) -> iterable of batches    what prepare_inputs reads (default: from the cache,
+                                                 in memory-bounded groups)
     make_loader(split) -> iterable of batches    "train" | "val" | "test"; each batch a dict
                                                  with "emotion" (B,), "valence"/"arousal" (B,),
                                                  "utt_id" (list) plus whatever encode needs
@@ -48,9 +52,11 @@ from extract.errors import UserError
 from heads.checkpoint import write_safetensors
 from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
+from heads.layers import LAYER_WEIGHTS
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, json_safe, regression_metrics
 from heads.outputs import OUTPUTS, trained_outputs
+from heads.norm import NORM_MODES
 
 
 class TrainingError(UserError):
@@ -63,6 +69,8 @@ class TrainConfig:
 
     pooling: str = "sr"  # sr | gap | sap
     layer: int | None = None  # None: learnable softmax mix of every cached layer
+    norm: str = "train"  # train | utterance | frame | none (heads/norm.py)
+    layer_weights: str = "pooled"  # pooled | joint: how the mix is learned (heads/layer_weights.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
     batch_size: int = 64
@@ -85,6 +93,9 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.pooling in ("sr", "gap", "sap"), f"--pooling must be sr, gap or sap; got {self.pooling!r}"),
+            (self.norm in NORM_MODES, f"--norm must be one of {', '.join(NORM_MODES)}; got {self.norm!r}"),
+            (self.layer_weights in LAYER_WEIGHTS, f"--layer-weights must be one of {', '.join(LAYER_WEIGHTS)}; "
+                                                  f"got {self.layer_weights!r}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
@@ -200,6 +211,9 @@ class Trainer:
         self.head(self.model).set_target_scale(self.va_mean.to(self.device), self.va_std.to(self.device))
         self.loss_fn = MTLLoss(self.class_weights, config.alpha, config.beta, config.gamma).to(self.device)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val", "test")}
+        self.input_info: dict[str, Any] = {}  # what prepare_inputs did, for metrics.json
+        self.input_seconds: dict[str, float] = {}  # prepare_inputs' phases (scan, weights, materialize)
+        self.prepare_inputs()
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         steps = config.epochs * self.steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, config.warmup_ratio))
@@ -218,17 +232,55 @@ class Trainer:
         n_layers, hidden = self.feature_shape()
         c = self.config
         return SERHead(hidden, n_layers, len(self.classes), pooling=c.pooling, proj_dim=c.proj_dim,
-                       heads=c.heads, dropout=c.dropout)
+                       heads=c.heads, dropout=c.dropout, norm=c.norm)
 
     def head(self, model: torch.nn.Module) -> SERHead:
         return model  # type: ignore[return-value]
 
     def make_loader(self, split: str) -> Iterable[dict]:
-        from heads.data import make_loader
+        from heads.data import make_loader, resident_copy
 
         c = self.config
+        if not hasattr(self, "_resident"):  # the preloaded layers, copied once to the GPU when they fit there
+            self._resident = resident_copy(self.cache, self.device)
         return make_loader(self.cache, self.data.split(split), layers=self.layers, vad_mode=c.vad_mode,
-                           batch_size=c.batch_size, shuffle=split == "train", seed=c.seed)
+                           batch_size=c.batch_size, shuffle=split == "train", seed=c.seed, resident=self._resident)
+
+    def prepare_inputs(self) -> None:
+        """Fit what the head's input needs from the training split before training (heads/layer_weights.py).
+
+        `--norm train`: the normalization statistics; `--layer-weights pooled`
+        (more than one layer): the layer weights, then the train and
+        validation loaders are replaced by batches of frames normalized and
+        mixed once. Fine-tuning has nothing to fit (norm none, one layer).
+        """
+        from heads.layer_weights import prepare_inputs
+
+        prepare_inputs(self)
+
+    def pass_loader(self, split: str) -> Iterable[dict]:
+        """Batches for prepare_inputs' one-off passes over a split, in order.
+
+        From a cache: groups of utterances small enough that the longest
+        batch's (B, T, L, D) float32 copy stays near `SLICE_VALUES` values
+        (a training batch of 64 x 950 frames x 25 x 1024 would be 6 GB);
+        otherwise the split's own loader.
+        """
+        if self.cache is None:
+            return self.loaders[split]
+        from heads.data import make_loader
+        from heads.layer_weights import SLICE_VALUES
+
+        ids = self.data.split(split)
+        longest = int(self.cache.meta.loc[ids, "n_frames"].max())
+        batch = max(1, min(self.config.batch_size, SLICE_VALUES // (longest * len(self.layers) * self.cache.hidden_size)))
+        return make_loader(self.cache, ids, layers=self.layers, vad_mode=self.config.vad_mode, batch_size=batch,
+                           shuffle=False, seed=self.config.seed, resident=self._resident)
+
+    def host_budget(self) -> int:
+        """Bytes of RAM the trainer may still fill (`--memory-gb` minus what the cache preloaded)."""
+        used = getattr(self.cache, "preloaded_bytes", 0) or 0
+        return max(0, int(self.config.memory_gb * 2**30) - used)
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
@@ -240,6 +292,8 @@ class Trainer:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def forward(self, batch: dict) -> HeadOutput:
+        if batch.get("mixed"):  # frames normalized and mixed once by prepare_inputs
+            return self.head(self.model).from_mixed(*self.encode(batch))
         return self.model(*self.encode(batch))
 
     # Accumulation hooks: fine-tuning packs a variable number of micro-batches
@@ -371,6 +425,7 @@ class Trainer:
         mix = getattr(self.head(self.model), "mix", None)
         if mix is not None and getattr(mix, "logits", None) is not None:
             metrics["layer_weights"] = dict(zip([str(x) for x in self.layers or []], mix.weights().tolist()))
+        metrics.update(self.input_info)
         return FoldResult(metrics, list(self.history), pred)
 
     def run(self) -> FoldResult:

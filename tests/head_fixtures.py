@@ -10,6 +10,7 @@ Valence/arousal (1-5) follow the class with noise.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,8 +25,13 @@ AROUSAL = {"angry": 4.5, "happy": 4.0, "neutral": 2.5, "sad": 1.5}
 
 
 def make_cache(path: Path, *, seed: int = 0, per_class: int = 6, dims: bool = True, emotions: bool = True,
-               no_speech_every: int = 0, sessions: tuple[str, ...] = SESSIONS) -> Path:
-    """Write the cache at `path` (6 speakers, 2 per session) and return it."""
+               no_speech_every: int = 0, sessions: tuple[str, ...] = SESSIONS,
+               transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Path:
+    """Write the cache at `path` (6 speakers, 2 per session) and return it.
+
+    `transform(speaker, x)` may rescale an utterance's (T, L, D) frames before
+    they are written; the random draws (hence everything else) stay the same.
+    """
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 1, (len(CLASSES_4), D)).astype(np.float32)
     fingerprint = {"model": "synthetic-test", "layers": list(LAYERS), "classes": list(CLASSES_4), "dtype": "float16",
@@ -57,6 +63,8 @@ def make_cache(path: Path, *, seed: int = 0, per_class: int = 6, dims: bool = Tr
                             arousal=AROUSAL[emotion] + rng.normal(0, 0.3) if dims else float("nan"),
                             dataset="synthetic",
                         )
+                        if transform is not None:
+                            x = transform(speaker, x)
                         writer.add(utt, x, vad, duration=t * 0.02, truncated=False)
                         n += 1
     return Path(path)

@@ -198,4 +198,12 @@ def test_a_nan_loss_names_the_epoch_and_batch():
     bad = data.train[20]
     feats[bad][0][0, 0, 0] = float("inf")
     with pytest.raises(TrainingError, match=rf"epoch 1, batch 2 \(utterances .*{bad}"):
-        InMemoryTrainer(config(), data, feats).fit()
+        InMemoryTrainer(config(norm="none", layer_weights="joint"), data, feats).fit()
+
+
+def test_an_inf_feature_is_named_before_it_poisons_the_normalization_statistics():
+    data, feats = toy()
+    bad = data.train[20]
+    feats[bad][0][0, 0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=rf"utterance\(s\) {bad} have NaN/inf features"):
+        InMemoryTrainer(config(), data, feats)
