@@ -395,12 +395,12 @@ def _progress_bar(show: bool, n_utts: int, total_seconds: float) -> _NoBar:
 def summarize(path: Path, tally: _Tally, *, already: int, todo: int, wall: float, loop_seconds: float,
               fallback: int, model: str) -> dict[str, Any]:
     """What this run did, and what the cache (or shard) file now holds, read back from it."""
-    from cache.writer import read_contents  # reads one file, shard or not
+    from cache.writer import cache_bytes, read_contents  # reads one file, shard or not
 
     contents = read_contents(path)
     return {
         "out": str(path),
-        "size_bytes": path.stat().st_size if path.exists() else 0,
+        "size_bytes": cache_bytes(path) if path.exists() else 0,
         "model": model,
         "written": tally.written,
         "resumed_from": already,
