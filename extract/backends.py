@@ -26,6 +26,7 @@ import torch
 
 from extract.errors import UserError
 from extract.frames import SAMPLE_RATE, FrameGrid, conv_grid
+from extract.frontend import use_fast_front_end
 
 
 # WavLM mixes a bool padding mask with a float position bias; torch warns, the result is
@@ -197,6 +198,8 @@ class HFBackend:
         self.model.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # CPU: the conv front end without its layout round trips (extract.frontend; measured equal)
+        self.fast_front_end = self.device.type == "cpu" and use_fast_front_end(self.model)
         self.one_per_forward = False
         self._pads: bool | None = None
 
