@@ -84,7 +84,7 @@ def use_fast_front_end(model: nn.Module, seed: int = 0) -> bool:
     encoder = model.feature_extractor
     fast = FastConvFrontEnd(layers)
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.standard_normal((2, 8000)).astype(np.float32))  # (B, N): 0.5 s
+    x = torch.from_numpy(rng.standard_normal((2, 4000)).astype(np.float32))  # (B, N): 0.25 s, 12 frames
     device = next(model.parameters()).device
     with torch.inference_mode():
         x = x.to(device)
