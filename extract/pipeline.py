@@ -38,7 +38,8 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,9 +390,11 @@ def extract_corpus(
         batches = plan_corpus(mine, lengths, policy.batch_seconds, set(writer.done))
         todo = [n for u, n in zip(mine, lengths) if u.utt_id not in writer.done]
         estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(mine, lengths)}  # the bar's unit
-        with _progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar:
+        # closing(): an error in _apply stops the loaders and streams at once, not at garbage collection
+        with _progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
+                closing(_run(batches, backend, policy, max_seconds)) as results:
             loop_started = time.perf_counter()
-            for batch, outcomes in _run(batches, backend, policy, max_seconds):
+            for batch, outcomes in results:
                 written = _apply(batch, outcomes, writer, tally, strict)
                 bar.advance(len(written), sum(estimate[u] for u in written))
             loop_seconds = time.perf_counter() - loop_started
@@ -405,7 +408,7 @@ def extract_corpus(
 
 
 def _run(batches: list[_Batch], backend: Backend, policy: Policy, max_seconds: float
-         ) -> Iterator[tuple[_Batch, tuple[list[Loaded | Failed], list[_Outcome]]]]:
+         ) -> Generator[tuple[_Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
     """Load and compute the plan; yield each batch's items and outcomes in plan order."""
     import torch
 
