@@ -173,11 +173,12 @@ def extract(
     model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = "microsoft/wavlm-large",
     layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
     max_seconds: MaxSecondsOpt = None,
-    batch_seconds: Annotated[float, typer.Option("--batch-seconds", help="padded audio seconds per model batch")] = 100.0,
+    batch_seconds: Annotated[float | None, typer.Option("--batch-seconds", help="padded audio seconds per model batch; 0 = one utterance per forward (default: 0 on CPU, 100 on CUDA)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
     amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none")] = "auto",
-    workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes [default: cores - 1, at most 8]")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes; 0 = a thread (default: 0 on CPU, cores - 1, at most 8, on CUDA)")] = None,
+    streams: Annotated[int | None, typer.Option("--streams", help="model calls at once, each with cores/streams torch threads (default: one per core, at most 8, on CPU; 1 on CUDA)")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
     classes: ClassesOpt = "angry,happy,neutral,sad",
@@ -189,7 +190,7 @@ def extract(
 
     class_set = parse_classes(classes)
     summary = run_extract(dataset, root, out=out, model=model, layers=layers, max_seconds=max_seconds,
-                          batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers,
+                          batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers, streams=streams,
                           shard=shard, strict=strict, classes=class_set, progress=not quiet)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

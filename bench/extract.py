@@ -1,65 +1,75 @@
-"""Extraction speed and memory: `extract_corpus` against a plain per-utterance loop.
+"""Extraction speed: `cli extract` at its defaults against the loop a user writes by hand.
 
-    python bench/extract.py                     # CPU, WavLM-Base-sized random weights, ~2.5 min of audio
-    python bench/extract.py --device cuda --arch large --minutes 30 --batch-seconds 400 --workers 8
+    python bench/extract.py                                  # CPU: ~5 and ~30 min of speech, WavLM Base dims
+    python bench/extract.py --minutes 5 --repeats 3          # the short corpus only
+    python bench/extract.py --device cuda --arch large --amp bf16 --minutes 30   # GPU (bench/gpu.sh)
+    python bench/extract.py --dry-run --results /tmp/x.md    # tiny model and corpus, seconds (tests)
 
-Both phases run in ONE invocation on the same files and the same saved model,
-each in its own subprocess so that each has its own peak RSS:
+Two commands, each a fresh process, alternated (plain, ours, ours, plain, ...) on the
+same files and the same saved model, best of --repeats each:
 
-- plain: what a user writes first. For each utterance: load_audio, the
-  checkpoint's feature extractor, the model at batch 1 with
-  output_hidden_states, the same (T, L, D) hidden states and the same four
-  VAD masks saved as one float16 .npy file per utterance.
-- ours: `extract.pipeline.extract_corpus` (length-sorted batches, worker
-  processes for audio + VAD, the HDF5 cache writer thread).
+- plain: `bench/plain_loop.py` (soundfile, soxr, the checkpoint's feature extractor,
+  the model at batch 1 with all hidden states, one float16 .npy per file);
+- ours: `python cli.py extract --dataset manifest --root CSV --model DIR --out F.h5 --json`
+  at its DEFAULT settings (plus --device/--amp when given), which also computes the
+  four VAD masks and writes the resumable HDF5 cache.
 
-Reported: audio seconds per wall second (model loading excluded, writing
-included), their ratio, and peak RSS of the main process and of the largest
-worker. A third part runs ours on corpora of N and 3N utterances to show
-that peak memory does not grow with the corpus; to fit the time budget it
-uses a cheaper model of Base's width (2 layers, so 3 x 768 per frame) on
-short utterances, because the writer's buffers, not the arithmetic, decide
-that figure.
+Reported per corpus: whole-process wall time (start-up, imports, model loading,
+finishing the file: what a user waits for), the steady-state rate (audio seconds per
+second inside each program's own loop), the time outside the loop, peak RSS (wait4)
+and, with nvidia-smi, peak GPU memory used (sampled every 0.2 s); the 1-minute load
+average before each run, since this is meant to be rerun on a quiet machine.
 
-Random weights: speed depends on the architecture, not on the values.
+Audio: real speech from espeak-ng (Debian package), plain neutral sentences in several
+voices, 1-4 sentences per utterance (IEMOCAP-like spread of lengths, ~5 s mean), with
+room noise (bench/speech_corpus.py's `speak` and `room`). Without espeak-ng the
+project's synthetic corpus is used and the report says so. Model: random weights with
+a WavLM architecture (speed depends on the architecture, not on the values), saved
+locally with its feature-extractor config.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # the repository ahead of bench/: this file would shadow the extract package
 
 ARCHS = {
-    # WavLM Base dimensions, with Large's layer-norm front end so batches can be padded
+    # WavLM Base dimensions with Large's layer-norm front end (as in issue 10's measurement)
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    # microsoft/wavlm-large's architecture
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    # Base's width (768) at a fraction of its arithmetic: for the memory-scaling part
-    "scale": dict(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=768,
-                  conv_dim=(128,) * 7),
 }
 
 
-# --------------------------------------------------------------------------- set-up (driver)
+# --------------------------------------------------------------------------- inputs
 
 
 def save_model(path: Path, arch: str) -> Path:
+    """A random-weight WavLM of `arch` (or the tests' tiny one) saved with from_pretrained's layout."""
+    if (path / "config.json").exists():
+        return path
+    if arch == "tiny":
+        from extract.backends import tiny_wavlm
+
+        return tiny_wavlm(path)
     import torch
     from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
-    if (path / "config.json").exists():
-        return path
     config = WavLMConfig(feat_extract_norm="layer", do_stable_layer_norm=True, **ARCHS[arch])
     torch.manual_seed(0)
     WavLMModel(config).save_pretrained(path)
@@ -68,139 +78,142 @@ def save_model(path: Path, arch: str) -> Path:
     return path
 
 
-def make_corpus(folder: Path, minutes: float, short: bool = False) -> Path:
-    """The project's synthetic corpus, about `minutes` long: IEMOCAP-like ~5 s utterances
-    (or ~1.5 s ones when `short`, to get many utterances quickly)."""
+def speech_corpus(folder: Path, minutes: float, seed: int = 0) -> tuple[Path, str]:
+    """About `minutes` of espeak-ng speech as a manifest corpus; (manifest, description)."""
+    import numpy as np
+    import soundfile as sf
+
+    sys.path.insert(1, str(BENCH))
+    from speech_corpus import ACCENTS, SENTENCES, VARIANTS, room, speak
+
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        rng = np.random.default_rng(seed)
+        voices = [f"{a}+{v}" for a in ACCENTS for v in VARIANTS["F"][:2] + VARIANTS["M"][:2]]
+        jobs, total = [], 0.0
+        while total < minutes * 60:  # ~3 s per sentence: plan lengths first, render in parallel
+            k = int(rng.choice([1, 1, 1, 2, 2, 3, 4]))
+            text = " ".join(SENTENCES[int(i)] for i in rng.integers(len(SENTENCES), size=k))
+            jobs.append((len(jobs), voices[int(rng.integers(len(voices)))], text, int(rng.integers(2**31))))
+            total += 2.6 * k + 0.7
+
+        def render(job):
+            i, voice, text, noise_seed = job
+            x = room(speak(voice, f"<speak>{text}</speak>"), np.random.default_rng(noise_seed))
+            path = Path("wav") / f"u{i:05d}.wav"
+            sf.write(folder / path, x, 16000, subtype="PCM_16")
+            return {"path": path.as_posix(), "speaker": f"spk{i % 8}", "emotion": "neutral",
+                    "utt_id": f"u{i:05d}", "seconds": len(x) / 16000}
+
+        (folder / "wav").mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            rows = list(pool.map(render, jobs))
+        with manifest.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["path", "speaker", "emotion", "utt_id"])
+            w.writeheader()
+            w.writerows([{k: r[k] for k in w.fieldnames} for r in rows])
+    return manifest, "espeak-ng speech (neutral sentences, 1-4 per utterance, several voices, room noise)"
+
+
+def synthetic_corpus(folder: Path, minutes: float) -> tuple[Path, str]:
     from extract.synthetic import generate
 
-    if (folder / "manifest.csv").exists():
-        return folder / "manifest.csv"
-    mean, speech, silence = (1.5, (0.8, 1.2), (0.1, 0.3)) if short else (5.0, (1.5, 6.0), (0.2, 1.2))
-    per_speaker = max(2, round(minutes * 60 / 4 / mean))  # 4 speakers
-    return generate(folder, seed=0, n_sessions=2, utts_per_speaker=per_speaker,
-                    speech_seconds=speech, silence_seconds=silence)
+    manifest = folder / "manifest.csv"
+    if not manifest.exists():
+        per_speaker = max(2, round(minutes * 60 / 4 / 5.0))
+        manifest = generate(folder, seed=0, n_sessions=2, utts_per_speaker=per_speaker,
+                            speech_seconds=(1.5, 6.0), silence_seconds=(0.2, 1.2))
+    return manifest, "the project's synthetic corpus (a dry run, or espeak-ng is not installed)"
 
 
-def subset_manifest(manifest: Path, n: int) -> Path:
-    """The first n rows, written beside the manifest so its relative audio paths still hold."""
-    lines = manifest.read_text().splitlines()
-    out = manifest.with_name(f"first-{n}.csv")
-    out.write_text("\n".join(lines[: n + 1]) + "\n")
-    return out
+def corpus_stats(manifest: Path) -> tuple[int, float]:
+    import soundfile as sf
+
+    rows = list(csv.DictReader(manifest.open()))
+    return len(rows), sum(sf.info(manifest.parent / r["path"]).duration for r in rows)
 
 
-# glibc keeps freed heap blocks of a few MB (its mmap threshold rises to 32 MB after the first
-# large free), so RSS creeps up with allocation churn; a fixed threshold hands them back.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# --------------------------------------------------------------------------- running one command
 
 
-def run_phase(args: list[str], env: dict[str, str] | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
-        sys.exit(f"phase failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# --------------------------------------------------------------------------- the phases (subprocesses)
-
-
-class ChildRss:
-    """Largest resident set of this process's children, sampled from /proc every 0.2 s.
-
-    Not RUSAGE_CHILDREN: Linux carries a child's RSS from before its exec (a
-    copy of the parent's) into its ru_maxrss, so a 40 MB audio worker spawned by
-    a 1.5 GB parent would read as 1.5 GB.
-    """
+class GpuMemory:
+    """Peak memory used on GPU 0 by anything (nvidia-smi, every 0.2 s): the same meter for both commands."""
 
     def __init__(self) -> None:
-        self.peak_mb = 0.0
+        self.peak_mb: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> ChildRss:
-        self._thread.start()
+    def __enter__(self) -> GpuMemory:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _run(self) -> None:
-        me = str(os.getpid())
         while not self._stop.wait(0.2):
-            for status in Path("/proc").glob("[0-9]*/status"):
-                try:
-                    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-                except OSError:
-                    continue
-                if fields.get("PPid", "").strip() == me and "VmRSS" in fields:
-                    self.peak_mb = max(self.peak_mb, int(fields["VmRSS"].split()[0]) / 1024)
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+                self.peak_mb = max(self.peak_mb or 0.0, float(out.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def timed(cmd: list[str]) -> dict:
+    """Run `cmd` to the end: wall seconds from start to exit, peak RSS of its largest process
+    (wait4: the command and the children it reaped), peak GPU memory, its JSON output."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, GpuMemory() as gpu:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        text, errors = out.read().strip(), err.read()
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{errors[-3000:]}")
+    result = json.loads(text) if text.startswith("{") else json.loads(text.splitlines()[-1])
+    return {"wall": wall, "result": result, "load": load, "gpu_peak_mb": gpu.peak_mb,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def phase_ours(opts: argparse.Namespace) -> dict:
-    from extract.backends import load_backend
-    from extract.corpora import read_corpus
-    from extract.pipeline import extract_corpus
-
-    corpus = read_corpus(opts.dataset, opts.corpus)
-    backend = load_backend(opts.model, layers=None, device=opts.device, dtype=opts.amp)
-    start = time.perf_counter()
-    with ChildRss() as workers:
-        summary = extract_corpus(corpus, opts.out, backend, max_seconds=0.0, batch_seconds=opts.batch_seconds,
-                                 workers=opts.workers, shard=None, progress=False)
-    wall = time.perf_counter() - start
-    return {"audio_seconds": summary["audio_hours"] * 3600, "wall": wall, "utterances": summary["written"],
-            "peak_rss_mb": peak_rss_mb(), "peak_rss_worker_mb": workers.peak_mb, "bytes": summary["size_bytes"]}
+def run_plain(manifest: Path, model: Path, out: Path, opts) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(BENCH / "plain_loop.py"), str(manifest), str(model), str(out),
+           "--device", opts.device, "--amp", opts.amp]
+    r = timed(cmd)
+    res = r.pop("result")
+    return {**r, "audio_seconds": res["audio_seconds"], "loop_seconds": res["loop_seconds"]}
 
 
-def phase_plain(opts: argparse.Namespace) -> dict:
-    import numpy as np
-    import torch
-    from transformers import AutoFeatureExtractor, AutoModel
-
-    from extract.audio import load_audio
-    from extract.corpora import read_corpus
-    from extract.frames import SSL_GRID
-    from extract.vad import vad_masks
-
-    corpus = read_corpus(opts.dataset, opts.corpus)
-    fe = AutoFeatureExtractor.from_pretrained(opts.model)
-    model = AutoModel.from_pretrained(opts.model).eval().to(opts.device)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.amp)
-    seconds, n_bytes = 0.0, 0
-    start = time.perf_counter()
-    for utt in corpus.utterances:
-        samples = load_audio(utt.path).samples
-        inputs = fe(samples, sampling_rate=16000, return_tensors="pt").to(opts.device)
-        with torch.inference_mode(), torch.autocast(opts.device.split(":")[0], dtype=amp or torch.float32,
-                                                    enabled=amp is not None):
-            result = model(**inputs, output_hidden_states=True)
-        states = list(result.hidden_states[:-1]) + [result.last_hidden_state]
-        feats = torch.stack(states, dim=2)[0].float().cpu().numpy()  # (T, L, D)
-        np.save(out / f"{utt.utt_id}.npy", feats.astype(np.float16))
-        np.save(out / f"{utt.utt_id}.vad.npy", vad_masks(samples, SSL_GRID))
-        seconds += len(samples) / 16000
-        n_bytes += (out / f"{utt.utt_id}.npy").stat().st_size
-    wall = time.perf_counter() - start
-    return {"audio_seconds": seconds, "wall": wall, "utterances": len(corpus.utterances),
-            "peak_rss_mb": peak_rss_mb(), "peak_rss_worker_mb": 0.0, "bytes": n_bytes}
+def run_ours(manifest: Path, model: Path, out: Path, opts, extra: list[str]) -> dict:
+    for p in (out, out.with_suffix(".parts"), out.with_suffix(".data"), out.with_name(out.name + ".lock")):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "extract", "--dataset", "manifest", "--root", str(manifest),
+           "--model", str(model), "--out", str(out), "--json", *extra]
+    if opts.device != "cpu":
+        cmd += ["--device", opts.device]
+    if opts.amp != "none":
+        cmd += ["--amp", opts.amp]
+    r = timed(cmd)
+    res = r.pop("result")
+    audio = res["audio_hours"] * 3600
+    return {**r, "audio_seconds": audio, "loop_seconds": audio / res["x_real_time"], "policy": res["policy"]}
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- the report
 
 
 def machine() -> str:
     import torch
 
-    cpu = "unknown CPU"
+    cpu = platform.processor() or "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -210,127 +223,104 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads")
+            f"{torch.get_num_threads()} torch threads by default")
 
 
-def report(opts, rows: dict, runs: dict, scaling: list[tuple[int, dict]], load: tuple[str, str]) -> str:
+def corpus_table(name: str, desc: str, n: int, seconds: float, runs: dict[str, list[dict]], repeats: int) -> list[str]:
+    best = {k: min(v, key=lambda r: r["wall"]) for k, v in runs.items()}
+    steady = {k: max(r["audio_seconds"] / r["loop_seconds"] for r in v) for k, v in runs.items()}
     lines = [
-        f"# Extraction benchmark ({opts.device})",
+        f"### {name}: {n} utterances, {seconds / 60:.1f} min ({seconds / n:.1f} s mean)",
+        "",
+        f"Audio: {desc}.",
+        "",
+        "| command | whole process, best (s) | x real time, whole | steady state, best (x real time) | "
+        "outside the loop (s) | peak RSS MiB | peak GPU MiB | every run: wall s (steady x) @ load |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k, b in best.items():
+        every = ", ".join(f"{r['wall']:.1f} ({r['audio_seconds'] / r['loop_seconds']:.2f}x) @ {r['load']:.1f}"
+                          for r in runs[k])
+        gpu = f"{b['gpu_peak_mb']:.0f}" if b.get("gpu_peak_mb") else "-"
+        lines.append(f"| {k} | {b['wall']:.1f} | {seconds / b['wall']:.2f} | {steady[k]:.2f} | "
+                     f"{b['wall'] - b['loop_seconds']:.1f} | {b['peak_rss_mb']:.0f} | {gpu} | {every} |")
+    lines.append("")
+    for k in best:
+        if k != "plain":
+            lines.append(f"**{k} / plain: {best['plain']['wall'] / best[k]['wall']:.2f}x whole process, "
+                         f"{steady[k] / steady['plain']:.2f}x steady state** (best of {repeats} each).")
+    policy = next((r["policy"] for r in runs.get("ours", []) if "policy" in r), None)
+    if policy:
+        lines += ["", f"ours ran with its default policy: {policy}."]
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", choices=[*ARCHS, "tiny"], default="base")
+    ap.add_argument("--minutes", default="5,30", help="corpus sizes in minutes, comma-separated")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each command per corpus (alternating)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast, for both commands")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="also run `cli extract` with these extra options, e.g. 'old=--batch-seconds 100 --streams 1 --workers 1'")
+    ap.add_argument("--work", type=Path, default=None, help="folder for corpora, model and outputs [default: a temp dir]")
+    ap.add_argument("--results", type=Path, default=None, help="[default: bench/results/extract-<device>.md]")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model, tiny synthetic corpus, one run each (tests)")
+    opts = ap.parse_args()
+    if opts.dry_run:
+        opts.arch, opts.minutes, opts.repeats = "tiny", "0.1", 1
+
+    work = opts.work or Path(tempfile.mkdtemp(prefix="sapser-bench-extract-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = save_model(work / f"model-{opts.arch}", opts.arch)
+    variants = {"ours": []}
+    for spec in opts.variant:
+        name, _, args = spec.partition("=")
+        variants[name] = args.split()
+    sections = []
+    for minutes in [float(m) for m in opts.minutes.split(",")]:
+        folder = work / f"corpus-{minutes:g}min"
+        folder.mkdir(exist_ok=True)
+        speech = shutil.which("espeak-ng") and not opts.dry_run
+        manifest, desc = speech_corpus(folder, minutes) if speech else synthetic_corpus(folder, minutes)
+        n, seconds = corpus_stats(manifest)
+        runs: dict[str, list[dict]] = {"plain": [], **{k: [] for k in variants}}
+        names = ["plain", *variants]
+        for rep in range(opts.repeats):  # plain, ours, ..., then reversed: drifting load hits both
+            for name in names if rep % 2 == 0 else names[::-1]:
+                if name == "plain":
+                    r = run_plain(manifest, model, work / "plain-out", opts)
+                else:
+                    r = run_ours(manifest, model, work / f"{name}.h5", opts, variants[name])
+                runs[name].append(r)
+                print(f"{minutes:g} min {name}: wall {r['wall']:.1f} s, steady "
+                      f"{r['audio_seconds'] / r['loop_seconds']:.2f}x, load {r['load']:.1f}", flush=True)
+        sections += corpus_table(f"{minutes:g}-minute corpus", desc, n, seconds, runs, opts.repeats)
+    device = opts.device.split(":")[0]
+    lines = [
+        f"# Extraction: `cli extract` at its defaults vs the plain loop ({device})",
         "",
         f"Command: `python bench/extract.py {' '.join(sys.argv[1:])}`",
         "",
         f"- Machine: {machine()}.",
-        f"- Load average (1 min) before / after: {load[0]} / {load[1]} (other jobs share this machine).",
-        f"- Model: random-weight WavLM, `{opts.arch}` dimensions ({ARCHS[opts.arch]}), layer-norm front end, "
-        f"all {ARCHS[opts.arch]['num_hidden_layers'] + 1} hidden states; compute {opts.amp}; storage float16.",
-        f"- ours: --batch-seconds {opts.batch_seconds}, --workers {opts.workers}.",
+        f"- Model: random-weight WavLM, `{opts.arch}` architecture "
+        f"({ARCHS.get(opts.arch, 'tiny: 2 layers, 32 wide')}), layer-norm front end, every hidden state kept; "
+        f"compute {'float32' if opts.amp == 'none' else opts.amp}; stored as float16 by both.",
+        "- plain = bench/plain_loop.py; ours = `cli extract` at its defaults (it also computes four VAD masks).",
+        "- Whole process: from starting the command to its exit. Steady state: audio seconds per second in "
+        "each program's own loop (reading audio to writing features). Best of the runs; the load is the "
+        "1-minute load average when each run started.",
         "",
+        *sections,
     ]
-    if rows:
-        lines += main_table(opts, rows, runs)
-    if scaling:
-        lines += [
-            f"Peak memory against corpus size (ours, model `scale` {ARCHS['scale']}: 3 x 768 per frame, "
-            "~1.5 s utterances; a loop that kept features would grow by ~0.45 MB per audio second), with "
-            "glibc's default allocator and with `MALLOC_MMAP_THRESHOLD_=1048576`:",
-            "",
-            "| utterances | audio s | peak RSS main, default (MiB) | x real time | "
-            "peak RSS main, fixed threshold (MiB) | x real time | peak RSS audio worker (MiB) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for n, (d, f) in scaling:
-            lines.append(f"| {n} | {d['audio_seconds']:.0f} | {d['peak_rss_mb']:.0f} | "
-                         f"{d['audio_seconds'] / d['wall']:.1f} | {f['peak_rss_mb']:.0f} | "
-                         f"{f['audio_seconds'] / f['wall']:.1f} | {max(d['peak_rss_worker_mb'], f['peak_rss_worker_mb']):.0f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def main_table(opts, rows: dict, runs: dict) -> list[str]:
-    plain = rows["plain"]
-    rate = {k: r["audio_seconds"] / r["wall"] for k, r in rows.items()}
-    lines = [
-        f"Audio: the synthetic corpus, {plain['utterances']} utterances, {plain['audio_seconds']:.0f} s "
-        f"({plain['audio_seconds'] / plain['utterances']:.1f} s mean).",
-        "",
-        "| phase | audio s / s (x real time) | wall s | peak RSS main (MiB) | peak RSS audio worker (MiB) | output MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name in ("plain", "ours"):
-        r = rows[name]
-        lines.append(f"| {name} | {rate[name]:.2f} | {r['wall']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_worker_mb']:.0f} | {r['bytes'] / 2**20:.0f} |")
-    every = "; ".join(f"{k} " + ", ".join(f"{r['audio_seconds'] / r['wall']:.2f}" for r in v) for k, v in runs.items())
-    lines += ["", f"**ours / plain = {rate['ours'] / rate['plain']:.2f}x** (best of {opts.repeats} runs each, "
-              f"in the order plain, ours, ours, plain, ...; every run's x real time: {every})", ""]
-    return lines
-
-
-def load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "?"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phase", choices=["ours", "plain"], help=argparse.SUPPRESS)
-    parser.add_argument("--corpus", help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", default="manifest", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="base")
-    parser.add_argument("--minutes", type=float, default=2.5, help="audio in the speed comparison")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", default="float32", help="float32, bf16 or fp16 (autocast)")
-    parser.add_argument("--batch-seconds", type=float, default=60.0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each phase (alternating order)")
-    parser.add_argument("--scale", default="100,300,600", help="corpus sizes (utterances) for the memory part; '' = skip")
-    parser.add_argument("--work", default=None, help="folder for corpus, model and outputs [default: a temp dir]")
-    parser.add_argument("--results", default=None, help="[default: bench/results/extract-<device>.md]")
-    opts = parser.parse_args()
-
-    if opts.phase:
-        result = phase_ours(opts) if opts.phase == "ours" else phase_plain(opts)
-        print(json.dumps(result))
-        return
-
-    work = Path(opts.work or tempfile.mkdtemp(prefix="sapser-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    load_before = load_average()
-    model = save_model(work / f"model-{opts.arch}", opts.arch)
-    corpus = make_corpus(work / "corpus", opts.minutes)
-    common = ["--model", str(model), "--device", opts.device, "--amp", opts.amp,
-              "--batch-seconds", str(opts.batch_seconds), "--workers", str(opts.workers)]
-    runs: dict[str, list[dict]] = {"plain": [], "ours": []}
-    for rep in range(opts.repeats):  # plain, ours, ours, plain, ...: drift in machine load hits both
-        for name in ("plain", "ours") if rep % 2 == 0 else ("ours", "plain"):
-            out = work / f"{name}-{rep}{'.h5' if name == 'ours' else '-npy'}"
-            runs[name].append(run_phase([name, "--dataset", "manifest", "--corpus", str(corpus), "--out", str(out),
-                                         *common]))
-            print(name, json.dumps(runs[name][-1]), flush=True)
-    rows = {name: max(r, key=lambda x: x["audio_seconds"] / x["wall"]) for name, r in runs.items() if r}
-    scaling = []
-    if opts.scale:
-        scale_model = save_model(work / "model-scale", "scale")
-        sizes = [int(x) for x in opts.scale.split(",")]
-        big = make_corpus(work / f"corpus-scale-{max(sizes)}", minutes=max(sizes) * 1.5 / 60, short=True)
-        for n in sizes:
-            csv = subset_manifest(big, n)
-            common_scale = [a if a != str(model) else str(scale_model) for a in common]
-            pair = []
-            for tag, env in (("default", None), ("fixed", FIXED_MMAP_THRESHOLD)):
-                pair.append(run_phase(["ours", "--dataset", "manifest", "--corpus", str(csv),
-                                       "--out", str(work / f"scale-{n}-{tag}.h5"), *common_scale], env))
-                print("scale", n, tag, json.dumps(pair[-1]), flush=True)
-            scaling.append((n, pair))
-    text = report(opts, rows, runs, scaling, (load_before, load_average()))
-    results = Path(opts.results or ROOT / "bench" / "results" / f"extract-{opts.device.split(':')[0]}.md")
+    text = "\n".join(lines)
+    results = opts.results or ROOT / "bench" / "results" / f"extract-{device}.md"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text)
     print(text)
+    if opts.work is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,12 @@ Resuming or appending with a different fingerprint is refused, naming the keys t
 
 While a writer runs, finished batches sit in `F.parts/part-NNNNNN.h5` (same layout, written
 under a `.tmp` name, fsynced, then renamed), next to the lock file `F.h5.lock` (PID).
-`close()` consolidates the old `F.h5` (if any) and all parts into `F.h5.tmp`, fsyncs it,
-renames it over `F.h5`, then deletes the parts. Shard i of n is written as
+`close()` moves the parts into `F.data/` and writes `F.h5` as an index: the attributes,
+/meta and /skipped above, and /features/<key>, /vad/<key> as HDF5 external links into the
+part files (relative paths; h5py follows them). A run that made a single part renames it
+to `F.h5` instead (one self-contained file). Shard i of n is written as
 `F.shard-i-of-n.h5` with i counted from 1 in the name, as in `cli extract --shard i/n`
-(the API's shard=(i, n) counts from 0), with its own parts folder and lock.
+(the API's shard=(i, n) counts from 0), with its own parts, data folder and lock.
 """
 
 from __future__ import annotations
@@ -251,6 +253,11 @@ def lock_path(path: Path) -> Path:
 
 def parts_dir(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".h5") + ".parts")
+
+
+def data_dir(path: Path) -> Path:
+    """Where a finished cache's part files live; F.h5 links to them (see cache.writer)."""
+    return path.with_name(path.name.removesuffix(".h5") + ".data")
 
 
 def fsync_dir(path: Path) -> None:

@@ -3,12 +3,23 @@
 Why parts: an HDF5 file being written is not safe to kill (a SIGKILL mid-write can leave
 its B-trees or superblock inconsistent). So nothing is ever written in place: a background
 thread builds batches of utterances as HDF5 images in RAM, writes each to
-`F.parts/part-NNNNNN.h5.tmp`, fsyncs it and renames it to `part-NNNNNN.h5`. A part that has its final name is complete; a `.tmp` is garbage from a
-kill and is deleted on the next open. `close()` builds `F.h5.tmp` from the old `F.h5` (if
-any) and every part, fsyncs and renames it over `F.h5`, then deletes the parts. A kill
-during that leaves either the old file plus the parts or the new file plus (already merged)
-parts, and utterances are de-duplicated by id when merging. So a kill at any moment loses
-only the utterances not yet in a renamed part, and a rerun stores each utterance once.
+`F.parts/part-NNNNNN.h5.tmp`, fsyncs it and renames it to `part-NNNNNN.h5`. A part that has
+its final name is complete; a `.tmp` is garbage from a kill and is deleted on the next open.
+
+Why links, not a merged copy: `close()` keeps the parts. It moves them (renames, no copy)
+into `F.data/` and writes `F.h5` as a small index: the root attributes, `/meta`, `/skipped`
+and, for every utterance, HDF5 external links `/features/<key>` and `/vad/<key>` to its
+datasets in a part file (relative paths, which HDF5 resolves from F.h5's own folder, so
+plain h5py reads it from any working directory). Copying every part into one file needed
+twice the cache's size on disk at the end of a run and a full extra write. A run that fits
+in one part, with nothing before it, still ends as one self-contained `F.h5` (a rename).
+
+Crash safety: files in `F.data/` are never modified or deleted, and `F.h5` is replaced
+atomically (written as `F.h5.tmp`, fsynced, renamed), so a reader of an old index keeps
+working and a kill at any moment leaves: the old `F.h5` (or none), data files, and parts.
+A rerun treats every data file and part as finished work (an old self-contained `F.h5` too)
+and de-duplicates utterances by id, so it loses only the utterances not yet in a renamed
+part and stores each one once.
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from cache.format import (
     live_skips,
     lock_path,
     normalize_fingerprint,
+    data_dir,
     parse_shard_name,
     parts_dir,
     read_columns,
@@ -75,6 +87,9 @@ QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the d
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 _PART_GLOB = "part-*.h5"
 _PART_NAME = re.compile(r"part-\d+\.h5")
+# Root attribute of an index file (JSON list of the data files it links, relative to its
+# folder); a self-contained cache file has none.
+LINKED_ATTR = "data_files"
 
 
 # --- the lock -------------------------------------------------------------------------
@@ -202,34 +217,115 @@ def _disk_error(err: OSError, path: Path) -> CacheError | None:
 # --- merging finished files into one cache --------------------------------------------
 
 
-def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any]) -> Path:
-    """Write every utterance and skip of `sources` once into `out`, atomically.
+def cache_files(path: str | Path) -> list[Path]:
+    """The files one cache file needs: itself, plus the data files an index links to."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        linked = json.loads(f.attrs[LINKED_ATTR]) if LINKED_ATTR in f.attrs else []
+    return [path] + [path.parent / name for name in linked]
 
-    Rows are sorted by utt_id and skips by (item, reason), so any split of the same work
-    (parts, resumes, shards) gives a file with the same content. Features are copied chunk
-    by chunk with H5Ocopy (no decode/encode), so they stay bit-identical.
-    """
-    contents = [read_contents(p) for p in sources]
-    sizes = {c.hidden_size for c in contents if c.hidden_size}
-    if len(sizes) > 1:
-        raise CacheError(f"the files to merge disagree on the hidden size ({sorted(sizes)})")
-    hidden_size = sizes.pop() if sizes else int(fingerprint.get("hidden_size", 0))
-    need = sum(p.stat().st_size for p in sources)
-    free = shutil.disk_usage(out.parent).free
-    if need > free:
-        raise CacheError(
-            f"out of disk space: finishing {out} needs about {need / 1e9:.2f} GB and {free / 1e9:.2f} GB "
-            "is free; free some space and rerun the same command to complete the cache"
-        )
-    owner: dict[str, tuple[int, int]] = {}  # utt_id -> (source index, row)
+
+def cache_bytes(path: str | Path) -> int:
+    """Bytes on disk of one cache file with everything it links to."""
+    return sum(p.stat().st_size for p in cache_files(path) if p.exists())
+
+
+def direct_files(paths: Sequence[Path], file_of: dict[str, int],
+                 key_of: dict[str, str]) -> tuple[list[Path], dict[str, int]]:
+    """Where each utterance's arrays really are: `paths` plus the part files of any index
+    among them, and utt_id -> index into that list (the same /features/<key> there)."""
+    files, where = list(paths), dict(file_of)
+    for i, path in enumerate(paths):
+        with h5py.File(path, "r") as f:
+            if LINKED_ATTR not in f.attrs:
+                continue
+            group, slot = f[FEATURES], {}
+            for utt_id in [u for u, j in file_of.items() if j == i]:
+                link = group.get(key_of[utt_id], getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    target = (path.parent / link.filename).resolve()
+                    if target not in slot:
+                        slot[target] = len(files)
+                        files.append(target)
+                    where[utt_id] = slot[target]
+    return files, where
+
+
+def _is_index(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return LINKED_ATTR in f.attrs
+
+
+def _is_self_contained(path: Path) -> bool:
+    return not _is_index(path)
+
+
+def _merge_rows(contents: Sequence[_Contents]) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str, str]]]:
+    """utt_id -> (source index, row), first source wins; skips (item, reason, detail) sorted, first detail wins."""
+    owner: dict[str, tuple[int, int]] = {}
     for s, c in enumerate(contents):
         for r, utt_id in enumerate(c.utt_ids):
             owner.setdefault(utt_id, (s, r))
-    first_skip: dict[tuple[str, str], str] = {}  # (item, reason) -> detail, first one wins
+    first_skip: dict[tuple[str, str], str] = {}
     for c in contents:
         for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
             first_skip.setdefault((item, reason), detail)
+    # a model_error skip whose utterance a rerun stored is no longer a skip
     skips = live_skips([(item, reason, first_skip[item, reason]) for item, reason in sorted(first_skip)], set(owner))
+    return owner, skips
+
+
+def _hidden_size(contents: Sequence[_Contents], fingerprint: dict[str, Any]) -> int:
+    sizes = {c.hidden_size for c in contents if c.hidden_size}
+    if len(sizes) > 1:
+        raise CacheError(f"the files to merge disagree on the hidden size ({sorted(sizes)})")
+    return sizes.pop() if sizes else int(fingerprint.get("hidden_size", 0))
+
+
+def write_index(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any]) -> Path:
+    """Write `out` atomically as an index over `sources` (files in out's folder or below it).
+
+    Every utterance and skip of `sources` appears once (first source wins), rows sorted by
+    utt_id like a consolidated file; features and VAD masks stay where they are and are
+    reached through relative external links. No feature byte is read or written.
+    """
+    contents = [read_contents(p) for p in sources]
+    hidden_size = _hidden_size(contents, fingerprint)
+    owner, skips = _merge_rows(contents)
+    names = [os.path.relpath(p, out.parent) for p in sources]
+    part = _Part()
+    f = part.file
+    for utt_id in sorted(owner):
+        s, r = owner[utt_id]
+        key = contents[s].meta["key"][r]
+        part.features[key] = h5py.ExternalLink(names[s], f"/{FEATURES}/{key}")
+        part.vad[key] = h5py.ExternalLink(names[s], f"/{VAD}/{key}")
+        part.rows.append({k: contents[s].meta[k][r] for k in META_COLUMNS})
+    part.skips = skips
+    f.attrs[LINKED_ATTR] = json.dumps(names)  # every file it was built from belongs to the cache
+    _write_image(part.finish(fingerprint, hidden_size), out)
+    return out
+
+
+def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any]) -> Path:
+    """Write every utterance and skip of `sources` once into `out`, one self-contained file, atomically.
+
+    Rows are sorted by utt_id and skips by (item, reason), so any split of the same work
+    (parts, resumes, shards) gives a file with the same content. Features are copied chunk
+    by chunk with H5Ocopy (no decode/encode), so they stay bit-identical; a source that is
+    an index is read through its links. Used by `merge_shards` (a real copy is the point
+    there); a writer's `close()` links instead.
+    """
+    contents = [read_contents(p) for p in sources]
+    hidden_size = _hidden_size(contents, fingerprint)
+    need = sum(cache_bytes(p) for p in sources)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise CacheError(
+            f"out of disk space: writing {out} needs about {need / 1e9:.2f} GB and {free / 1e9:.2f} GB "
+            "is free; free some space and rerun"
+        )
+    owner, skips = _merge_rows(contents)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as dst:
@@ -318,6 +414,7 @@ class CacheWriter:
         self.hidden_size = int(fp.get("hidden_size", 0))
         self.part_utterances, self.part_bytes, self.queue_bytes = part_utterances, part_bytes, queue_bytes
         self.parts = parts_dir(self.path)
+        self.data = data_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _Lock(lock_path(self.path), self.path)
         try:
@@ -340,19 +437,24 @@ class CacheWriter:
     # -- resume -----------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Check every existing piece against our fingerprint; fill `done` from them."""
+        """Check every existing piece against our fingerprint; fill `done` from them.
+
+        Pieces: `F.h5` (an index, or a self-contained file that is then a source itself),
+        every data file in `F.data/` (linked or, after a kill inside close(), not yet) and
+        every part in `F.parts/`.
+        """
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-        self._sources: list[Path] = [self.path] if self.path.exists() else []
         self.parts.mkdir(exist_ok=True)
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # torn by a kill before its rename: its utterances are not done
         parts = sorted(self.parts.glob(_PART_GLOB))
-        for p in parts:
+        data = sorted(self.data.glob(_PART_GLOB)) if self.data.is_dir() else []
+        for p in data + parts:
             if not _PART_NAME.fullmatch(p.name):  # int() of its number would fail below
                 raise CacheDamaged(f"the cache is damaged: {p} is not a part this writer made (those are named "
-                                   f"part-NNNNNN.h5); move it out of {self.parts} and rerun")
-        self._sources += parts
-        self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=0)
+                                   f"part-NNNNNN.h5); move it out of {p.parent} and rerun")
+        self._sources: list[Path] = ([self.path] if self.path.exists() else []) + data + parts
+        self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in data + parts), default=0)
         self.stored: set[str] = set()
         self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
         for src in self._sources:
@@ -454,7 +556,12 @@ class CacheWriter:
         return [Skip(item, reason, detail) for (item, reason), detail in sorted(self._skips.items())]
 
     def close(self) -> Path:
-        """Write what is queued, consolidate everything into one file, release the lock."""
+        """Write what is queued, link every part into the index `F.h5`, release the lock.
+
+        No feature is copied: parts are renamed into `F.data/` and F.h5 is rewritten as a
+        small index (see the module docstring). A run that made one part and found nothing
+        before it renames that part to F.h5 (one self-contained file).
+        """
         if self._closed:
             return self.path
         self._closed = True
@@ -463,24 +570,47 @@ class CacheWriter:
             if self._error is not None:
                 raise self._error
             parts = sorted(self.parts.glob(_PART_GLOB))
-            if parts or not self.path.exists():
-                sources = ([self.path] if self.path.exists() else []) + parts
-                if sources == parts[:1] and len(parts) == 1:
-                    os.replace(parts[0], self.path)  # already a complete cache: no copy
-                elif sources:
-                    consolidate(sources, self.path, self.fingerprint)
-                else:
-                    self._empty_cache()
-            for p in parts:
-                p.unlink(missing_ok=True)  # gone when renamed above
+            data = sorted(self.data.glob(_PART_GLOB)) if self.data.is_dir() else []
+            linked = set(cache_files(self.path)[1:]) if self.path.exists() else set()
+            if not self.path.exists() and not data and len(parts) == 1:
+                os.replace(parts[0], self.path)  # already a complete cache: no copy
+            elif parts or set(data) != linked:  # new parts, or data files a kill left unlinked
+                self._link(parts)
+            elif not self.path.exists():
+                self._empty_cache()
             try:
                 self.parts.rmdir()
             except OSError:
                 pass  # someone else's file in there; leave it
             fsync_dir(self.path.parent)
+        except OSError as err:
+            raise (_disk_error(err, self.path) or err) from None
         finally:
             self._lock.release()
         return self.path
+
+    def _link(self, parts: list[Path]) -> None:
+        """Move `parts` into F.data/ (renames) and write F.h5 as the index over every data file."""
+        self.data.mkdir(exist_ok=True)
+        if self.path.exists() and _is_self_contained(self.path):
+            # A self-contained F.h5 (a one-part run, or a cache from before links) becomes a
+            # data file by a hard link, so the new index can replace F.h5 without a copy.
+            first = self.data / "part-000000.h5"
+            if not (first.exists() and os.path.samefile(first, self.path)):
+                if first.exists():
+                    first = self.data / f"part-{self._next_part:06d}.h5"
+                    self._next_part += 1
+                try:
+                    os.link(self.path, first)
+                except OSError:  # no hard links on this filesystem: copy it once
+                    shutil.copyfile(self.path, first.with_name(first.name + ".tmp"))
+                    _fsync_file(first.with_name(first.name + ".tmp"))
+                    os.replace(first.with_name(first.name + ".tmp"), first)
+        for p in parts:  # numbered across F.parts and F.data, so never a clash
+            os.replace(p, self.data / p.name)
+        fsync_dir(self.data)
+        fsync_dir(self.parts)
+        write_index(sorted(self.data.glob(_PART_GLOB)), self.path, self.fingerprint)
 
     def abort(self) -> None:
         """Keep every finished utterance in parts (a rerun completes the cache); no merge."""

@@ -26,6 +26,12 @@ import torch
 
 from extract.errors import UserError
 from extract.frames import SAMPLE_RATE, FrameGrid, conv_grid
+from extract.frontend import use_fast_front_end
+
+
+# WavLM mixes a bool padding mask with a float position bias; torch warns, the result is
+# right (tested). Filtered once here: warnings.catch_warnings is not safe across threads.
+warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
 
 
 class BackendError(UserError):
@@ -122,7 +128,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes in place (a buffer), not a copy of them
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -144,12 +151,19 @@ class HFBackend:
 
     Padding: models with layer-norm front ends (feat_extract_norm="layer")
     are batched with zero padding and an attention mask, which leaves every
-    real frame as it is alone; this is measured once at load time
-    (`_padding_invisible`), not assumed. Group-norm front ends (wav2vec2-base,
-    HuBERT base) normalize each channel over the whole time axis, so padding
-    would change every frame: they, and any model that fails the measurement,
-    run one utterance per forward (equal lengths share one).
+    real frame as it is alone; this is measured (`_padding_invisible`, on first
+    need), not assumed. Group-norm front ends (wav2vec2-base, HuBERT base)
+    normalize each channel over the whole time axis, so padding would change
+    every frame: they, and any model that fails the measurement, run one
+    utterance per forward (equal lengths share one). With `one_per_forward`
+    (the extraction loop's CPU policy) every utterance runs alone and nothing
+    is measured.
+
+    Calls from several threads at once are safe (`thread_safe`): inference
+    mutates no module state, and autocast and inference mode are per thread.
     """
+
+    thread_safe = True
 
     def __init__(self, model: str, *, layers: Sequence[int] | None = None,
                  device: str = "auto", dtype: str = "auto") -> None:
@@ -185,8 +199,18 @@ class HFBackend:
         self.model.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        # data2vec-audio has no feat_extract_norm: its conv front end is always layer-normed
-        self.pads = getattr(self.config, "feat_extract_norm", "layer") == "layer" and self._padding_invisible()
+        # CPU: the conv front end without its layout round trips (extract.frontend; measured equal)
+        self.fast_front_end = self.device.type == "cpu" and use_fast_front_end(self.model)
+        self.one_per_forward = False
+        self._pads: bool | None = None
+
+    @property
+    def pads(self) -> bool:
+        """Whether batches are zero-padded with an attention mask (measured once, on first use)."""
+        if self._pads is None:
+            # data2vec-audio has no feat_extract_norm: its conv front end is always layer-normed
+            self._pads = getattr(self.config, "feat_extract_norm", "layer") == "layer" and self._padding_invisible()
+        return self._pads
 
     def _padding_invisible(self) -> bool:
         """Measured, not assumed: do two utterances padded into one batch give their own frames?
@@ -206,8 +230,7 @@ class HFBackend:
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            with torch.inference_mode():
                 batched = self.forward(torch.from_numpy(values).to(self.device), mask).float()  # (2, T, L, D)
                 for i, w in enumerate(waves):
                     alone = self.forward(torch.from_numpy(w)[None].to(self.device), None).float()[0]  # (T_i, L, D)
@@ -229,11 +252,16 @@ class HFBackend:
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,
             "normalize": self.normalize,
-            "padding": "attention_mask" if self.pads else "none: one utterance (or equal lengths) per forward",
+            "padding": self._padding_policy(),
             "last_layer": "last_hidden_state",
             "compute_dtype": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
             **self.grid.as_dict(),
         }
+
+    def _padding_policy(self) -> str:
+        if self.one_per_forward:
+            return "none: one utterance per forward"
+        return "attention_mask" if self.pads else "none: one utterance (or equal lengths) per forward"
 
     def n_frames(self, n_samples: Sequence[int]) -> list[int]:
         """The model's own output-length formula (asserted equal to the grid's)."""
@@ -270,7 +298,9 @@ class HFBackend:
     def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         if not waves:
             return []
-        if self.pads:
+        if self.one_per_forward:
+            groups = [[i] for i in range(len(waves))]
+        elif self.pads:
             groups = [list(range(len(waves)))]
         else:
             by_length: dict[int, list[int]] = {}
@@ -291,9 +321,7 @@ class HFBackend:
         x, mask = self.batch_inputs(waves)
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
-        ), warnings.catch_warnings():
-            # WavLM mixes a bool padding mask with a float position bias; torch warns, the result is right (tested)
-            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+        ):
             feats = self.forward(x, mask)  # (B, T_max, L, D)
         assert feats.shape[1] == max(n_frames), f"model gave {feats.shape[1]} frames, expected {max(n_frames)}"
         feats = feats.float().cpu().numpy()
@@ -384,6 +412,7 @@ class FbankBackend(_OneLayerBackend):
     """
 
     name = "fbank"
+    thread_safe = True  # stateless torch ops: the loop may call it from several threads
     N_FFT = 400
     HOP = 160
     F_MIN, F_MAX = 20.0, 7600.0

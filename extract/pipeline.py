@@ -1,18 +1,28 @@
 """The extraction loop: a corpus in, a finished (or resumable) feature cache out.
 
-Three stages run at once, each on its own core(s):
+Three stages run at once:
 
-    worker processes          main thread               cache writer thread
+    audio loaders             model streams              cache writer thread
     decode + resample + VAD ─► backend(batch of waves) ─► float16 + HDF5 part files
-    (ProcessPool, bounded     (length-sorted batches    (bounded queue, see
-     look-ahead)               of <= batch_seconds)      cache.writer)
+    (a thread, or worker      (`streams` threads, each   (bounded queue, see
+     processes; look-ahead)    with its torch threads)    cache.writer)
 
-Memory is bounded by the look-ahead (PREFETCH_BATCHES batches of audio), one
-batch of features and the writer's queue, never by the corpus size.
+Memory is bounded by the look-ahead (a few batches of audio), the batches in the
+streams and the writer's queue, never by the corpus size.
 
-Batches: utterances are sorted by length, longest first, and cut so that
-padded length x batch size <= batch_seconds of audio; the longest batch comes
-first, so a model that runs out of memory does so at once.
+The policy is per device (`default_policy`, measured in bench/extract.py and the
+README's Benchmarks): on a CPU, one utterance per forward in one stream per core,
+each stream with a single torch thread, and audio loaded by a thread (no processes);
+on a GPU, length-sorted padded batches of up to `batch_seconds` of audio in one
+stream, with worker processes decoding audio ahead of it.
+
+The batch plan is a function of the corpus (file headers), the shard and the
+settings only: utterances of the whole shard are sorted by length, longest first
+(ties by corpus order), and cut so that padded length x batch size <= batch_seconds
+(0 = one per forward); the longest batch comes first, so a model that runs out of
+memory does so at once. A resumed run recomputes the same batches, running (but not
+storing again) the utterances of a batch that are already stored, so its features
+are bit-identical to an uninterrupted run's.
 
 Bad items never stop a run: an AudioError, an utterance shorter than the
 backend's frame window, or a model error on one item (a failed batch is
@@ -28,7 +38,8 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import closing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +57,7 @@ from extract.vad import vad_masks, vad_settings
 if TYPE_CHECKING:
     from extract.backends import Backend
 
-PREFETCH_BATCHES = 3  # batches of audio decoded ahead of the model
+PREFETCH_BATCHES = 3  # batches of audio decoded ahead of each model stream
 # A model that fails on this many utterances before it has produced one set of
 # features is broken, not unlucky: stop instead of skipping the whole corpus.
 MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
@@ -170,30 +181,29 @@ def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | F
     return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
 
 
-class _Inline(Executor):
-    """workers=0: load in the main thread (no processes; for debugging and tiny runs)."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 - delivered through the future, as a pool would
-            future.set_exception(err)
-        return future
+class _Threads(ThreadPoolExecutor):
+    """workers=0: audio loaded by threads of this process (soundfile, soxr and numpy release
+    the GIL). On a CPU the model needs every core and audio is ~1 % of the work, so a
+    process that imports its own libraries would cost more than it saves."""
 
 
 def _executor(workers: int) -> Executor:
     """workers > 0: spawned processes, so a script that calls extract_corpus needs the usual
-    `if __name__ == "__main__":` guard (the CLI has it)."""
+    `if __name__ == "__main__":` guard (the CLI has it). They die with this process."""
     if workers <= 0:
-        return _Inline()
+        return _Threads(max_workers=1, thread_name_prefix="sapser-audio")
     # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_ignore_sigint)
+                               initializer=_worker_init, initargs=(os.getpid(),))
 
 
-def _ignore_sigint() -> None:
-    """Ctrl-C goes to the whole process group: the parent stops the run, workers just end."""
+def _worker_init(parent_pid: int) -> None:
+    """A killed parent (SIGKILL, out of memory) runs no cleanup: the kernel ends the worker
+    with it (extract.children). Ctrl-C goes to the whole process group: the parent stops
+    the run, workers just end."""
+    from extract.children import die_with_parent
+
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -216,6 +226,99 @@ def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: fl
         yield [f.result() for f in futures]
 
 
+# --------------------------------------------------------------------------- the policy per device
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the loop runs: every field is measured per device (README, Benchmarks)."""
+
+    batch_seconds: float  # padded audio seconds per forward; 0 = one utterance per forward
+    streams: int  # model calls running at once (threads of this process)
+    threads: int  # torch intra-op threads of each stream
+    workers: int  # audio processes; 0 = a loader thread in this process
+
+    def describe(self) -> str:
+        per = "one utterance" if self.batch_seconds == 0 else f"<= {self.batch_seconds:g} s padded"
+        loader = f"{self.workers} audio processes" if self.workers else "audio in a thread"
+        return f"{per} per forward, {self.streams} stream(s) x {self.threads} torch thread(s), {loader}"
+
+
+DEFAULT_BATCH_SECONDS = {"cuda": 100.0, "cpu": 0.0}
+MAX_STREAMS = 8  # each holds one batch's activations; more cores go to each stream's threads
+
+
+def usable_cores(env: dict[str, str]) -> int:
+    """Cores this process may use (affinity, e.g. a container or taskset), split over local torchrun ranks."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(int(env.get("LOCAL_WORLD_SIZE", "1") or 1), 1))
+
+
+def default_policy(backend: Backend, env: dict[str, str], *, batch_seconds: float | None = None,
+                   streams: int | None = None, workers: int | None = None) -> Policy:
+    """The measured defaults for the backend's device; any argument given overrides its part.
+
+    CPU: two model calls with one torch thread each beat one call with two threads on
+    two cores (OpenMP's threads meet at a barrier after every operation, and a core
+    lent to anything else stalls its partner), and one utterance per forward beats padded
+    batches (larger activations leave the caches; no padding to compute); audio needs
+    ~1 % of a core, so a thread loads it. GPU: padded batches in one stream, audio
+    decoded by worker processes (at thousands of times real time the GPU outruns one
+    core). Backends that do not declare `thread_safe = True` run in one stream.
+    """
+    cores = usable_cores(env)
+    device = getattr(getattr(backend, "device", None), "type", "cpu")
+    if device == "cuda":
+        batch = DEFAULT_BATCH_SECONDS["cuda"] if batch_seconds is None else batch_seconds
+        n = 1 if streams is None else streams
+        return Policy(batch, n, max(1, cores // n), default_workers(env) if workers is None else workers)
+    batch = DEFAULT_BATCH_SECONDS["cpu"] if batch_seconds is None else batch_seconds
+    if streams is None:
+        streams = min(cores, MAX_STREAMS) if getattr(backend, "thread_safe", False) else 1
+    return Policy(batch, streams, max(1, cores // streams), 0 if workers is None else workers)
+
+
+# --------------------------------------------------------------------------- the model streams
+
+
+@dataclass
+class _Outcome:
+    """What the model made of one loaded utterance: features, or the error it raised."""
+
+    item: Loaded
+    features: np.ndarray | None = None  # (T, L, D) float32
+    error: BaseException | None = None
+
+
+def _stream_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # this thread's OpenMP team (and torch's default for new threads)
+
+
+def _compute(items: list[Loaded | Failed], backend: Backend) -> list[_Outcome]:
+    """Run one planned batch (in a stream thread). A failed batch is retried one utterance
+    at a time so that one bad item does not take the others with it."""
+    loaded = [it for it in items if isinstance(it, Loaded)]
+    if not loaded:
+        return []
+    try:
+        return [_Outcome(it, f) for it, f in zip(loaded, backend([it.samples for it in loaded]))]
+    except Exception:
+        _free_accelerator_memory()
+    out = []
+    for it in loaded:
+        try:
+            out.append(_Outcome(it, backend([it.samples])[0]))
+        except Exception as err:  # noqa: BLE001 - judged by the main thread, in plan order
+            _free_accelerator_memory()
+            out.append(_Outcome(it, error=err))
+    return out
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -227,58 +330,115 @@ class _Tally:
     model_errors_before_success: int = 0
 
 
+@dataclass
+class _Batch:
+    """One batch of the plan: every utterance is run, only those in `write` are stored."""
+
+    utts: list[Utterance]
+    write: set[str]
+
+
+def plan_corpus(utts: Sequence[Utterance], lengths: Sequence[int], batch_seconds: float,
+                done: set[str]) -> list[_Batch]:
+    """The plan over ALL utterances of the shard (so it never depends on what is done),
+    keeping the batches that hold at least one utterance not done yet."""
+    batches = []
+    for b in plan_batches(lengths, batch_seconds):
+        write = {utts[i].utt_id for i in b} - done
+        if write:
+            batches.append(_Batch([utts[i] for i in b], write))
+    return batches
+
+
 def extract_corpus(
     corpus: Corpus,
     out: str | Path,
     backend: Backend,
     *,
     max_seconds: float,
-    batch_seconds: float,
-    workers: int,
+    batch_seconds: float | None = None,
+    workers: int | None = None,
+    streams: int | None = None,
     shard: tuple[int, int] | None,
     progress: bool = True,
     strict: bool = False,
     dtype: str = "float16",
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Extract every utterance of `corpus` (of shard (i, n), 0-based) into the cache at `out`.
 
-    Resumes a cache with the same fingerprint (utterances already stored or
-    skipped are not redone). `workers` processes decode audio and compute VAD
-    masks (0 = in the main thread). Returns a summary (see `summarize`).
+    Resumes a cache with the same fingerprint (utterances already stored or skipped
+    are not stored again). `batch_seconds`, `workers` and `streams` default to the
+    device's measured policy (`default_policy`; batch_seconds 0 = one utterance per
+    forward, workers 0 = audio loaded in a thread). Returns a summary (see `summarize`).
     """
     from cache.writer import CacheWriter  # h5py only in the parent, never in the workers
 
-    if batch_seconds <= 0:
-        raise ExtractError(f"--batch-seconds must be positive, got {batch_seconds}")
+    if batch_seconds is not None and not batch_seconds >= 0:
+        raise ExtractError(f"--batch-seconds must be >= 0 (0 = one utterance per forward), got {batch_seconds}")
+    if streams is not None and streams < 1:
+        raise ExtractError(f"--streams must be at least 1, got {streams}")
+    if workers is not None and workers < 0:
+        raise ExtractError(f"--workers must be >= 0 (0 = audio in a thread), got {workers}")
     started = time.perf_counter()
+    policy = default_policy(backend, dict(os.environ) if env is None else env, batch_seconds=batch_seconds,
+                            streams=streams, workers=workers)
+    if hasattr(backend, "one_per_forward"):  # the fingerprint says how batches were formed
+        backend.one_per_forward = policy.batch_seconds == 0
     tally = _Tally()
     fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=dtype)
     with CacheWriter(out, fp, shard=shard) as writer:
         already = len(writer.done)
         for s in select_shard_skips(corpus, shard):
             writer.skip(s.item, s.reason, s.detail)
-        todo = [u for u in select_shard(corpus.utterances, shard) if u.utt_id not in writer.done]
+        mine = select_shard(corpus.utterances, shard)
         with ThreadPoolExecutor(max_workers=8) as headers:  # file headers: I/O-bound, threads suffice
-            lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), todo))
-        batches = [[todo[i] for i in b] for b in plan_batches(lengths, batch_seconds)]
-        estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(todo, lengths)}  # the bar's unit
-        pool = _executor(workers)
-        try:
-            with _progress_bar(progress, len(todo), sum(lengths) / SAMPLE_RATE) as bar:
-                loop_started = time.perf_counter()
-                for items in prefetch(batches, pool, max_seconds, backend.grid):
-                    _run_batch(items, backend, writer, tally, strict)
-                    bar.advance(len(items), sum(estimate[it.utt.utt_id] for it in items))
-                loop_seconds = time.perf_counter() - loop_started
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), mine))
+        batches = plan_corpus(mine, lengths, policy.batch_seconds, set(writer.done))
+        todo = [n for u, n in zip(mine, lengths) if u.utt_id not in writer.done]
+        estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(mine, lengths)}  # the bar's unit
+        # closing(): an error in _apply stops the loaders and streams at once, not at garbage collection
+        with _progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
+                closing(_run(batches, backend, policy, max_seconds)) as results:
+            loop_started = time.perf_counter()
+            for batch, outcomes in results:
+                written = _apply(batch, outcomes, writer, tally, strict)
+                bar.advance(len(written), sum(estimate[u] for u in written))
+            loop_seconds = time.perf_counter() - loop_started
         path = writer.close()
     # the writer turns non-finite features into model_error skips itself
     tally.written -= writer.n_nonfinite
     if writer.n_nonfinite:
         tally.skipped["model_error"] += writer.n_nonfinite
-    return summarize(path, tally, already=already, todo=len(todo), wall=time.perf_counter() - started,
-                     loop_seconds=loop_seconds, fallback=writer.n_fallback, model=backend.name)
+    return summarize(path, tally, writer, already=already, todo=len(todo), wall=time.perf_counter() - started,
+                     loop_seconds=loop_seconds, model=backend.name, policy=policy)
+
+
+def _run(batches: list[_Batch], backend: Backend, policy: Policy, max_seconds: float
+         ) -> Generator[tuple[_Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
+    """Load and compute the plan; yield each batch's items and outcomes in plan order."""
+    import torch
+
+    main_threads = torch.get_num_threads()
+    loaders = _executor(policy.workers)
+    model = ThreadPoolExecutor(policy.streams, thread_name_prefix="sapser-model", initializer=_stream_init,
+                               initargs=(policy.threads,))
+    running: deque[tuple[_Batch, list[Loaded | Failed], Future]] = deque()
+    try:
+        loaded = prefetch([b.utts for b in batches], loaders, max_seconds, backend.grid,
+                          ahead=PREFETCH_BATCHES * policy.streams)
+        for batch, items in zip(batches, loaded):
+            running.append((batch, items, model.submit(_compute, items, backend)))
+            if len(running) > policy.streams:  # every stream busy and one batch waiting
+                b, its, future = running.popleft()
+                yield b, (its, future.result())
+        while running:
+            b, its, future = running.popleft()
+            yield b, (its, future.result())
+    finally:
+        model.shutdown(wait=True, cancel_futures=True)
+        loaders.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(main_threads)  # the streams changed torch's default for new threads
 
 
 def select_shard_skips(corpus: Corpus, shard: tuple[int, int] | None) -> list:
@@ -291,42 +451,41 @@ def select_shard_skips(corpus: Corpus, shard: tuple[int, int] | None) -> list:
     return [s for s in corpus.skipped if shard_of(s.item, n) == i]
 
 
-def _run_batch(items: list[Loaded | Failed], backend: Backend, writer: Any, tally: _Tally, strict: bool) -> None:
-    loaded = [it for it in items if isinstance(it, Loaded)]
+def _apply(batch: _Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], writer: Any, tally: _Tally,
+           strict: bool) -> list[str]:
+    """Store (or skip) the utterances of `batch.write`, in plan order; returns the ids handled."""
+    items, outcomes = result
+    handled = []
     for it in items:
-        if isinstance(it, Failed):
+        if isinstance(it, Failed) and it.utt.utt_id in batch.write:
             if strict:
                 raise ExtractError(f"{it.message} (strict mode)")
             _skip(writer, tally, it.utt.utt_id, it.reason, it.detail)
-    if not loaded:
-        return
-    try:
-        feats = backend([it.samples for it in loaded])
-        pairs = list(zip(loaded, feats))
-    except Exception:  # one bad item must not take its batch with it: find it
-        _free_accelerator_memory()
-        pairs = []
-        for it in loaded:
-            try:
-                pairs.append((it, backend([it.samples])[0]))
-            except Exception as err:
-                _free_accelerator_memory()
-                detail = f"{type(err).__name__}: {_first_line(err)}"
-                if strict:
-                    raise ExtractError(f"{it.utt.utt_id}: the model failed ({detail}) (strict mode)") from err
-                tally.model_errors_before_success += tally.written == 0 and not pairs
-                if tally.model_errors_before_success >= MAX_ERRORS_BEFORE_FIRST_SUCCESS:
-                    raise ExtractError(
-                        f"the model failed on the first {tally.model_errors_before_success} utterances "
-                        f"and worked on none ({detail}); check the model and --device"
-                    ) from err
-                _skip(writer, tally, it.utt.utt_id, "model_error", detail)
-    for it, f in pairs:
+            handled.append(it.utt.utt_id)
+    for o in outcomes:
+        it = o.item
+        if it.utt.utt_id not in batch.write:
+            continue  # already stored: run only so that its batch is the planned one
+        handled.append(it.utt.utt_id)
+        if o.error is not None:
+            detail = f"{type(o.error).__name__}: {_first_line(o.error)}"
+            if strict:
+                raise ExtractError(f"{it.utt.utt_id}: the model failed ({detail}) (strict mode)") from o.error
+            tally.model_errors_before_success += tally.written == 0
+            if tally.model_errors_before_success >= MAX_ERRORS_BEFORE_FIRST_SUCCESS:
+                raise ExtractError(
+                    f"the model failed on the first {tally.model_errors_before_success} utterances "
+                    f"and worked on none ({detail}); check the model and --device"
+                ) from o.error
+            _skip(writer, tally, it.utt.utt_id, "model_error", detail)
+            continue
         # the backend's grid and the VAD's grid are the same object; a mismatch is a bug, not bad input
+        f = o.features
         assert f.shape[0] == it.vad.shape[1], f"{it.utt.utt_id}: {f.shape[0]} frames vs VAD {it.vad.shape[1]}"
         writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated)
         tally.written += 1
         tally.audio_seconds += it.seconds
+    return handled
 
 
 def _skip(writer: Any, tally: _Tally, item: str, reason: str, detail: str) -> None:
@@ -399,24 +558,25 @@ def _progress_bar(show: bool, n_utts: int, total_seconds: float) -> _NoBar:
     return _Bar(n_utts, total_seconds) if show and n_utts else _NoBar()
 
 
-def summarize(path: Path, tally: _Tally, *, already: int, todo: int, wall: float, loop_seconds: float,
-              fallback: int, model: str) -> dict[str, Any]:
+def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int, wall: float,
+              loop_seconds: float, model: str, policy: Policy) -> dict[str, Any]:
     """What this run did, and what the cache (or shard) file now holds, read back from it."""
-    from cache.writer import read_contents  # reads one file, shard or not
+    from cache.writer import cache_bytes, read_contents  # reads one file, shard or not
 
     contents = read_contents(path)
     return {
         "out": str(path),
-        "size_bytes": path.stat().st_size if path.exists() else 0,
+        "size_bytes": cache_bytes(path) if path.exists() else 0,
         "model": model,
         "written": tally.written,
         "resumed_from": already,
         "planned": todo,
         "skipped": dict(sorted(tally.skipped.items())),
         "audio_hours": tally.audio_seconds / 3600.0,
-        "seconds": wall,  # the whole call: planning, extraction, consolidating the file
+        "seconds": wall,  # the whole call: planning, extraction, finishing the file
         "x_real_time": tally.audio_seconds / loop_seconds if loop_seconds > 0 else 0.0,
-        "float32_fallback": fallback,
+        "float32_fallback": writer.n_fallback,
+        "policy": policy.describe(),
         "cache_utterances": len(contents.utt_ids),
         "cache_skipped": dict(sorted(Counter(contents.skipped["reason"]).items())),
     }
@@ -426,7 +586,6 @@ def summarize(path: Path, tally: _Tally, *, already: int, todo: int, wall: float
 
 
 DEFAULT_MODEL = "microsoft/wavlm-large"
-DEFAULT_BATCH_SECONDS = 100.0
 
 
 def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None:
@@ -444,9 +603,8 @@ def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None
 
 
 def default_workers(env: dict[str, str]) -> int:
-    """Audio worker processes: the cores not driving the model, split over local torchrun ranks."""
-    local = max(int(env.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
-    return max(1, min(8, (os.cpu_count() or 2) // local - 1))
+    """Audio worker processes on a GPU: the cores not driving the model (1..8), per local torchrun rank."""
+    return max(1, min(8, usable_cores(env) - 1))
 
 
 def default_out(corpus: Corpus, model: str) -> Path:
@@ -459,8 +617,9 @@ def default_out(corpus: Corpus, model: str) -> Path:
 
 def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None, model: str = DEFAULT_MODEL,
                 layers: str = "all", max_seconds: float | None = None,
-                batch_seconds: float = DEFAULT_BATCH_SECONDS, device: str = "auto", dtype: str = "float16",
-                amp: str = "auto", workers: int | None = None, shard: str | None = None, strict: bool = False,
+                batch_seconds: float | None = None, device: str = "auto", dtype: str = "float16",
+                amp: str = "auto", workers: int | None = None, streams: int | None = None,
+                shard: str | None = None, strict: bool = False,
                 classes: Sequence[str] | None = None, progress: bool = True,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
@@ -487,9 +646,8 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
                            dtype={"none": "float32", "auto": "auto"}.get(amp, amp))
     summary = extract_corpus(
         corpus, Path(out) if out is not None else default_out(corpus, model), backend,
-        max_seconds=max_s, batch_seconds=batch_seconds,
-        workers=default_workers(env) if workers is None else workers,
-        shard=shard_, progress=progress, strict=strict, dtype=dtype,
+        max_seconds=max_s, batch_seconds=batch_seconds, workers=workers, streams=streams,
+        shard=shard_, progress=progress, strict=strict, dtype=dtype, env=env,
     )
     summary["reader_skipped"] = corpus.skip_counts()
     return summary
@@ -509,6 +667,7 @@ def summary_table(summary: dict[str, Any]):
         ("reader skipped", ", ".join(f"{r} {n}" for r, n in summary.get("reader_skipped", {}).items()) or "none"),
         ("already in cache", f"{summary['resumed_from']:,}"),
         ("speed", f"{summary['x_real_time']:.1f}x real time ({summary['seconds']:.1f} s in all)"),
+        ("policy", summary["policy"]),
         ("cache", f"{summary['out']} ({summary['size_bytes'] / 2**20:.1f} MiB, "
                   f"{summary['cache_utterances']:,} utterances)"),
     ]

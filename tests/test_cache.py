@@ -330,16 +330,119 @@ def test_a_really_full_disk_is_a_clear_error_and_a_rerun_completes(small_disk, t
     assert contents(run(small_disk / "c.h5")) == contents(run(tmp_path / "one.h5"))
 
 
-def test_too_little_space_for_the_final_merge_keeps_the_parts(tmp_path, monkeypatch):
+def _record_part_inodes(monkeypatch) -> list[int]:
+    """Inodes of every part file the writer writes (the data a finished cache must reuse)."""
+    inodes: list[int] = []
+    real = writer_module._write_image
+
+    def recording(image, final):
+        real(image, final)
+        if final.name.startswith("part-"):
+            inodes.append(final.stat().st_ino)
+
+    monkeypatch.setattr(writer_module, "_write_image", recording)
+    return inodes
+
+
+def _no_copy(monkeypatch) -> None:
+    def refuse(*a, **k):
+        raise AssertionError("a finishing writer must not copy features")
+
+    monkeypatch.setattr(writer_module, "consolidate", refuse)
+    monkeypatch.setattr(h5py.Group, "copy", refuse)
+
+
+def test_a_finished_cache_links_its_parts_instead_of_copying_them(tmp_path, monkeypatch):
+    """close() needs no second copy: the part files ARE the cache's data (same inodes),
+    F.h5 is a small index, and finishing works with next to no free space."""
+    inodes = _record_part_inodes(monkeypatch)
+    _no_copy(monkeypatch)
     real = writer_module.shutil.disk_usage
     monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(CacheError, match="out of disk space: finishing .* needs about"):
-        write(tmp_path / "c.h5", range(9), part_utterances=3)
-    assert len(list((tmp_path / "c.parts").glob("part-*.h5"))) == 4  # 3 + the skip; nothing lost
-    monkeypatch.setattr(writer_module.shutil, "disk_usage", real)
-    with CacheWriter(tmp_path / "c.h5", FP) as w:
-        assert len(w.done) == 10
-    assert contents(w.path) == contents(write(tmp_path / "one.h5", range(9)))
+    path = write(tmp_path / "c.h5", range(9), part_utterances=3)
+    data = sorted((tmp_path / "c.data").glob("part-*.h5"))
+    assert len(data) == len(inodes) == 4  # 3 parts of 3 + the skip
+    assert sorted(p.stat().st_ino for p in data) == sorted(inodes)
+    assert not (tmp_path / "c.parts").exists() and not (tmp_path / "c.h5.lock").exists()
+    assert path.stat().st_size < 64 << 10 < sum(p.stat().st_size for p in data)
+    assert writer_module.cache_files(path) == [path] + data
+    with FeatureCache(path) as c:
+        assert c.size_on_disk() == sum(p.stat().st_size for p in [path, *data])
+    monkeypatch.undo()
+    assert contents(path) == contents(write(tmp_path / "one.h5", range(9)))  # one part: self-contained
+    assert writer_module.cache_files(tmp_path / "one.h5") == [tmp_path / "one.h5"]
+
+
+def test_plain_h5py_follows_the_links_from_any_folder(tmp_path, monkeypatch):
+    path = write(tmp_path / "c.h5", range(7), part_utterances=2)
+    monkeypatch.chdir("/")  # links are relative to F.h5's folder, not to the working directory
+    u = utterance(5)
+    x, v = arrays(u.utt_id)
+    with h5py.File(path, "r") as f:
+        key = f["meta/key"].asstr()[list(f["meta/utt_id"].asstr()[()]).index(u.utt_id)]
+        assert f["features"].get(key, getlink=True).__class__ is h5py.ExternalLink
+        ds = f["features"][key]
+        assert ds.shape == (len(LAYERS), x.shape[0], D) and ds.chunks == (1, x.shape[0], D)
+        np.testing.assert_array_equal(ds[list(f.attrs["layers"]).index(5)], x[:, 2].astype(np.float16))
+        np.testing.assert_array_equal(f["vad"][key][()].astype(bool), v)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("c.h5", "c.data"):  # the cache moves as F.h5 plus F.data/
+        (tmp_path / name).rename(moved / name)
+    assert contents(moved / "c.h5") == contents(write(tmp_path / "one.h5", range(7)))
+
+
+def test_appending_to_a_self_contained_cache_keeps_its_bytes_and_old_readers(tmp_path, monkeypatch):
+    """A one-part (or pre-links) F.h5 becomes a data file by a hard link; a reader that has
+    the old F.h5 open keeps reading it while the writer replaces F.h5 with an index."""
+    path = write(tmp_path / "c.h5", range(4))
+    assert writer_module.cache_files(path) == [path]
+    inode = path.stat().st_ino
+    reader = FeatureCache(path)
+    before = {u: reader.features(u) for u in reader.meta.index}
+    _no_copy(monkeypatch)
+    with CacheWriter(path, FP) as w:
+        for i in range(4, 9):
+            w.add(utterance(i), *arrays(utterance(i).utt_id), duration=arrays(utterance(i).utt_id)[0].shape[0] * 0.02,
+                  truncated=i % 2 == 1)
+    assert (tmp_path / "c.data" / "part-000000.h5").stat().st_ino == inode
+    assert {u: reader.features(u) for u in reader.meta.index}.keys() == before.keys()
+    assert all(np.array_equal(reader.features(u), x) for u, x in before.items())
+    reader.close()
+    monkeypatch.undo()
+    assert contents(path) == contents(write(tmp_path / "one.h5", range(9)))
+
+
+@pytest.mark.parametrize("kill_at", ["after_hard_link", "after_moves"])
+def test_a_kill_inside_close_loses_nothing(tmp_path, monkeypatch, kill_at):
+    """The states a kill inside close() leaves (parts moved or F.h5 hard-linked, no new
+    index yet): the next writer finds every utterance, and its close() links them all."""
+    path = write(tmp_path / "c.h5", range(3))  # self-contained: the hard-link path is taken
+    real_link, real_index = writer_module.os.link, writer_module.write_index
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+
+    if kill_at == "after_hard_link":
+        monkeypatch.setattr(writer_module.os, "link", lambda a, b: (real_link(a, b), killed())[1])
+    else:
+        monkeypatch.setattr(writer_module, "write_index", killed)
+
+    def append(**kw):
+        with CacheWriter(path, FP, **kw) as w:
+            for i in range(9):
+                u = utterance(i)
+                if u.utt_id not in w.done:
+                    w.add(u, *arrays(u.utt_id), duration=arrays(u.utt_id)[0].shape[0] * 0.02, truncated=i % 2 == 1)
+        return w
+
+    with pytest.raises(KeyboardInterrupt):
+        append(part_utterances=2)
+    monkeypatch.setattr(writer_module.os, "link", real_link)
+    monkeypatch.setattr(writer_module, "write_index", real_index)
+    assert append().n_added == 0  # everything was already done
+    assert contents(path) == contents(write(tmp_path / "one.h5", range(9)))
+    assert len(list((tmp_path / "c.data").glob("part-*.h5"))) == 1 + 3
 
 
 def test_the_torch_cast_rounds_exactly_like_numpy():

@@ -110,20 +110,36 @@ def test_sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run(tmp_pa
 
 
 def test_leftovers_of_every_kill_point_are_handled(tmp_path):
-    """The states a kill can leave, built on purpose: a torn part .tmp, a torn final .tmp,
-    and parts that were already merged into a renamed F.h5 but not yet deleted."""
+    """The states a kill can leave, built on purpose: a torn part .tmp, a torn index .tmp,
+    part files moved into F.data/ that the (old) index does not link yet, and a
+    self-contained F.h5 from before links plus already-merged parts beside it."""
+    from cache.writer import merge_shards, write_index
+
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     assert run_child(script, tmp_path / "clean.h5", 0.0, None)[0] == 0
     reference = snapshot(tmp_path / "clean.h5")
+    total = len(reference["features"]) + len(reference["skipped"])
 
-    out, parts = tmp_path / "c.h5", tmp_path / "c.parts"
-    # parts of a finished run, as if the kill came after the final rename
+    out, parts, data = tmp_path / "c.h5", tmp_path / "c.parts", tmp_path / "c.data"
     assert run_child(script, out, 0.0, None)[0] == 0
+    files = sorted(data.glob("part-*.h5"))
+    fp = FeatureCache(out).fingerprint
+    write_index(files[:-3], out, fp)  # as if the last 3 parts had just been moved in when the kill came
+    assert len(FeatureCache(out)) < len(reference["features"])
     parts.mkdir()
-    shutil.copy(tmp_path / "clean.h5", parts / "part-000001.h5")
-    (parts / "part-000002.h5.tmp").write_bytes(b"\x89HDF\r\n torn")
-    (tmp_path / "c.h5.tmp").write_bytes(b"torn final")
-    assert run_child(script, out, 0.0, None) == (0, len(reference["features"]) + len(reference["skipped"]))
+    (parts / "part-000099.h5.tmp").write_bytes(b"\x89HDF\r\n torn")
+    (tmp_path / "c.h5.tmp").write_bytes(b"torn index")
+    assert run_child(script, out, 0.0, None) == (0, total)
     assert snapshot(out) == reference
     assert not parts.exists() and not (tmp_path / "c.h5.tmp").exists()
+
+    # a self-contained cache (the layout before links), killed after its merge but before
+    # its merged parts were deleted: the rerun links both and keeps each utterance once
+    legacy, lparts = tmp_path / "l.h5", tmp_path / "l.parts"
+    merge_shards([tmp_path / "clean.h5"], legacy)
+    lparts.mkdir()
+    shutil.copy(legacy, lparts / "part-000001.h5")
+    assert run_child(script, legacy, 0.0, None) == (0, total)
+    assert snapshot(legacy) == reference
+    assert not lparts.exists() and len(list((tmp_path / "l.data").glob("part-*.h5"))) == 2

@@ -333,7 +333,8 @@ def test_cli_extract_end_to_end(tmp_path, corpus_csv, tiny_dir, single_run):
     (["--layers", "7"], "hidden states 0 to 2"),
     (["--dtype", "int8"], "storage dtype"),
     (["--amp", "fp8"], "--amp"),
-    (["--batch-seconds", "0"], "--batch-seconds"),
+    (["--batch-seconds", "-1"], "--batch-seconds"),
+    (["--streams", "0"], "--streams"),
 ])
 def test_cli_extract_user_errors_are_one_line(tmp_path, corpus_csv, tiny_dir, extra, message):
     result = CliRunner().invoke(app, cli_args(corpus_csv, tiny_dir, tmp_path / "e.h5", *extra))
