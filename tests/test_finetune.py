@@ -23,7 +23,7 @@ from heads.distributed import DistContext
 from heads.finetune import FinetuneSettings, FineTuneTrainer, finetune_config, run_finetune
 from heads.head import SERHead
 from heads.trainer import Trainer
-from heads.wave_data import StepBatchSampler, build_wave_index, corpus_meta
+from heads.wave_data import MicroBatch, StepBatchSampler, build_wave_index, corpus_meta
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +215,34 @@ def test_clips_shorter_than_a_specaugment_span_still_train(tiny):
     hidden.sum().backward()
     assert hidden.shape[1] == 7 and mask.all()
     assert backbone.model.masked_spec_embed.grad is not None  # still in the graph (DDP needs every parameter)
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, tiny):
+    """A step cut into micro-batches (each weighted by its share) must train as its whole batch at once."""
+    corp = read_corpus("manifest", corpus)
+    index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
+    meta = corpus_meta(corp, index)
+    data = fold_data(SimpleNamespace(meta=meta, classes=corp.classes, path=str(corpus)), 1)
+    trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=1.5), index=index,
+                              max_seconds=0.0, utterances={u.utt_id: u for u in corp.utterances})
+    # With equal class weights the CE is a plain mean, so the equality is exact for every term (a weighted
+    # CE normalizes per micro-batch: the documented approximation of heads/finetune.py's backward).
+    trainer.loss_fn.weights.fill_(1.0)
+    trainer.model.eval()  # no dropout or SpecAugment: both passes compute the same function
+    loader = trainer.loaders["train"]
+    loader.batch_sampler.set_epoch(1)
+    step = loader.batch_sampler.steps()[0]
+    assert len(step) >= 3 and sum(len(mb) for mb in step) == 8  # the budget really cuts the step
+
+    def gradient(micro_batches) -> list[torch.Tensor]:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for mb in micro_batches:
+            batch = loader.collate_fn(loader.dataset.__getitems__(mb))
+            trainer.backward(trainer.loss(trainer.forward(batch), batch).total, batch)
+        return [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    accumulated = gradient(step)
+    whole = gradient([MicroBatch(tuple(i for mb in step for i in mb), step_end=True, share=1.0)])
+    assert len(accumulated) == len(whole) > 0
+    for a, w in zip(accumulated, whole):
+        torch.testing.assert_close(a, w, rtol=1e-3, atol=1e-6)

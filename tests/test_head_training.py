@@ -207,3 +207,80 @@ def test_an_inf_feature_is_named_before_it_poisons_the_normalization_statistics(
     feats[bad][0][0, 0, 0] = float("inf")
     with pytest.raises(TrainingError, match=rf"utterance\(s\) {bad} have NaN/inf features"):
         InMemoryTrainer(config(), data, feats)
+
+
+def test_a_tie_in_validation_loss_keeps_the_earlier_epoch():
+    data, feats = toy()
+    script = iter([1.0, 0.8, 0.8, 0.9])
+
+    class Scripted(InMemoryTrainer):
+        def predict(self, split):
+            pred = super().predict(split)
+            if split == "val":
+                pred.loss = next(script)
+            return pred
+
+    seen = {}
+    trainer = Scripted(config(epochs=4, patience=2), data, feats,
+                       on_epoch=lambda row: seen.setdefault(row["epoch"], trainer.snapshot()))
+    trainer.fit()
+    # epoch 3 only equals epoch 2: not better, so it counts as a bad epoch and epoch 4 is the second
+    assert trainer.early.best_epoch == 2 and trainer.early.stopped and len(trainer.history) == 4
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v.cpu(), seen[2][k]), k
+    assert not all(torch.equal(seen[3][k], v) for k, v in seen[2].items())
+
+
+def test_early_stopping_waits_exactly_patience_epochs():
+    stop = EarlyStop()
+    losses = [1.0, 0.5, 0.6, 0.7, 0.4, 0.45, 0.5, 0.6]
+    flags = []
+    for epoch, loss in enumerate(losses, start=1):
+        stop.update(epoch, loss, patience=3)
+        flags.append(stop.stopped)
+    # best at 2, two bad epochs, better at 5, then three bad epochs: stopped after epoch 8, not before
+    assert flags == [False] * 7 + [True] and stop.best_epoch == 5 and stop.best_loss == 0.4
+
+
+def step_rates(trainer, epochs: int) -> list[float]:
+    """The learning rate each optimizer step used, over `epochs` training epochs."""
+    rates = []
+    step = trainer.optimizer_step
+
+    def recording_step():
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        step()
+
+    trainer.optimizer_step = recording_step
+    for epoch in range(1, epochs + 1):
+        trainer.train_epoch(epoch)
+    return rates
+
+
+def test_the_first_step_trains_at_a_fraction_of_the_peak_rate_not_zero():
+    data, feats = toy()
+    peak = 3e-3
+    trainer = InMemoryTrainer(config(epochs=4, batch_size=16, lr=peak), data, feats)
+    rates = step_rates(trainer, 4)
+    total = 4 * math.ceil(100 / 16)  # 28 steps
+    warmup = math.ceil(0.1 * total)  # 3
+    assert len(rates) == total
+    # linear warm-up from peak / (warmup + 1): a step at rate 0 would be a wasted step
+    assert rates[: warmup + 1] == pytest.approx([peak * (s + 1) / (warmup + 1) for s in range(warmup)] + [peak])
+    assert rates[0] == pytest.approx(peak / 4) and rates[0] > 0
+    # then cosine down to (nearly) 0 at the last step
+    for s in range(warmup, total):
+        progress = (s - warmup) / (total - warmup)
+        assert rates[s] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * progress))), s
+    assert rates[-1] < 0.01 * peak
+    assert trainer.history == [] and InMemoryTrainer(config(epochs=4, batch_size=16, lr=peak), data, feats) \
+        .optimizer.param_groups[0]["lr"] == pytest.approx(peak / 4)  # what history's first "lr" shows
+
+
+def test_accumulated_steps_follow_the_schedule_per_optimizer_step():
+    data, feats = toy()
+    trainer = InMemoryTrainer(config(epochs=2, batch_size=8, grad_accum=3, lr=1e-3), data, feats)
+    rates = step_rates(trainer, 2)
+    assert len(rates) == 2 * math.ceil(13 / 3)  # 13 micro-batches an epoch, a step every 3 (and the last)
+    warmup = math.ceil(0.1 * len(rates))
+    assert rates[0] == pytest.approx(1e-3 / (warmup + 1))
