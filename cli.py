@@ -18,7 +18,7 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 
-from extract.errors import UserError, os_error_message
+from core.errors import UserError, os_error_message
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -85,8 +85,9 @@ def manifest(
     protocol: ProtocolOpt = "speaker",
 ) -> None:
     """Read a corpus: counts per class and speaker, the fold plan, every skipped item by reason."""
+    from core.folds import PROTOCOLS
+    from core.records import write_manifest
     from extract.corpora import read_corpus
-    from extract.records import write_manifest
     from extract.summary import summarize, summary_tables
 
     options = {}
@@ -96,9 +97,7 @@ def manifest(
         options["ties"] = ties
     class_set = parse_classes(classes)
     corpus = read_corpus(dataset, root, classes=class_set, strict=strict, **options)
-    from heads.folds import check_protocol
-
-    summary = summarize(corpus, check_protocol(protocol))
+    summary = summarize(corpus, PROTOCOLS.check(protocol))
     written = write_manifest(corpus, out) if out is not None else ()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -41,8 +41,10 @@ import h5py
 import numpy as np
 
 from cache.reader import FeatureCache
-from cache.writer import CacheWriter, cache_bytes, cache_files, merge_shards
-from extract.records import Utterance
+from cache.contents import cache_bytes, cache_files
+from cache.merge import merge_shards
+from cache.writer import CacheWriter
+from core.records import Utterance
 
 
 def _is_cache(path: Path) -> bool:

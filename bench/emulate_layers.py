@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from cache.reader import FeatureCache  # noqa: E402
 from cache.writer import CacheWriter  # noqa: E402
-from extract.records import Utterance  # noqa: E402
+from core.records import Utterance  # noqa: E402
 
 # per residual layer 0..5: scale s_l, signal a_l, nuisance b_l (the 7th layer is layer-normed)
 SCALES = (3.0, 3.5, 4.0, 4.5, 12.0, 12.0)

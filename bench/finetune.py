@@ -44,10 +44,10 @@ import pandas as pd
 import soundfile as sf
 import torch
 
+from core.folds import Fold
+from core.records import CLASSES_4, Utterance
 from extract.backends import tiny_wavlm
-from extract.records import CLASSES_4, Utterance
 from heads.data import FoldData
-from heads.folds import Fold
 from heads.finetune import FinetuneSettings, FineTuneTrainer, finetune_config
 from heads.wave_data import build_wave_index
 

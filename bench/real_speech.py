@@ -52,7 +52,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 
-from heads.folds import plan_folds  # noqa: E402
+from core.folds import plan_folds  # noqa: E402
 from heads.metrics import classification_metrics  # noqa: E402
 from heads.report import load_run, mean_ci, summarize  # noqa: E402
 

@@ -69,7 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from cache.reader import FeatureCache  # noqa: E402
 from cache.writer import CacheWriter  # noqa: E402
-from extract.records import CLASSES_4, Utterance  # noqa: E402
+from core.records import CLASSES_4, Utterance  # noqa: E402
 from heads.data import fold_data, preload  # noqa: E402
 from heads.pooling import SAP, flash_pays  # noqa: E402
 from heads.trainer import TrainConfig, Trainer  # noqa: E402

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import zlib
 from collections.abc import Sequence
@@ -61,7 +60,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from extract.errors import UserError
+from core.errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -260,18 +259,6 @@ def data_dir(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".h5") + ".data")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_columns(group: Any, columns: dict[str, list], str_names: tuple[str, ...]) -> None:
     """One (N,) dataset per column; strings as variable-length UTF-8 (plain h5py: `.asstr()`)."""
     for name, values in columns.items():
@@ -312,7 +299,7 @@ def check_header(f: Any, path: Path) -> tuple[dict[str, Any], int]:
     try:
         fp = json.loads(f.attrs[FINGERPRINT_ATTR])
     except (TypeError, ValueError) as err:
-        raise damaged(path, f"its fingerprint attribute is not JSON ({_short(err)})") from None
+        raise damaged(path, f"its fingerprint attribute is not JSON ({short_error(err)})") from None
     if not isinstance(fp, dict):
         raise damaged(path, f"its fingerprint attribute is a JSON {type(fp).__name__}, not an object")
     missing = [k for k in REQUIRED_FINGERPRINT if k not in fp]
@@ -421,5 +408,5 @@ def all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(x).all())
 
 
-def _short(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
     return " ".join(str(err).split())[:160]

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from cache.contents import cache_bytes, direct_files, read_contents
 from cache.format import (
     FEATURES,
     N_VAD_MODES,
@@ -26,7 +27,6 @@ from cache.format import (
     fingerprint_diff,
     resolve_paths,
 )
-from cache.writer import cache_bytes, direct_files, read_contents
 
 PUBLIC_META = ("speaker", "session", "emotion", "valence", "arousal", "n_frames", "duration",
                "truncated", "path", "dataset", "float32_fallback", "split")

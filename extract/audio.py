@@ -24,8 +24,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from extract.errors import UserError
-from extract.records import SKIP_REASONS
+from core.errors import UserError
+from core.records import SKIP_REASONS
 
 SAMPLE_RATE = 16_000
 RESAMPLE_QUALITY = "HQ"

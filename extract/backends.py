@@ -24,8 +24,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from extract.errors import UserError
-from extract.frames import SAMPLE_RATE, FrameGrid, conv_grid
+from core.errors import UserError
+from core.frames import SAMPLE_RATE, FrameGrid, conv_grid
 from extract.frontend import use_fast_front_end
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from extract.records import CLASSES_4, Corpus, CorpusError, Skip, unstorable
+from core.records import CLASSES_4, Corpus, CorpusError, Skip, unstorable
 
 # dataset name -> (module, default --max-seconds). 19 s / 16 s are the paper's truncation.
 DATASETS: dict[str, tuple[str, float]] = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 from extract.readers import ReadCorpus, audio_ok, check_classes, clip_scale, inside, read_text, record
-from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 SESSIONS = tuple(f"Session{k}" for k in range(1, 6))
 

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 from extract.readers import (
     ReadCorpus,
     audio_ok,
@@ -37,7 +38,6 @@ from extract.readers import (
     record,
     resolve_tie,
 )
-from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 # The emotions KEMDy19/20 raters use; `disqust` is a spelling slip in KEMDy20.
 EMOTIONS: frozenset[str] = frozenset({"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"})

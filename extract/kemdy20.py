@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 from extract.kemdy19 import EMOTIONS, select_emotion
 from extract.readers import (
     ReadCorpus,
@@ -28,7 +29,6 @@ from extract.readers import (
     read_text,
     record,
 )
-from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 ANNOTATION = re.compile(r"^Sess(\d{2})_eval\.csv$")
 SEGMENT = re.compile(r"^Sess(\d{2})_[^_]+_(User\d+[FM])_\d+$")

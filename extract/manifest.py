@@ -9,7 +9,7 @@ back unchanged.
   it (`../x.wav`) is skipped as path_outside_root. Absolute paths are taken
   as written (the normalized manifest uses them).
 - `session` missing or empty: the speaker is its own session (the folds then
-  validate on the next speaker in sorted order, see heads/folds.py).
+  validate on the next speaker in sorted order, see core/folds.py).
 - `utt_id` missing or empty: the path relative to the CSV's folder without its
   extension (`Actor_01/03-01-05-01`), stable across runs and unique per file.
 - `emotion`: lower-cased; outside the class set -> class_not_selected.
@@ -18,7 +18,7 @@ back unchanged.
 - valence/arousal are kept on the corpus's own scale (not clipped: the
   reader cannot know it).
 - `split`: an official split (train, val/dev, test; lower-cased) for
-  `--protocol split` (heads/folds.py); empty = none.
+  `--protocol split` (core/folds.py); empty = none.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 from extract.readers import ReadCorpus, audio_ok, check_classes, inside, parse_csv, parse_float, read_text, record
-from extract.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
 
 REQUIRED: tuple[str, ...] = ("path", "speaker", "emotion")
 OPTIONAL: tuple[str, ...] = ("valence", "arousal", "session", "utt_id", "start", "end", "split")

@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile as sf
 
+from core.errors import UserError
+from core.frames import FrameGrid
+from core.records import SKIP_REASONS, Corpus, Utterance
 from extract.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioError, load_audio
-from extract.errors import UserError
-from extract.frames import FrameGrid
-from extract.records import SKIP_REASONS, Corpus, Utterance
 from extract.vad import vad_masks, vad_settings
 
 if TYPE_CHECKING:
@@ -561,7 +561,7 @@ def _progress_bar(show: bool, n_utts: int, total_seconds: float) -> _NoBar:
 def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int, wall: float,
               loop_seconds: float, model: str, policy: Policy) -> dict[str, Any]:
     """What this run did, and what the cache (or shard) file now holds, read back from it."""
-    from cache.writer import cache_bytes, read_contents  # reads one file, shard or not
+    from cache.contents import cache_bytes, read_contents  # reads one file, shard or not
 
     contents = read_contents(path)
     return {
@@ -625,7 +625,7 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
     """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
     from extract.backends import load_backend, parse_layers
     from extract.corpora import default_max_seconds, read_corpus
-    from extract.records import CLASSES_4
+    from core.records import CLASSES_4
 
     env = dict(os.environ) if env is None else env
     if dtype not in ("float16", "float32"):

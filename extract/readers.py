@@ -19,7 +19,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from extract.records import Corpus, CorpusError, Skip, SkipLog
+from core.records import Corpus, CorpusError, Skip, SkipLog
 
 # Skips that follow from the chosen protocol rather than from broken input.
 SELECTION_REASONS: frozenset[str] = frozenset({"unlabelled", "class_not_selected", "tied_label"})

@@ -9,18 +9,8 @@ from collections import Counter
 
 from rich.table import Table
 
-from extract.records import SKIP_REASONS, Corpus
-import pandas as pd
-
-from heads.folds import FoldError, plan
-
-
-def corpus_groups(corpus: Corpus) -> pd.DataFrame:
-    """speaker, session, split per utterance: what the fold plans group by."""
-    return pd.DataFrame({"speaker": [u.speaker for u in corpus.utterances],
-                         "session": [u.session for u in corpus.utterances],
-                         "split": [u.split for u in corpus.utterances]},
-                        index=pd.Index([u.utt_id for u in corpus.utterances], name="utt_id"))
+from core.folds import PROTOCOLS, FoldError, corpus_groups, plan
+from core.records import SKIP_REASONS, Corpus
 
 
 def summarize(corpus: Corpus, protocol: str = "speaker") -> dict:
@@ -90,9 +80,7 @@ def summary_tables(corpus: Corpus, summary: dict) -> list[Table]:
     counts.add_row("all", "", *map(str, summary["classes"].values()), str(summary["utterances"]), style="bold")
 
     protocol = summary.get("protocol", "speaker")
-    title = {"speaker": "leave-one-speaker-out folds", "session": "leave-one-session-out folds",
-             "split": "the official split"}[protocol]
-    folds = Table(title=title)
+    folds = Table(title=PROTOCOLS.label(protocol))
     for name in ("fold", f"test {protocol}", f"validation {protocol}", "test utterances"):
         folds.add_column(name, justify="right" if name in ("fold", "test utterances") else "left")
     for f in summary["folds"]:

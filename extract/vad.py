@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import webrtcvad
 
+from core.frames import FrameGrid
 from extract.audio import SAMPLE_RATE, to_int16
-from extract.frames import FrameGrid
 
 VAD_MODES: tuple[int, ...] = (0, 1, 2, 3)
 VAD_FRAME_MS = 10

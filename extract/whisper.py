@@ -52,9 +52,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.frames import SAMPLE_RATE, FrameGrid
 from extract.backends import (BackendError, _check_layers, _compute_dtype, _first_line, _resolve_device,
                               state_dict_sha256)
-from extract.frames import SAMPLE_RATE, FrameGrid
 
 
 def is_whisper(model: str) -> bool:

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.errors import UserError
-from extract.frames import FrameGrid, conv_grid
+from core.errors import UserError
+from core.frames import FrameGrid, conv_grid
 
 
 # WavLM mixes a bool padding mask with a float position bias; torch warns on every

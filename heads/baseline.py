@@ -1,7 +1,7 @@
 """A classical baseline on the same folds: utterance statistics of the cached frames + StandardScaler + a linear model.
 
 Every ablation should answer "does the neural head beat the obvious
-baseline?". This one uses the same fold plan (heads/folds.py through
+baseline?". This one uses the same fold plan (core/folds.py through
 `heads.data.fold_data`), the same metrics (heads/metrics.py) and the same
 run-folder format as `cli train-head`, so `cli report` shows it beside
 GAP/SAP/SR.
@@ -44,10 +44,10 @@ import numpy as np
 from rich.console import Console
 
 from cache.reader import FeatureCache
-from extract.errors import UserError
+from core.errors import UserError
 from heads.data import FoldData, check_vad_mode, fold_count, fold_data, select_layers
-from heads.outputs import fold_outputs, trained_outputs
 from heads.metrics import classification_metrics, json_safe, regression_metrics
+from heads.outputs import fold_outputs, trained_outputs
 
 MODEL_FILE = "baseline.safetensors"
 STATISTICS = {"mean": ("mean",), "mean+std": ("mean", "std")}
@@ -65,7 +65,7 @@ class BaselineConfig:
     frames: str = "speech"  # speech (VAD mask of vad_mode) | all
     layer: int | None = None  # None: every cached layer, concatenated
     vad_mode: int = 3
-    protocol: str = "speaker"  # the fold plan, as for the heads (heads/folds.py)
+    protocol: str = "speaker"  # the fold plan, as for the heads (core/folds.py)
     classifier: str = "logreg"  # LogisticRegression, class_weight="balanced"
     c_grid: tuple[float, ...] = C_GRID
     alpha_grid: tuple[float, ...] = ALPHA_GRID

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from extract.errors import UserError
+from core.errors import UserError
+from core.files import fsync_dir, fsync_file
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
@@ -132,11 +133,7 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _write_file(path: Path, write) -> None:
     write(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def _link_best(old: Path, new: Path, tag: str) -> bool:
@@ -151,19 +148,6 @@ def _link_best(old: Path, new: Path, tag: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - no such file, unreadable, no hard links here: write it instead
         return False
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _epoch_dirs(folder: Path) -> list[Path]:

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from cache.dataset import CacheDataset, collate
 from cache.reader import FeatureCache
-from extract.errors import UserError
-from heads.folds import Fold, pick, plan
+from core.errors import UserError
+from core.folds import Fold, pick, plan
 
 VAD_MODES = (0, 1, 2, 3)
 GPU_SHARE = 0.5  # of the GPU memory free at the time that resident features may take: the rest is for activations

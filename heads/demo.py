@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from extract.errors import UserError
+from core.errors import UserError
 
 MARKER = ".sapser-demo"  # a folder holding it was made by `cli demo` and may be replaced by it
 

@@ -41,19 +41,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from core.errors import UserError
+from core.folds import Fold, plan
+from core.records import CLASSES_4, Utterance
 from extract.children import worker_init
 from extract.corpora import default_max_seconds, read_corpus
-from extract.errors import UserError
-from extract.records import CLASSES_4, Utterance
 from heads.backbone import Backbone, BackboneSettings, load_backbone, trainable_state
 from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
                               set_rng_state)
 from heads.data import FoldData, check_vad_mode, fold_data
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
-from heads.folds import Fold, plan, write_run_utterances
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
 from heads.trainer import TrainConfig, Trainer, resolve_device, write_fold
+from heads.utterances import write_run_utterances
 from heads.wave_data import (INDEX_FILE, StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, corpus_meta,
                              load_or_build_index, pack)
 
@@ -426,7 +427,7 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     grid, n_layers, hidden = backbone_shape(settings.model)
     config = TrainConfig(**{**asdict(config), "layer": n_layers})
     out = Path(out) if out else default_out(corpus, settings)
-    from extract.summary import corpus_groups
+    from core.folds import corpus_groups
 
     fold_plan = plan(corpus_groups(corpus), config.protocol)
     ks = list(folds) if folds else list(range(1, len(fold_plan) + 1))

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from extract.errors import UserError
+from core.errors import UserError
 from heads.data import FoldData, ResidentBatches, resident_tensor
 from heads.head import SERHead
 from heads.norm import RunningMoments

@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from extract.errors import UserError
+from core.errors import UserError
 from heads.report import Run, load_histories, summarize
 
 

@@ -44,14 +44,15 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from core.errors import UserError
+from core.folds import folds_from_config
+from core.frames import SAMPLE_RATE, FrameGrid
 from extract.audio import AudioError, load_audio
-from extract.errors import UserError
-from extract.frames import SAMPLE_RATE, FrameGrid
 from extract.vad import speech_ratio, vad_masks
 from heads.checkpoint import load_weights
-from heads.folds import folds_from_config, read_run_utterances
 from heads.head import SERHead
 from heads.outputs import OUTPUTS, fold_outputs
+from heads.utterances import read_run_utterances
 
 
 class PredictError(UserError):

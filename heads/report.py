@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from extract.errors import UserError
+from core.errors import UserError
 
 
 class ReportError(UserError):

@@ -35,12 +35,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cache.format import describe_diff, fingerprint_diff
 from cache.reader import FeatureCache
+from core.errors import UserError
+from core.folds import plan
 from extract.children import die_with_parent
-from extract.errors import UserError
 from heads.data import check_vad_mode, fold_count, fold_data, preload, select_layers
-from heads.folds import plan, write_run_utterances
 from heads.metrics import json_safe
 from heads.trainer import TrainConfig, Trainer, write_fold
+from heads.utterances import write_run_utterances
 
 # Settings that change how fast a run goes, not what it computes.
 NOT_RESULT_SETTINGS = ("memory_gb", "device")

@@ -48,15 +48,15 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from extract.errors import UserError
+from core.errors import UserError
 from heads.checkpoint import write_safetensors
 from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
 from heads.layers import LAYER_WEIGHTS
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, json_safe, regression_metrics
-from heads.outputs import OUTPUTS, trained_outputs
 from heads.norm import NORM_MODES
+from heads.outputs import OUTPUTS, trained_outputs
 
 
 class TrainingError(UserError):
@@ -88,7 +88,7 @@ class TrainConfig:
     grad_accum: int = 1
     memory_gb: float = 8.0
     device: str = "auto"  # auto | cpu | cuda
-    protocol: str = "speaker"  # fold plan: speaker | session | split (heads.folds)
+    protocol: str = "speaker"  # fold plan: speaker | session | split (core.folds)
 
     def validate(self) -> None:
         checks = [

@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from core.errors import UserError
+from core.frames import FrameGrid
+from core.records import Corpus, Utterance
 from extract.audio import SAMPLE_RATE, AudioError, load_audio
-from extract.errors import UserError
-from extract.frames import FrameGrid
-from extract.records import Corpus, Utterance
 from extract.vad import VAD_MODES, vad_masks, vad_settings
 from heads.distributed import DistContext, shard_step
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from cache.reader import FeatureCache
+from core.errors import UserError
+from core.folds import PROTOCOLS, Fold
+from core.folds import plan as plan_folds
 from extract.corpora import read_corpus
-from extract.errors import UserError
 from extract.pipeline import run_extract as extract
 from heads.finetune import FinetuneSettings, run_finetune
-from heads.folds import PROTOCOLS, Fold
-from heads.folds import plan as plan_folds
 from heads.predict import Ensemble, Prediction, Predictor, load_predictor
 from heads.report import load_run
 from heads.report import summarize as summarize_run

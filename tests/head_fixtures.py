@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from cache.writer import CacheWriter
-from extract.records import CLASSES_4, Utterance
+from core.records import CLASSES_4, Utterance
 
 D = 16
 LAYERS = (0, 1, 2)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from extract.records import CLASSES_4
+from core.records import CLASSES_4
 from heads.metrics import classification_metrics, json_safe, regression_metrics
 
 PREDICTION_COLUMNS = ["utt_id", "true", "pred", *(f"prob_{c}" for c in CLASSES_4),

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.errors import UserError
+from core.records import SKIP_REASONS
 from extract.audio import Audio, AudioError, load_audio, to_int16
-from extract.errors import UserError
-from extract.records import SKIP_REASONS
 
 F0 = 440.0  # below every tested Nyquist (4 kHz at 8 kHz)
 

@@ -12,6 +12,7 @@ from transformers import (
     Wav2Vec2Model,
 )
 
+from core.frames import SSL_GRID, FrameGrid
 from extract.backends import (
     BackendError,
     HFBackend,
@@ -20,7 +21,6 @@ from extract.backends import (
     parse_layers,
     tiny_wavlm,
 )
-from extract.frames import SSL_GRID, FrameGrid
 from extract.vad import vad_masks
 
 LENGTHS = [400, 401, 719, 720, 1040, 7999, 16000, 16001, 24321]

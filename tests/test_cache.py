@@ -19,14 +19,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import cache.contents as contents_module
+import cache.merge as merge_module
+import cache.parts as parts_module
 import cache.writer as writer_module
 from cache.dataset import CacheDataset, collate
 from cache.format import CacheError, shard_of, shard_path, utt_key
 from cache.info import cache_info
 from cache.reader import FeatureCache
-from cache.writer import CacheWriter, merge_shards
+from cache.merge import merge_shards
+from cache.writer import CacheWriter
 from cli import app
-from extract.records import CLASSES_4, Utterance
+from core.records import CLASSES_4, Utterance
 
 LAYERS = [0, 3, 5]  # hidden-state indices stored: not 0..L-1, so index/position mix-ups show
 D = 8
@@ -271,7 +275,7 @@ def test_float16_overflow_falls_back_to_float32_and_non_finite_is_skipped(tmp_pa
 
 
 def test_out_of_disk_space_is_a_clear_error_and_a_rerun_completes(tmp_path, monkeypatch):
-    real = writer_module._write_file
+    real = parts_module.write_file
     calls = {"n": 0}
 
     def full_disk(path, data):
@@ -281,10 +285,10 @@ def test_out_of_disk_space_is_a_clear_error_and_a_rerun_completes(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(writer_module, "_write_file", full_disk)
+    monkeypatch.setattr(parts_module, "write_file", full_disk)
     with pytest.raises(CacheError, match="out of disk space .* rerun the same command"):
         write(tmp_path / "c.h5", range(9), part_utterances=3)
-    monkeypatch.setattr(writer_module, "_write_file", real)
+    monkeypatch.setattr(parts_module, "write_file", real)
     assert not list((tmp_path / "c.parts").glob("*.tmp")) and not (tmp_path / "c.h5.lock").exists()
     with CacheWriter(tmp_path / "c.h5", FP) as w:
         assert w.resumed and len(w.done) == 3  # the first part survived
@@ -333,14 +337,14 @@ def test_a_really_full_disk_is_a_clear_error_and_a_rerun_completes(small_disk, t
 def _record_part_inodes(monkeypatch) -> list[int]:
     """Inodes of every part file the writer writes (the data a finished cache must reuse)."""
     inodes: list[int] = []
-    real = writer_module._write_image
+    real = writer_module.write_image
 
     def recording(image, final):
         real(image, final)
         if final.name.startswith("part-"):
             inodes.append(final.stat().st_ino)
 
-    monkeypatch.setattr(writer_module, "_write_image", recording)
+    monkeypatch.setattr(writer_module, "write_image", recording)
     return inodes
 
 
@@ -348,7 +352,7 @@ def _no_copy(monkeypatch) -> None:
     def refuse(*a, **k):
         raise AssertionError("a finishing writer must not copy features")
 
-    monkeypatch.setattr(writer_module, "consolidate", refuse)
+    monkeypatch.setattr(merge_module, "consolidate", refuse)
     monkeypatch.setattr(h5py.Group, "copy", refuse)
 
 
@@ -365,12 +369,12 @@ def test_a_finished_cache_links_its_parts_instead_of_copying_them(tmp_path, monk
     assert sorted(p.stat().st_ino for p in data) == sorted(inodes)
     assert not (tmp_path / "c.parts").exists() and not (tmp_path / "c.h5.lock").exists()
     assert path.stat().st_size < 64 << 10 < sum(p.stat().st_size for p in data)
-    assert writer_module.cache_files(path) == [path] + data
+    assert contents_module.cache_files(path) == [path] + data
     with FeatureCache(path) as c:
         assert c.size_on_disk() == sum(p.stat().st_size for p in [path, *data])
     monkeypatch.undo()
     assert contents(path) == contents(write(tmp_path / "one.h5", range(9)))  # one part: self-contained
-    assert writer_module.cache_files(tmp_path / "one.h5") == [tmp_path / "one.h5"]
+    assert contents_module.cache_files(tmp_path / "one.h5") == [tmp_path / "one.h5"]
 
 
 def test_plain_h5py_follows_the_links_from_any_folder(tmp_path, monkeypatch):
@@ -396,7 +400,7 @@ def test_appending_to_a_self_contained_cache_keeps_its_bytes_and_old_readers(tmp
     """A one-part (or pre-links) F.h5 becomes a data file by a hard link; a reader that has
     the old F.h5 open keeps reading it while the writer replaces F.h5 with an index."""
     path = write(tmp_path / "c.h5", range(4))
-    assert writer_module.cache_files(path) == [path]
+    assert contents_module.cache_files(path) == [path]
     inode = path.stat().st_ino
     reader = FeatureCache(path)
     before = {u: reader.features(u) for u in reader.meta.index}
@@ -452,7 +456,7 @@ def test_the_torch_cast_rounds_exactly_like_numpy():
     x = np.concatenate([x, np.array([65504, 65519.99, -65504, 5.96e-8, 2.98e-8, 1e-45, -0.0], np.float32)])
     x = x[: len(x) // 6 * 6].reshape(-1, 2, 3)  # (T, L, D)
     assert "torch" in sys.modules  # so layer_major takes the torch path
-    fast = writer_module.layer_major(x, np.dtype(np.float16))
+    fast = parts_module.layer_major(x, np.dtype(np.float16))
     with np.errstate(over="ignore"):
         slow = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float16)
     assert fast.flags.c_contiguous and np.array_equal(fast.view(np.uint16), slow.view(np.uint16))

@@ -25,14 +25,14 @@ CHILD = r"""
 import sys, time, zlib
 import numpy as np
 import h5py
-import cache.writer as cw
+import cache.parts as cw
 from cache.writer import CacheWriter
-from extract.records import Utterance
+from core.records import Utterance
 
 out, n, slow = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 if slow:
-    real_write, real_copy = cw._write_file, h5py.Group.copy
-    cw._write_file = lambda p, data: (real_write(p, data[:len(data) // 2]), time.sleep(slow), real_write(p, data))
+    real_write, real_copy = cw.write_file, h5py.Group.copy
+    cw.write_file = lambda p, data: (real_write(p, data[:len(data) // 2]), time.sleep(slow), real_write(p, data))
     h5py.Group.copy = lambda self, *a, **k: (time.sleep(slow / 4), real_copy(self, *a, **k))[1]
 fp = {"model": "child", "layers": [0, 1], "classes": ["angry", "happy", "neutral", "sad"], "hidden_size": 16}
 with CacheWriter(out, fp, part_utterances=4) as w:
@@ -113,7 +113,7 @@ def test_leftovers_of_every_kill_point_are_handled(tmp_path):
     """The states a kill can leave, built on purpose: a torn part .tmp, a torn index .tmp,
     part files moved into F.data/ that the (old) index does not link yet, and a
     self-contained F.h5 from before links plus already-merged parts beside it."""
-    from cache.writer import merge_shards, write_index
+    from cache.merge import merge_shards, write_index
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from cache.format import CacheError
 from cache.reader import FeatureCache
 from cli import app
+from core.frames import FrameGrid
 from extract.audio import load_audio
 from extract.backends import load_backend
 from extract.corpora import read_corpus
-from extract.frames import FrameGrid
 from extract.pipeline import (
     ExtractError,
     extract_corpus,

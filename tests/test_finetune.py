@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.errors import UserError
 from extract.backends import zero_mean_unit_var
 from extract.corpora import read_corpus
-from extract.errors import UserError
 from extract.synthetic import generate
 from heads.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
 from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state

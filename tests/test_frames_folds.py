@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import WavLMConfig, WavLMModel
 
-from extract.frames import SSL_GRID, FrameGrid, conv_grid
-from heads.folds import FoldError, get_fold, plan_folds
+from core.folds import FoldError, get_fold, plan_folds
+from core.frames import SSL_GRID, FrameGrid, conv_grid
 
 SWEEP = [0, 1, 399, 400, 401, 719, 720, 721, 1040, 16000, 16001, 16319, 16320, 48000 + 123]
 

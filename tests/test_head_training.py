@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extract.records import CLASSES_4
+from core.folds import Fold
+from core.records import CLASSES_4
 from heads.data import BucketBatchSampler, FoldData
-from heads.folds import Fold
 from heads.loss import MTLLoss, class_weights, masked_mae, target_scale
 from heads.trainer import EarlyStop, Trainer, TrainConfig, TrainingError, warmup_cosine
 

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from core.frames import SSL_GRID
 from extract.corpora import read_corpus
-from extract.frames import SSL_GRID
 from extract.synthetic import generate
 from heads.finetune import FinetuneSettings, finetune_config, run_finetune
 from heads.predict import Predictor

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
 from cli import app
+from core.folds import FoldError, folds_from_config, plan, plan_session_folds, plan_split_fold
 from extract import synthetic
 from head_fixtures import make_cache
-from heads.folds import FoldError, folds_from_config, plan, plan_session_folds, plan_split_fold
 
 runner = CliRunner()
 

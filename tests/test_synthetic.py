@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from core.frames import SSL_GRID
+from core.records import CLASSES_4, CorpusError
 from extract import synthetic
 from extract.audio import load_audio
 from extract.corpora import read_corpus
-from extract.frames import SSL_GRID
-from extract.records import CLASSES_4, CorpusError
 from extract.vad import vad_masks
 
 SMALL = dict(n_sessions=2, utts_per_speaker=8)

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.frames import SSL_GRID, FrameGrid
 from extract.audio import load_audio
-from extract.frames import SSL_GRID, FrameGrid
 from extract.vad import VAD_FRAME, VAD_MODES, speech_ratio, vad_frames, vad_masks, vad_settings
 
 DATA = Path(__file__).parent / "data"

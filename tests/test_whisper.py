@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
 from cli import app
+from core.frames import FrameGrid
 from extract import synthetic
 from extract.audio import load_audio
 from extract.backends import BackendError, HFBackend, load_backend
-from extract.frames import FrameGrid
 from extract.vad import vad_masks
 from extract.whisper import WhisperBackend, log_mel, tiny_whisper, whisper_grid
 

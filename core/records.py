@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
-from extract.errors import UserError
+from core.errors import UserError
 
 # The paper's four classes, in the order used for class indices everywhere.
 CLASSES_4: tuple[str, ...] = ("angry", "happy", "neutral", "sad")

@@ -25,17 +25,18 @@ recorded in RUN/config.json ("protocol", "folds").
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-import pandas as pd
+from core.choices import Choice, Choices
+from core.errors import UserError
 
-from extract.errors import UserError
+if TYPE_CHECKING:  # pandas is imported by the callers that hand tables in; `cli --help` needs none
+    import pandas as pd
 
-PROTOCOLS: tuple[str, ...] = ("speaker", "session", "split")
+    from core.records import Corpus
+
 SPLIT_ALIASES: dict[str, str] = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
                                  "development": "val", "test": "test"}
 ROLES: tuple[str, ...] = ("train", "val", "test")
@@ -84,12 +85,6 @@ class Fold:
     def roles(self, groups: pd.Series) -> pd.Series:
         """The role of each utterance, from its value of `column` (same index)."""
         return groups.astype(str).map(self.role)
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise FoldError(f"--protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-    return protocol
 
 
 def plan_folds(speaker_sessions: dict[str, str]) -> list[Fold]:
@@ -149,23 +144,48 @@ def plan_split_fold(splits: Iterable[str]) -> list[Fold]:
     return [Fold(fold=1, test="test", val="val", train=("train",), protocol="split")]
 
 
-def plan(meta: pd.DataFrame, protocol: str = "speaker") -> list[Fold]:
-    """The folds of a metadata table (columns speaker, session and, for `split`, split) under a protocol."""
-    check_protocol(protocol)
-    if protocol == "speaker":
-        return plan_folds({str(s): str(x) for s, x in zip(meta["speaker"], meta["session"])})
-    if protocol == "session":
-        return plan_session_folds(meta["session"])
+def _plan_speakers(meta: pd.DataFrame) -> list[Fold]:
+    return plan_folds({str(s): str(x) for s, x in zip(meta["speaker"], meta["session"])})
+
+
+def _plan_sessions(meta: pd.DataFrame) -> list[Fold]:
+    return plan_session_folds(meta["session"])
+
+
+def _plan_split(meta: pd.DataFrame) -> list[Fold]:
     if "split" not in meta.columns or not meta["split"].astype(str).str.strip().any():
         raise FoldError("--protocol split needs a split column (train/val/test) in the manifest; this corpus or "
                         "cache has none (a cache made before sapser recorded splits: extract it again)")
     return plan_split_fold(meta["split"])
 
 
+@dataclass(frozen=True)
+class Protocol(Choice):
+    """A fold plan: `plan(meta)` makes its folds; `label` titles the manifest's fold table."""
+
+    folds: str = ""  # what the folds are, for "fold K is out of range (...)"
+    plan: Callable[[pd.DataFrame], list[Fold]] | None = None
+
+
+# The one list of fold plans: --protocol's help and check, the manifest's table title, the planner.
+PROTOCOLS: Choices[Protocol] = Choices("--protocol", {
+    "speaker": Protocol("leave-one-speaker-out, the paper", "leave-one-speaker-out folds", "one per speaker",
+                        _plan_speakers),
+    "session": Protocol("leave-one-session-out, SUPERB/EmoBox", "leave-one-session-out folds", "one per session",
+                        _plan_sessions),
+    "split": Protocol("the manifest's train/val/test column", "the official split", "the official split",
+                      _plan_split),
+}, error=FoldError)
+
+
+def plan(meta: pd.DataFrame, protocol: str = "speaker") -> list[Fold]:
+    """The folds of a metadata table (columns speaker, session and, for `split`, split) under a protocol."""
+    return PROTOCOLS[PROTOCOLS.check(protocol)].plan(meta)
+
+
 def pick(folds: list[Fold], k: int) -> Fold:
     if not 1 <= k <= len(folds):
-        per = {"speaker": "one per speaker", "session": "one per session", "split": "the official split"}
-        what = per.get(folds[0].protocol if folds else "speaker", "")
+        what = PROTOCOLS[folds[0].protocol if folds else "speaker"].folds
         raise FoldError(f"fold {k} is out of range: this corpus has folds 1 to {len(folds)} ({what})")
     return folds[k - 1]
 
@@ -188,33 +208,11 @@ def folds_from_config(cfg: dict[str, Any]) -> list[Fold]:
     return out
 
 
-# --- which utterances a run saw: RUN/utterances.csv ---------------------------------------
+def corpus_groups(corpus: Corpus) -> pd.DataFrame:
+    """speaker, session, split per utterance of a corpus (index utt_id): what the fold plans group by."""
+    import pandas as pd
 
-UTTERANCES_FILE = "utterances.csv"
-UTTERANCE_COLUMNS = ("utt_id", "path", "speaker", "session", "split")
-
-
-def write_run_utterances(run: str | Path, meta: pd.DataFrame) -> Path:
-    """RUN/utterances.csv: every utterance the run's folds draw from, with the columns folds group by.
-
-    With config.json's fold plan it tells which fold trained on which file
-    (predict warns when asked about one); meta is indexed by utt_id.
-    """
-    path = Path(run) / UTTERANCES_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(UTTERANCE_COLUMNS)
-        split = meta["split"] if "split" in meta.columns else pd.Series("", index=meta.index)
-        for utt_id, p, spk, ses, spl in zip(meta.index, meta["path"], meta["speaker"], meta["session"], split):
-            writer.writerow([utt_id, p, spk, ses, spl or ""])
-    tmp.replace(path)
-    return path
-
-
-def read_run_utterances(run: str | Path) -> pd.DataFrame | None:
-    """RUN/utterances.csv indexed by utt_id, or None for runs made before it was written."""
-    path = Path(run) / UTTERANCES_FILE
-    if not path.is_file():
-        return None
-    return pd.read_csv(path, dtype=str, keep_default_na=False).set_index("utt_id")
+    return pd.DataFrame({"speaker": [u.speaker for u in corpus.utterances],
+                         "session": [u.session for u in corpus.utterances],
+                         "split": [u.split for u in corpus.utterances]},
+                        index=pd.Index([u.utt_id for u in corpus.utterances], name="utt_id"))
