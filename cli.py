@@ -12,13 +12,24 @@ import functools
 import json
 import pickle
 import warnings
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Any, Callable
 
 import typer
 from rich.console import Console
 
+# The tables below hold every default and list of choices the options show; none imports torch.
+from core.choices import spoken
+from core.devices import AMP_MODES, DEVICES
 from core.errors import UserError, os_error_message
+from core.folds import PROTOCOLS
+from core.frames import VAD_MODES
+from core.records import CLASSES_4
+from extract.corpora import DATASETS
+from extract.models import DEFAULT_MODEL
+from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
+                          TrainConfig, finetune_config)
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -57,14 +68,13 @@ def user_errors(fn: Callable) -> Callable:
 # --- commands (each one: options, then one call into extract/, cache/ or heads/) ---
 
 # Options that every corpus-reading command (manifest, extract, finetune) takes the same way.
-DatasetOpt = Annotated[str, typer.Option("--dataset", help="iemocap, kemdy19, kemdy20, manifest or synthetic")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help=DATASETS.help())]
 RootOpt = Annotated[Path, typer.Option("--root", help="corpus folder (for `manifest`: the CSV file itself)")]
 ClassesOpt = Annotated[str, typer.Option("--classes", help="comma-separated class set")]
+CLASS_SET = ",".join(CLASSES_4)
 MaxSecondsOpt = Annotated[float | None, typer.Option(
     "--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")]
-ProtocolOpt = Annotated[str, typer.Option(
-    "--protocol", help="fold plan: speaker (leave-one-speaker-out, the paper), session (leave-one-session-out, "
-    "SUPERB/EmoBox) or split (the manifest's train/val/test column)")]
+ProtocolOpt = Annotated[str, typer.Option("--protocol", help=f"fold plan: {PROTOCOLS.help()}")]
 
 
 def parse_classes(classes: str) -> tuple[str, ...]:
@@ -79,7 +89,7 @@ def manifest(
     root: RootOpt,
     out: Annotated[Path | None, typer.Option("--out", help="write the normalized manifest here, and skipped.csv beside it")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only one JSON object: counts, folds, skips")] = False,
-    classes: ClassesOpt = "angry,happy,neutral,sad",
+    classes: ClassesOpt = CLASS_SET,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad item instead of skipping it")] = False,
     ties: Annotated[str | None, typer.Option("--ties", help="KEMDy19/20 tied labels: skip (default), first or selected")] = None,
     protocol: ProtocolOpt = "speaker",
@@ -92,8 +102,9 @@ def manifest(
 
     options = {}
     if ties is not None:
-        if dataset not in ("kemdy19", "kemdy20"):
-            raise UserError("--ties applies only to kemdy19 and kemdy20 (the corpora with tied labels)")
+        tied = [name for name, d in DATASETS.items() if d.ties]
+        if dataset not in tied:
+            raise UserError(f"--ties applies only to {' and '.join(tied)} (the corpora with tied labels)")
         options["ties"] = ties
     class_set = parse_classes(classes)
     corpus = read_corpus(dataset, root, classes=class_set, strict=strict, **options)
@@ -169,18 +180,18 @@ def extract(
     dataset: DatasetOpt,
     root: RootOpt,
     out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<corpus>-<model>.h5]")] = None,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = "microsoft/wavlm-large",
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = DEFAULT_MODEL,
     layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
     max_seconds: MaxSecondsOpt = None,
     batch_seconds: Annotated[float | None, typer.Option("--batch-seconds", help="padded audio seconds per model batch; 0 = one utterance per forward (default: 0 on CPU, 100 on CUDA)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
-    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on CUDA), bf16, fp16 or none")] = "auto",
+    amp: Annotated[str, typer.Option("--amp", help=f"autocast: {AMP_MODES.help()}")] = "auto",
     workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes; 0 = a thread (default: 0 on CPU, cores - 1, at most 8, on CUDA)")] = None,
     streams: Annotated[int | None, typer.Option("--streams", help="model calls at once, each with cores/streams torch threads (default: one per core, at most 8, on CPU; 1 on CUDA)")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
-    classes: ClassesOpt = "angry,happy,neutral,sad",
+    classes: ClassesOpt = CLASS_SET,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
@@ -197,12 +208,17 @@ def extract(
         Console().print(summary_table(summary))
 
 
-# Options shared by `train-head` and `ablate` (defaults: heads.trainer.TrainConfig, README "Training heads").
+# Options of the training commands: defaults from heads.config (README "Training heads"), help from its tables.
+TRAIN = TrainConfig()
+FINETUNE, FT = finetune_config(), FinetuneSettings()
+BASELINE = BaselineConfig()
 CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
+PoolingOpt = Annotated[str, typer.Option("--pooling", help=POOLINGS.help())]
 LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]
-NormOpt = Annotated[str, typer.Option("--norm", help="input normalization before the layer mix: train (per layer and dimension, training-split statistics), utterance (per-utterance CMVN), frame (parameter-free LayerNorm per frame) or none")]
-LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help="how the layer mix is learned: pooled (first, from per-utterance layer means, then fixed: one layer's cost per epoch) or joint (with the head at every step: reads every layer every epoch)")]
-VadOpt = Annotated[int, typer.Option("--vad-mode", help="WebRTC VAD aggressiveness 0-3 whose mask SAP uses")]
+NormOpt = Annotated[str, typer.Option("--norm", help=f"input normalization before the layer mix: {NORMS.help()}")]
+LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help=f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")]
+VadOpt = Annotated[int, typer.Option("--vad-mode", help=f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} "
+                                                          "whose mask SAP uses")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="maximum epochs")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batch")]
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (head on frozen features)")]
@@ -215,15 +231,15 @@ GammaOpt = Annotated[float, typer.Option("--gamma", help="weight of the arousal 
 ProjOpt = Annotated[int, typer.Option("--proj-dim", help="projection size before the classifier and regressors")]
 HeadsOpt = Annotated[int, typer.Option("--heads", help="SAP self-attention heads (a divisor of the feature size is used)")]
 MemOpt = Annotated[float, typer.Option("--memory-gb", help="RAM budget for preloading features (split over --jobs)")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
+DeviceOpt = Annotated[str, typer.Option("--device", help=spoken(list(DEVICES)))]
 JobsOpt = Annotated[int, typer.Option("--jobs", help="folds trained in parallel processes")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 
 
-def _train_config(**options) -> "TrainConfig":
-    from heads.trainer import TrainConfig
-
-    return TrainConfig(**options)
+def settings_of(cls: type, options: dict[str, Any], make: Callable[..., Any] | None = None) -> Any:
+    """`make` (default: the dataclass `cls`) given the command's options named like `cls`'s fields."""
+    names = {f.name for f in fields(cls)}
+    return (make or cls)(**{k: v for k, v in options.items() if k in names})
 
 
 @app.command("train-head")
@@ -232,25 +248,22 @@ def train_head(
     cache: CacheOpt,
     fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
     all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
-    pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
+    pooling: PoolingOpt = TRAIN.pooling,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
-    layer: LayerOpt = None, norm: NormOpt = "train", layer_weights: LayerWeightsOpt = "pooled",
-    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
-    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
-    heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
-    protocol: ProtocolOpt = "speaker", quiet: QuietOpt = False,
+    layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
+    vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
+    lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
+    seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
+    device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1, protocol: ProtocolOpt = TRAIN.protocol,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out by default)."""
     from heads.run import train_folds
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    config = _train_config(pooling=pooling, layer=layer, norm=norm, layer_weights=layer_weights, vad_mode=vad_mode,
-                           epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
-                           seed=seed, alpha=alpha, beta=beta,
-                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
-                           protocol=protocol)
+    config = settings_of(TrainConfig, locals())
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
     if all_folds:
         from heads.report import end_of_run_lines
@@ -265,24 +278,21 @@ def train_head(
 def ablate(
     cache: CacheOpt,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
-    layer: LayerOpt = None, norm: NormOpt = "train", layer_weights: LayerWeightsOpt = "pooled",
-    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
-    lr: LrOpt = 1e-3, weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
-    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32,
-    heads: HeadsOpt = 8, memory_gb: MemOpt = 8.0, device: DeviceOpt = "auto", jobs: JobsOpt = 1,
+    layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
+    vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
+    lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
+    seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
+    device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,
-    protocol: ProtocolOpt = "speaker", quiet: QuietOpt = False,
+    protocol: ProtocolOpt = TRAIN.protocol, quiet: QuietOpt = False,
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, plus the classical baseline, then side by side
     (the paper's Tables 1 and 3)."""
     from heads.report import render_runs, table_width
     from heads.run import ablate as run_ablation
 
-    config = _train_config(layer=layer, norm=norm, layer_weights=layer_weights, vad_mode=vad_mode, epochs=epochs,
-                           batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience, seed=seed,
-                           alpha=alpha, beta=beta,
-                           gamma=gamma, proj_dim=proj_dim, heads=heads, memory_gb=memory_gb, device=device,
-                           protocol=protocol)
+    config = settings_of(TrainConfig, locals())
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
@@ -300,19 +310,19 @@ def baseline(
     cache: CacheOpt,
     fold: Annotated[int | None, typer.Option("--fold", help="only fold K [default: every fold]")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-baseline]")] = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="statistics of this one cached layer [default: every cached layer, concatenated]")] = None,
-    frames: Annotated[str, typer.Option("--frames", help="speech (the VAD mask of --vad-mode) or all frames")] = "speech",
-    stats: Annotated[str, typer.Option("--stats", help="per-dimension statistics: mean+std or mean")] = "mean+std",
-    vad_mode: VadOpt = 3,
-    protocol: ProtocolOpt = "speaker",
+    layer: Annotated[int | None, typer.Option("--layer", help="statistics of this one cached layer [default: every cached layer, concatenated]")] = BASELINE.layer,
+    frames: Annotated[str, typer.Option("--frames", help=FRAMES.help())] = BASELINE.frames,
+    statistics: Annotated[str, typer.Option("--stats", help=f"per-dimension statistics: {STATISTICS.help()}")] = BASELINE.statistics,
+    vad_mode: VadOpt = BASELINE.vad_mode,
+    protocol: ProtocolOpt = BASELINE.protocol,
     quiet: QuietOpt = False,
 ) -> None:
     """A classical baseline on the same folds: mean and std of each utterance's frames + StandardScaler +
     LogisticRegression (class-balanced; C chosen on the validation speaker) and Ridge for valence/arousal."""
-    from heads.baseline import BaselineConfig, run_baseline
+    from heads.baseline import run_baseline
     from heads.report import end_of_run_lines
 
-    config = BaselineConfig(layer=layer, frames=frames, statistics=stats, vad_mode=vad_mode, protocol=protocol)
+    config = settings_of(BaselineConfig, locals())
     run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)
     for line in end_of_run_lines(run, baselines=False):
         typer.echo(line)
@@ -326,43 +336,40 @@ def finetune(
     root: RootOpt,
     fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
     all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
-    full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = False,
-    top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = 4,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder: a wav2vec2-family model or Whisper")] = "microsoft/wavlm-large",
+    full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = FT.full,
+    top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = FT.top_layers,
+    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder: a wav2vec2-family model or Whisper")] = FT.model,
     cache: Annotated[Path | None, typer.Option("--cache", help="reuse this feature cache's VAD masks (same model grid and truncation)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<corpus>-<model>-<mode>]")] = None,
-    pooling: Annotated[str, typer.Option("--pooling", help="sr (GAP+SAP), gap or sap")] = "sr",
-    vad_mode: VadOpt = 3, epochs: EpochsOpt = 30,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="utterances per optimizer step (gradient accumulation keeps it)")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate of the backbone (the paper: 3e-5)")] = 3e-5,
-    head_lr: Annotated[float | None, typer.Option("--head-lr", help="learning rate of the head [default: --lr]")] = None,
-    weight_decay: WdOpt = 0.01, patience: PatienceOpt = 5, seed: SeedOpt = 0,
-    alpha: AlphaOpt = 0.5, beta: BetaOpt = 0.25, gamma: GammaOpt = 0.25, proj_dim: ProjOpt = 32, heads: HeadsOpt = 8,
-    step_seconds: Annotated[float, typer.Option("--step-seconds", help="padded audio seconds per micro-batch (the memory bound)")] = 200.0,
-    max_seconds: MaxSecondsOpt = None,
-    freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder/--no-freeze-feature-encoder", help="keep the convolutional front end frozen")] = True,
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute transformer layers in the backward pass to save memory")] = True,
-    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")] = "auto",
-    device: DeviceOpt = "auto",
-    workers: Annotated[int, typer.Option("--workers", help="audio decoding processes per rank")] = 2,
+    pooling: PoolingOpt = FINETUNE.pooling,
+    vad_mode: VadOpt = FINETUNE.vad_mode, epochs: EpochsOpt = FINETUNE.epochs,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="utterances per optimizer step (gradient accumulation keeps it)")] = FINETUNE.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate of the backbone (the paper: 3e-5)")] = FINETUNE.lr,
+    head_lr: Annotated[float | None, typer.Option("--head-lr", help="learning rate of the head [default: --lr]")] = FT.head_lr,
+    weight_decay: WdOpt = FINETUNE.weight_decay, patience: PatienceOpt = FINETUNE.patience, seed: SeedOpt = FINETUNE.seed,
+    alpha: AlphaOpt = FINETUNE.alpha, beta: BetaOpt = FINETUNE.beta, gamma: GammaOpt = FINETUNE.gamma,
+    proj_dim: ProjOpt = FINETUNE.proj_dim, heads: HeadsOpt = FINETUNE.heads,
+    step_seconds: Annotated[float, typer.Option("--step-seconds", help="padded audio seconds per micro-batch (the memory bound)")] = FT.step_seconds,
+    max_seconds: MaxSecondsOpt = FT.max_seconds,
+    freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder/--no-freeze-feature-encoder", help="keep the convolutional front end frozen")] = FT.freeze_feature_encoder,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute transformer layers in the backward pass to save memory")] = FT.grad_checkpointing,
+    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")] = FT.amp,
+    device: DeviceOpt = FINETUNE.device,
+    workers: Annotated[int, typer.Option("--workers", help="audio decoding processes per rank")] = FT.workers,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted folds from their checkpoints, skip finished ones")] = False,
     max_epochs_this_run: Annotated[int | None, typer.Option("--max-epochs-this-run", help="stop after N epochs (checkpointed) and exit; continue with --resume")] = None,
-    classes: ClassesOpt = "angry,happy,neutral,sad",
-    protocol: ProtocolOpt = "speaker",
+    classes: ClassesOpt = CLASS_SET,
+    protocol: ProtocolOpt = FINETUNE.protocol,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
-    from heads.finetune import FinetuneSettings, finetune_config, run_finetune
+    from heads.finetune import run_finetune
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    config = finetune_config(pooling=pooling, vad_mode=vad_mode, epochs=epochs, batch_size=batch_size, lr=lr,
-                             weight_decay=weight_decay, patience=patience, seed=seed, alpha=alpha, beta=beta,
-                             gamma=gamma, proj_dim=proj_dim, heads=heads, device=device, protocol=protocol)
-    settings = FinetuneSettings(model=model, full=full, top_layers=top_layers, head_lr=head_lr,
-                                step_seconds=step_seconds, max_seconds=max_seconds,
-                                freeze_feature_encoder=freeze_feature_encoder, grad_checkpointing=grad_checkpointing,
-                                amp=amp, workers=workers)
+    options = locals()
+    config = settings_of(TrainConfig, options, make=finetune_config)
+    settings = settings_of(FinetuneSettings, options)
     class_set = parse_classes(classes)
     result = run_finetune(dataset, root, config, settings, folds=None if all_folds else [fold], out=out,
                           cache_path=str(cache) if cache else None, resume=resume,

@@ -40,9 +40,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import h5py
 import numpy as np
 
-from cache.reader import FeatureCache
 from cache.contents import cache_bytes, cache_files
 from cache.merge import merge_shards
+from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 from core.records import Utterance
 

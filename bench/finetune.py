@@ -47,8 +47,9 @@ import torch
 from core.folds import Fold
 from core.records import CLASSES_4, Utterance
 from extract.backends import tiny_wavlm
+from heads.config import FinetuneSettings, finetune_config
 from heads.data import FoldData
-from heads.finetune import FinetuneSettings, FineTuneTrainer, finetune_config
+from heads.finetune import FineTuneTrainer
 from heads.wave_data import build_wave_index
 
 SR = 16_000

@@ -10,6 +10,7 @@ import torch
 
 from cache.format import CacheError
 from cache.reader import FeatureCache, check_vad_mode
+from core.records import class_indices
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -25,9 +26,8 @@ class CacheDataset(torch.utils.data.Dataset):
         self.utt_ids = list(utt_ids)
         self.layers = None if layers is None else [int(x) for x in layers]
         self.vad_mode = check_vad_mode(vad_mode)
-        index = {c: i for i, c in enumerate(cache.classes)}
         rows = cache.meta.loc[self.utt_ids]
-        self.emotion = [index.get(e, -1) if isinstance(e, str) else -1 for e in rows["emotion"]]
+        self.emotion = class_indices(rows["emotion"], cache.classes).tolist()
         self.valence = rows["valence"].to_numpy(np.float32)
         self.arousal = rows["arousal"].to_numpy(np.float32)
 

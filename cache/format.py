@@ -61,6 +61,7 @@ import h5py
 import numpy as np
 
 from core.errors import UserError
+from core.frames import VAD_MODES
 
 FORMAT_VERSION = 1
 
@@ -73,7 +74,7 @@ VAD = "vad"
 META = "meta"
 SKIPPED = "skipped"
 
-N_VAD_MODES = 4
+N_VAD_MODES = len(VAD_MODES)  # one (T,) mask per WebRTC mode: /vad/<key> is (4, T)
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _STR = h5py.string_dtype("utf-8")
@@ -152,6 +153,8 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ..
 def _implied(fp: dict[str, Any]) -> dict[str, Any]:
     # Caches made before `corpus` existed: a named corpus's identity is its dataset name,
     # so they still resume; an old manifest cache differs (its corpus was never recorded).
+    # A fixed list on purpose: the named corpora of that time (extract.corpora.DATASETS may
+    # grow, but no later corpus has a cache without `corpus`).
     if "corpus" not in fp and fp.get("dataset") in ("iemocap", "kemdy19", "kemdy20"):
         return {**fp, "corpus": fp["dataset"]}
     return fp

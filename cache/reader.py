@@ -27,6 +27,8 @@ from cache.format import (
     fingerprint_diff,
     resolve_paths,
 )
+from core.choices import spoken
+from core.frames import VAD_MODES
 
 PUBLIC_META = ("speaker", "session", "emotion", "valence", "arousal", "n_frames", "duration",
                "truncated", "path", "dataset", "float32_fallback", "split")
@@ -171,10 +173,10 @@ class FeatureCache:
         float32 when any utterance needed the float32 fallback (else the stored dtype).
         """
         pos = self.positions(layers)
-        dtype = np.dtype(np.float32) if self.meta["float32_fallback"].any() else self.dtype
+        dtype = self._preload_dtype()
         n_frames = self.meta["n_frames"].to_numpy(np.int64)
         total = int(n_frames.sum())
-        need = total * len(pos) * self.hidden_size * dtype.itemsize + N_VAD_MODES * total
+        need = self.preload_bytes(layers)
         if need > budget_bytes:
             raise CacheError(
                 f"preloading {len(pos)} layer(s) needs {need / 2**30:.2f} GiB, over the budget of "
@@ -191,6 +193,16 @@ class FeatureCache:
             offsets[utt_id] = (start, int(t))
             start += int(t)
         self._ram = _Preloaded(pos, feats, vad, offsets)
+
+    def _preload_dtype(self) -> np.dtype:
+        # float32 when any utterance needed the float16-overflow fallback (nothing is rounded)
+        return np.dtype(np.float32) if self.meta["float32_fallback"].any() else self.dtype
+
+    def preload_bytes(self, layers: Sequence[int] | None) -> int:
+        """RAM that `preload(layers)` fills: the features in their preload dtype plus the 4 VAD masks."""
+        frames = int(self.meta["n_frames"].sum())
+        return frames * len(self.positions(layers)) * self.hidden_size * self._preload_dtype().itemsize \
+            + N_VAD_MODES * frames
 
     @property
     def preloaded_bytes(self) -> int:
@@ -211,8 +223,10 @@ class _Preloaded:
 
 
 def check_vad_mode(mode: int) -> int:
-    if mode not in range(N_VAD_MODES):
-        raise CacheError(f"unknown VAD mode {mode!r}; choose 0, 1, 2 or 3 (WebRTC aggressiveness)")
+    """`mode` itself, or a CacheError naming the modes every cache holds a mask for."""
+    if mode not in VAD_MODES:
+        raise CacheError(f"unknown VAD mode {mode!r}; choose {spoken([str(m) for m in VAD_MODES])} "
+                         f"({VAD_MODES.note})")
     return mode
 
 

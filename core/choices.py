@@ -49,10 +49,12 @@ class Choices(Mapping[Hashable, C], Generic[C]):
         return f"Choices({self.option!r}, {list(self._choices)!r})"
 
     def check(self, value: Hashable) -> Hashable:
-        """`value` itself, or the error `--option must be one of a, b, c (note); got 'x'`."""
+        """`value` itself, or the error `--option must be one of a, b, c (note); got 'x'` (`a or b` for two)."""
         if value not in self._choices:
+            names = [str(name) for name in self]
+            which = spoken(names) if len(names) == 2 else f"one of {', '.join(names)}"
             note = f" ({self.note})" if self.note else ""
-            raise self.error(f"{self.option} must be one of {', '.join(map(str, self))}{note}; got {value!r}")
+            raise self.error(f"{self.option} must be {which}{note}; got {value!r}")
         return value
 
     def help(self) -> str:

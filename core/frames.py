@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.choices import Choice, Choices
+
 SAMPLE_RATE = 16_000
+
+# WebRTC VAD's aggressiveness modes. Every utterance stores one mask per mode, (4, T) on
+# its frame grid, so a head can choose its mode without extracting again.
+VAD_MODES: Choices[Choice] = Choices("--vad-mode", {
+    0: Choice("least aggressive: the most frames count as speech"), 1: Choice(), 2: Choice(),
+    3: Choice("most aggressive: the fewest frames count as speech"),
+}, note="WebRTC aggressiveness")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from core.errors import UserError
 
 # The paper's four classes, in the order used for class indices everywhere.
@@ -37,6 +39,13 @@ SKIP_REASONS: dict[str, str] = {
     "path_outside_root": "the audio path points outside the corpus root",
     "model_error": "the feature model failed on this utterance",
 }
+
+
+def class_indices(emotions: Iterable[str | None], classes: Iterable[str]) -> np.ndarray:
+    """(N,) int64 index of each emotion in `classes` (the order of class indices everywhere);
+    -1 for an utterance without one (None, "", NaN) or outside the class set."""
+    position = {c: i for i, c in enumerate(classes)}
+    return np.array([position.get(e, -1) if isinstance(e, str) else -1 for e in emotions], dtype=np.int64)
 
 
 class CorpusError(UserError):

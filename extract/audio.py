@@ -25,9 +25,9 @@ import soundfile as sf
 import soxr
 
 from core.errors import UserError
+from core.frames import SAMPLE_RATE
 from core.records import SKIP_REASONS
 
-SAMPLE_RATE = 16_000
 RESAMPLE_QUALITY = "HQ"
 # 25 ms: the receptive field of one SSL frame (400 samples at 16 kHz).
 MIN_SECONDS = 0.025

@@ -1,10 +1,12 @@
 """Feature backends: waveforms in, per-frame features `(T, L, D)` out, on a declared frame grid.
 
-Three kinds, chosen by one string (`load_backend`):
+Four kinds, chosen by one string (`load_backend`):
 - a Hugging Face speech SSL checkpoint (WavLM, wav2vec2, HuBERT, data2vec-audio),
   hub id or local folder, loaded with the ordinary `from_pretrained` and never
-  with remote code: all hidden states (L = num_hidden_layers + 1) or a subset;
-- `fbank`: 80 log-mel energies, torch only, 25 ms window / 10 ms hop;
+  with remote code: all hidden states (L = num_hidden_layers + 1) or a subset
+  (`HFBackend`; which models, and how they are named and hashed: extract/models.py);
+- a Whisper encoder (extract/whisper.py);
+- `fbank`: 80 log-mel energies, torch only, 25 ms window / 10 ms hop (extract/classic.py);
 - `egemaps`: the 25 eGeMAPSv02 low-level descriptors from openSMILE (optional extra).
 
 Every backend returns float32; the cache writer decides the stored dtype. The
@@ -13,29 +15,23 @@ extraction loop (`extract.pipeline`) owns batching, workers and the writer.
 
 from __future__ import annotations
 
-import abc
-
-import hashlib
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 import torch
 
-from core.errors import UserError
+from core.devices import autocast_dtype, resolve_device
 from core.frames import SAMPLE_RATE, FrameGrid, conv_grid
+from extract.classic import EgemapsBackend, FbankBackend
 from extract.frontend import use_fast_front_end
-
+from extract.models import (BackendError, check_layers, first_line, is_whisper, model_config, model_family,
+                            quiet_from_pretrained, state_dict_sha256)
 
 # WavLM mixes a bool padding mask with a float position bias; torch warns, the result is
 # right (tested). Filtered once here: warnings.catch_warnings is not safe across threads.
 warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-
-
-class BackendError(UserError):
-    """A model that cannot be loaded or used as a feature backend."""
 
 
 class Backend(Protocol):
@@ -54,83 +50,7 @@ class Backend(Protocol):
         ...
 
 
-# ----------------------------------------------------------------------------- layers
-
-
-def parse_layers(spec: str) -> tuple[int, ...] | None:
-    """`all` -> None (every hidden state); `24`, `12-24`, `0,6,12` or `0,10-12` -> sorted indices."""
-    spec = spec.strip().lower()
-    if spec in ("", "all"):
-        return None
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi) if sep else int(lo)
-            if first < 0 or last < first:
-                raise ValueError(part)
-            out.update(range(first, last + 1))
-    except ValueError:
-        raise BackendError(
-            f"--layers {spec!r} is not 'all', a layer (24), a range (12-24) or a list (0,6,12)"
-        ) from None
-    return tuple(sorted(out))
-
-
-def _check_layers(layers: Sequence[int] | None, available: int, model: str) -> tuple[int, ...]:
-    if layers is None:
-        return tuple(range(available))
-    chosen = tuple(sorted(set(int(i) for i in layers)))
-    if not chosen or chosen[0] < 0 or chosen[-1] >= available:
-        raise BackendError(
-            f"{model} has hidden states 0 to {available - 1}; layers {list(chosen)} are out of range"
-        )
-    return chosen
-
-
 # ----------------------------------------------------------------------------- HF SSL models
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} was asked for but torch sees no CUDA GPU")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise BackendError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    return torch.device(device)
-
-
-# compute precision names -> autocast dtype (None = plain float32)
-_COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
-    "float32": None, "fp32": None, "none": None,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
-def _compute_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if dtype not in _COMPUTE_DTYPES:
-        raise BackendError(f"compute dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    return _COMPUTE_DTYPES[dtype]
-
-
-def state_dict_sha256(model: torch.nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order.
-
-    Independent of the file format (safetensors or .bin) and of where the
-    weights came from; 0.7 s for WavLM Large's 316M parameters on this CPU.
-    Call it before moving the model to a GPU.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():  # the bytes in place (a buffer), not a copy of them
-            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
 
 
 def zero_mean_unit_var(wave: np.ndarray) -> np.ndarray:
@@ -167,32 +87,29 @@ class HFBackend:
 
     def __init__(self, model: str, *, layers: Sequence[int] | None = None,
                  device: str = "auto", dtype: str = "auto") -> None:
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+        from transformers import AutoFeatureExtractor, AutoModel
 
         self.name = model
-        self.device = _resolve_device(device)
-        self.autocast_dtype = _compute_dtype(dtype, self.device)
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except Exception as exc:  # hub offline, typo, not a model folder: all user-facing
-            raise BackendError(f"cannot load model {model!r}: {_first_line(exc)}") from None
-        if not hasattr(config, "conv_kernel") or not hasattr(config, "conv_stride"):
-            raise BackendError(f"{model!r} ({config.model_type}) is neither a wav2vec2-style speech SSL model nor Whisper")
+        self.device = resolve_device(device, error=BackendError)
+        self.autocast_dtype = autocast_dtype(dtype, self.device, error=BackendError)
+        config = model_config(model)
+        if model_family(config, model) != "wav2vec2":
+            raise BackendError(f"{model!r} is a Whisper model: load it with load_backend (extract/whisper.py)")
         if getattr(config, "add_adapter", False):
             raise BackendError(f"{model!r} has an adapter that changes the frame rate; use its base model")
         try:
             fe = AutoFeatureExtractor.from_pretrained(model)
         except Exception as exc:
             raise BackendError(
-                f"{model!r} has no usable feature-extractor config (preprocessor_config.json): {_first_line(exc)}"
+                f"{model!r} has no usable feature-extractor config (preprocessor_config.json): {first_line(exc)}"
             ) from None
         if getattr(fe, "sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
             raise BackendError(f"{model!r} expects {fe.sampling_rate} Hz audio; only 16 kHz models are supported")
-        self.model = _quiet_from_pretrained(AutoModel, model).eval()
+        self.model = quiet_from_pretrained(AutoModel, model).eval()
         self.config = self.model.config
         self.normalize = bool(getattr(fe, "do_normalize", False))
         self.grid = conv_grid(tuple(self.config.conv_kernel), tuple(self.config.conv_stride))
-        self.layers = _check_layers(layers, self.config.num_hidden_layers + 1, model)
+        self.layers = check_layers(layers, self.config.num_hidden_layers + 1, model)
         self.n_layers = len(self.layers)
         self.hidden_size = int(self.config.hidden_size)
         self.weights_sha256 = state_dict_sha256(self.model)  # before .to(device): hashes host memory
@@ -328,172 +245,24 @@ class HFBackend:
         return [np.ascontiguousarray(feats[i, :t]) for i, t in enumerate(n_frames)]  # (T_i, L, D)
 
 
-def _quiet_from_pretrained(auto_class, model: str) -> torch.nn.Module:
-    """from_pretrained without transformers' own progress bar (the extractor draws one)."""
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return auto_class.from_pretrained(model)
-    except Exception as exc:
-        raise BackendError(load_error(model, exc)) from None
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
-def load_error(model: str, exc: BaseException) -> str:
-    """One line for a model folder or hub id that from_pretrained refused.
-
-    A pickled checkpoint refused by torch.load(weights_only=True) gets its own sentence:
-    torch's message goes on to explain how to load it unsafely, which is not our advice.
-    """
-    import pickle
-
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
-        return (f"cannot load model {model!r}: its weights are a pickle that is not plain tensors, and loading it "
-                "could run code, so it was not loaded; use a checkpoint saved as safetensors")
-    return f"cannot load model {model!r}: {_first_line(exc)}"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------- fbank
 
 
-def mel_filterbank(n_mels: int, n_fft: int, f_min: float, f_max: float,
-                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """(n_fft // 2 + 1, n_mels) triangular filters, equally spaced on the HTK mel scale."""
-    def to_mel(f: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def to_hz(m: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    edges = to_hz(np.linspace(to_mel(np.array(f_min)), to_mel(np.array(f_max)), n_mels + 2))  # (n_mels + 2,)
-    bins = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
-    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1)
-    rising = (bins[None, :] - lower) / (centre - lower)
-    falling = (upper - bins[None, :]) / (upper - centre)
-    weights = np.clip(np.minimum(rising, falling), 0.0, None)  # (n_mels, F)
-    return torch.from_numpy(weights.T.astype(np.float32))  # (F, n_mels)
 
 
-class _OneLayerBackend(abc.ABC):
-    """A classic feature extractor: one utterance at a time, one "layer", its own grid."""
-
-    grid: FrameGrid
-    hidden_size: int
-
-    def __call__(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        return [self._one(w) for w in waves]
-
-    def _one(self, wave: np.ndarray) -> np.ndarray:
-        t = self.grid.n_frames(len(wave))
-        if t == 0:
-            return np.zeros((0, 1, self.hidden_size), dtype=np.float32)  # (T=0, L=1, D)
-        return self._frames(wave, t)
-
-    @abc.abstractmethod
-    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
-        """(t, 1, D) float32 features of a wave with t >= 1 frames on self.grid."""
 
 
-class FbankBackend(_OneLayerBackend):
-    """Log-mel energies: Hann window 25 ms, hop 10 ms, no centre padding, HTK mel 20-7600 Hz.
-
-    Plain on purpose (no dither, pre-emphasis or normalization, which heads
-    can do on the cache): frame t covers samples [160 t, 160 t + 400), so the
-    grid is FrameGrid(400, 160) and VAD masks align by the shared rule.
-    """
-
-    name = "fbank"
-    thread_safe = True  # stateless torch ops: the loop may call it from several threads
-    N_FFT = 400
-    HOP = 160
-    F_MIN, F_MAX = 20.0, 7600.0
-    LOG_FLOOR = 1e-10  # power floor: -23 in log units, below 16-bit quantization noise
-
-    def __init__(self, n_mels: int = 80) -> None:
-        self.grid = FrameGrid(window=self.N_FFT, stride=self.HOP)
-        self.layers = (0,)
-        self.n_layers = 1
-        self.hidden_size = n_mels
-        self.window = torch.hann_window(self.N_FFT, periodic=True)
-        self.mel = mel_filterbank(n_mels, self.N_FFT, self.F_MIN, self.F_MAX)  # (F, M)
-
-    def describe(self) -> dict:
-        return {
-            "backend": "fbank", "model": "fbank", "n_mels": self.hidden_size, "n_fft": self.N_FFT,
-            "window_fn": "hann", "mel_scale": "htk", "f_min": self.F_MIN, "f_max": self.F_MAX,
-            "log": "natural", "log_floor": self.LOG_FLOOR, "layers": [0], "n_layers": 1,
-            "hidden_size": self.hidden_size, **self.grid.as_dict(),
-        }
-
-    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
-        spec = torch.stft(torch.from_numpy(np.asarray(wave, dtype=np.float32)), n_fft=self.N_FFT,
-                          hop_length=self.HOP, window=self.window, center=False,
-                          return_complex=True)  # (F, T)
-        power = spec.abs().square().T  # (T, F)
-        logmel = torch.log(torch.clamp(power @ self.mel, min=self.LOG_FLOOR))  # (T, M)
-        assert logmel.shape[0] == t, (logmel.shape, t)
-        return logmel[:, None, :].numpy()  # (T, 1, M)
 
 
 # ----------------------------------------------------------------------------- eGeMAPS
 
 
-class EgemapsBackend(_OneLayerBackend):
-    """The 25 eGeMAPSv02 low-level descriptors from openSMILE, one row per 10 ms.
-
-    openSMILE frames start at 0 every 10 ms ("left" framing): energy and
-    spectral descriptors use 20 ms windows, pitch, jitter, shimmer and formants
-    60 ms windows, then a 3-frame moving average. Row t therefore reads samples
-    [160 t, 160 t + 960) at most, and the grid is FrameGrid(960, 160): only
-    rows whose longest window lies inside the audio are kept. openSMILE emits
-    one more row at the end of the input (measured: rows = T + 1 for every
-    N >= 960, tested); it is dropped. Audio shorter than 960 samples has no
-    frame (the extractor skips it as too short).
-    """
-
-    name = "egemaps"
-
-    def __init__(self) -> None:
-        try:
-            import opensmile
-        except ImportError:
-            raise BackendError(
-                "--model egemaps needs the opensmile package: pip install 'sapser[egemaps]'"
-            ) from None
-        self._smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
-                                      feature_level=opensmile.FeatureLevel.LowLevelDescriptors)
-        self.columns: list[str] = list(self._smile.feature_names)
-        self.version = metadata.version("opensmile")
-        self.grid = FrameGrid(window=960, stride=160)
-        self.layers = (0,)
-        self.n_layers = 1
-        self.hidden_size = len(self.columns)
-
-    def describe(self) -> dict:
-        return {
-            "backend": "egemaps", "model": "egemaps", "feature_set": "eGeMAPSv02",
-            "feature_level": "LowLevelDescriptors", "opensmile": self.version, "columns": self.columns,
-            "alignment": "row t starts at 10 ms * t; rows beyond grid.n_frames dropped",
-            "layers": [0], "n_layers": 1, "hidden_size": self.hidden_size, **self.grid.as_dict(),
-        }
-
-    def _frames(self, wave: np.ndarray, t: int) -> np.ndarray:
-        rows = self._smile.process_signal(np.asarray(wave, dtype=np.float32), SAMPLE_RATE).to_numpy(np.float32)
-        if rows.shape[0] < t:
-            raise RuntimeError(f"openSMILE gave {rows.shape[0]} rows for {t} frames")
-        feats = rows[:t]  # (T, 25)
-        if not np.isfinite(feats).all():
-            raise RuntimeError("openSMILE returned non-finite descriptors")
-        return np.ascontiguousarray(feats[:, None, :])  # (T, 1, 25)
 
 
 # ----------------------------------------------------------------------------- choosing one
@@ -511,17 +280,11 @@ def load_backend(model: str, *, layers: Sequence[int] | None = None, device: str
         if layers is not None and tuple(layers) != (0,):
             raise BackendError(f"--model {model} has one layer (0); --layers does not apply")
         return FbankBackend() if model == "fbank" else EgemapsBackend()
-    from extract.whisper import WhisperBackend, is_whisper
-
     if is_whisper(model):  # log-mel input and a 30 s window: a backend of its own
+        from extract.whisper import WhisperBackend
+
         return WhisperBackend(model, layers=layers, device=device, dtype=dtype)
     return HFBackend(model, layers=layers, device=device, dtype=dtype)
-
-
-def model_slug(model: str) -> str:
-    """A file-name-safe short name: microsoft/wavlm-large -> wavlm-large, /x/my_model/ -> my_model."""
-    tail = Path(model.rstrip("/\\")).name or "model"
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in tail)
 
 
 # ----------------------------------------------------------------------------- a tiny test model
@@ -552,8 +315,4 @@ def tiny_wavlm(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
-__all__ = [
-    "Backend", "BackendError", "EgemapsBackend", "FbankBackend", "HFBackend", "load_backend",
-    "mel_filterbank", "model_slug", "parse_layers", "state_dict_sha256", "tiny_wavlm",
-    "zero_mean_unit_var",
-]
+__all__ = ["Backend", "HFBackend", "load_backend", "tiny_wavlm", "zero_mean_unit_var"]

@@ -1,27 +1,36 @@
 """Which corpora exist, their defaults, and one entry point to read any of them.
 
-Each corpus module exposes `read(root, classes, strict, **options) -> Corpus`.
+Each corpus module exposes `read(root, classes, strict, **options) -> Corpus`; a new
+corpus is that module plus its entry in DATASETS.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
+from core.choices import Choice, Choices
 from core.records import CLASSES_4, Corpus, CorpusError, Skip, unstorable
 
-# dataset name -> (module, default --max-seconds). 19 s / 16 s are the paper's truncation.
-DATASETS: dict[str, tuple[str, float]] = {
-    "iemocap": ("extract.iemocap", 19.0),
-    "kemdy19": ("extract.kemdy19", 16.0),
-    "kemdy20": ("extract.kemdy20", 16.0),
-    "manifest": ("extract.manifest", 0.0),
-    "synthetic": ("extract.synthetic", 0.0),
-}
+
+@dataclass(frozen=True)
+class Dataset(Choice):
+    """A corpus reader (`module`) and what the rest of the pipeline needs to know about the corpus."""
+
+    module: str = ""
+    max_seconds: float = 0.0  # default --max-seconds (0 = no truncation); 19 s / 16 s: the paper's
+    named: bool = False  # its name is its identity: there is one IEMOCAP, wherever a copy lives
+    ties: bool = False  # raters tie between emotions, which --ties resolves
 
 
-# Corpora whose dataset name is their identity: there is one IEMOCAP, wherever a copy lives.
-NAMED: frozenset[str] = frozenset({"iemocap", "kemdy19", "kemdy20"})
+DATASETS: Choices[Dataset] = Choices("--dataset", {
+    "iemocap": Dataset(module="extract.iemocap", max_seconds=19.0, named=True),
+    "kemdy19": Dataset(module="extract.kemdy19", max_seconds=16.0, named=True, ties=True),
+    "kemdy20": Dataset(module="extract.kemdy20", max_seconds=16.0, named=True, ties=True),
+    "manifest": Dataset(module="extract.manifest"),
+    "synthetic": Dataset(module="extract.synthetic"),
+}, error=CorpusError)
 
 
 def corpus_identity(corpus: Corpus) -> str:
@@ -32,7 +41,7 @@ def corpus_identity(corpus: Corpus) -> str:
     machines that extract shards of it, is still the same corpus. Two manifests named
     alike in folders named alike are the one case it cannot tell apart.
     """
-    if corpus.name in NAMED:
+    if _named(corpus):
         return corpus.name
     csv_path = Path(corpus.root)
     return f"{csv_path.parent.name}/{csv_path.name}"
@@ -41,7 +50,7 @@ def corpus_identity(corpus: Corpus) -> str:
 def corpus_slug(corpus: Corpus) -> str:
     """A file-name part that says which corpus: `iemocap`; `ravdess` for ravdess/manifest.csv,
     `ravdess-train` for ravdess/train.csv; `synthetic-<folder>` for a synthetic corpus."""
-    if corpus.name in NAMED:
+    if _named(corpus):
         return corpus.name
     csv_path = Path(corpus.root)
     folder, stem = csv_path.parent.name, csv_path.stem
@@ -52,9 +61,13 @@ def corpus_slug(corpus: Corpus) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
+def _named(corpus: Corpus) -> bool:
+    return corpus.name in DATASETS and DATASETS[corpus.name].named
+
+
 def default_max_seconds(dataset: str) -> float:
     """The truncation a dataset gets unless the user says otherwise (0 = none)."""
-    return DATASETS[check_dataset(dataset)][1]
+    return DATASETS[check_dataset(dataset)].max_seconds
 
 
 def check_dataset(dataset: str) -> str:
@@ -71,7 +84,7 @@ def read_corpus(
     **options,
 ) -> Corpus:
     """Read a corpus by name; `options` are the reader's own (e.g. ties='skip')."""
-    module = importlib.import_module(DATASETS[check_dataset(dataset)][0])
+    module = importlib.import_module(DATASETS[check_dataset(dataset)].module)
     # The synthetic corpus is generated into its root, so only it may name a new folder.
     if dataset != "synthetic" and not Path(root).exists():
         raise CorpusError(f"{dataset} root {str(root)!r} does not exist")

@@ -48,10 +48,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import soundfile as sf
 
+from core.choices import spoken
+from core.devices import AMP_MODES
 from core.errors import UserError
-from core.frames import FrameGrid
+from core.frames import SAMPLE_RATE, FrameGrid
 from core.records import SKIP_REASONS, Corpus, Utterance
-from extract.audio import RESAMPLE_QUALITY, SAMPLE_RATE, AudioError, load_audio
+from extract.audio import RESAMPLE_QUALITY, AudioError, load_audio
+from extract.models import DEFAULT_MODEL, model_slug
 from extract.vad import vad_masks, vad_settings
 
 if TYPE_CHECKING:
@@ -585,9 +588,6 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
 # --------------------------------------------------------------------------- the `cli extract` entry
 
 
-DEFAULT_MODEL = "microsoft/wavlm-large"
-
-
 def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None:
     """`--shard i/n` (1-based, 1 <= i <= n) -> (i - 1, n); without it, torchrun's RANK/WORLD_SIZE."""
     if spec is None:
@@ -609,7 +609,6 @@ def default_workers(env: dict[str, str]) -> int:
 
 def default_out(corpus: Corpus, model: str) -> Path:
     """features/<corpus>-<model>.h5, <corpus> naming the corpus (not just `manifest`)."""
-    from extract.backends import model_slug
     from extract.corpora import corpus_slug
 
     return Path("features") / f"{corpus_slug(corpus)}-{model_slug(model)}.h5"
@@ -623,15 +622,16 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
                 classes: Sequence[str] | None = None, progress: bool = True,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
-    from extract.backends import load_backend, parse_layers
-    from extract.corpora import default_max_seconds, read_corpus
+    from cache.format import DTYPES
     from core.records import CLASSES_4
+    from extract.backends import load_backend
+    from extract.corpora import default_max_seconds, read_corpus
+    from extract.models import parse_layers
 
     env = dict(os.environ) if env is None else env
-    if dtype not in ("float16", "float32"):
-        raise ExtractError(f"--dtype is the storage dtype: float16 or float32, got {dtype!r}")
-    if amp not in ("auto", "bf16", "fp16", "none"):
-        raise ExtractError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+    if dtype not in DTYPES:
+        raise ExtractError(f"--dtype is the storage dtype: {spoken(list(DTYPES))}, got {dtype!r}")
+    AMP_MODES.check(amp)
     shard_ = parse_shard(shard, env)
     if device == "auto" and "LOCAL_RANK" in env:
         import torch

@@ -34,8 +34,9 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import lfilter
 
+from core.frames import SAMPLE_RATE
 from core.records import CLASSES_4, Corpus, CorpusError
-from extract.audio import SAMPLE_RATE, to_int16
+from extract.audio import to_int16
 
 SR = SAMPLE_RATE
 GENERATOR_VERSION = 1  # bump when the same options would produce different audio

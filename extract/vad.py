@@ -21,10 +21,9 @@ from __future__ import annotations
 import numpy as np
 import webrtcvad
 
-from core.frames import FrameGrid
-from extract.audio import SAMPLE_RATE, to_int16
+from core.frames import SAMPLE_RATE, VAD_MODES, FrameGrid
+from extract.audio import to_int16
 
-VAD_MODES: tuple[int, ...] = (0, 1, 2, 3)
 VAD_FRAME_MS = 10
 VAD_FRAME = SAMPLE_RATE * VAD_FRAME_MS // 1000  # 160 samples
 _BYTES_PER_FRAME = 2 * VAD_FRAME  # int16

@@ -52,19 +52,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.devices import autocast_dtype, resolve_device
 from core.frames import SAMPLE_RATE, FrameGrid
-from extract.backends import (BackendError, _check_layers, _compute_dtype, _first_line, _resolve_device,
-                              state_dict_sha256)
-
-
-def is_whisper(model: str) -> bool:
-    """True when `model`'s config says model_type "whisper" (False when it cannot be read at all)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model).model_type == "whisper"
-    except Exception:  # the loader that is tried next reports why the model cannot be read
-        return False
+from extract.models import BackendError, check_layers, first_line, state_dict_sha256
 
 
 # ----------------------------------------------------------------------------- the grid and the input
@@ -119,12 +109,12 @@ def load_encoder(source: str, *, weights: bool = True):
     try:
         config = WhisperConfig.from_pretrained(source)
     except Exception as exc:
-        raise BackendError(f"cannot load model {source!r}: {_first_line(exc)}") from None
+        raise BackendError(f"cannot load model {source!r}: {first_line(exc)}") from None
     try:
         fe = WhisperFeatureExtractor.from_pretrained(source)
     except Exception as exc:
         raise BackendError(
-            f"{source!r} has no usable feature-extractor config (preprocessor_config.json): {_first_line(exc)}"
+            f"{source!r} has no usable feature-extractor config (preprocessor_config.json): {first_line(exc)}"
         ) from None
     if fe.sampling_rate != SAMPLE_RATE:
         raise BackendError(f"{source!r} expects {fe.sampling_rate} Hz audio; only 16 kHz models are supported")
@@ -141,7 +131,7 @@ def load_encoder(source: str, *, weights: bool = True):
         # autocast chooses the compute precision, not the file.
         whisper, info = WhisperModel.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
     except Exception as exc:
-        raise BackendError(f"cannot load model {source!r}: {_first_line(exc)}") from None
+        raise BackendError(f"cannot load model {source!r}: {first_line(exc)}") from None
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
@@ -171,8 +161,8 @@ class WhisperBackend:
     def __init__(self, model: str, *, layers: Sequence[int] | None = None, device: str = "auto",
                  dtype: str = "auto", windows_per_forward: int | None = None) -> None:
         self.name = model
-        self.device = _resolve_device(device)
-        self.autocast_dtype = _compute_dtype(dtype, self.device)
+        self.device = resolve_device(device, error=BackendError)
+        self.autocast_dtype = autocast_dtype(dtype, self.device, error=BackendError)
         encoder, fe = load_encoder(model)
         self.encoder = encoder.eval()
         self.config = encoder.config
@@ -181,7 +171,7 @@ class WhisperBackend:
         self.mel_filters = torch.from_numpy(np.asarray(fe.mel_filters, dtype=np.float32))  # (F, M)
         self.grid = whisper_grid(self.n_fft, self.hop)
         self.frames_per_window = self.window_samples // self.grid.stride  # 1500
-        self.layers = _check_layers(layers, self.config.encoder_layers + 1, model)
+        self.layers = check_layers(layers, self.config.encoder_layers + 1, model)
         self.n_layers = len(self.layers)
         self.hidden_size = int(self.config.d_model)
         self.weights_sha256 = state_dict_sha256(self.encoder)  # the encoder only: the decoder makes no feature
@@ -279,4 +269,4 @@ def tiny_whisper(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
-__all__ = ["WhisperBackend", "is_whisper", "load_encoder", "log_mel", "tiny_whisper", "whisper_grid", "windows_of"]
+__all__ = ["WhisperBackend", "load_encoder", "log_mel", "tiny_whisper", "whisper_grid", "windows_of"]

@@ -46,6 +46,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.frames import FrameGrid, conv_grid
+from extract.models import BackendError, first_line, load_error, model_config, model_family
 
 
 # WavLM mixes a bool padding mask with a float position bias; torch warns on every
@@ -228,17 +229,14 @@ def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | N
     `from_config_dir` rebuilds a fine-tuned model's architecture from its saved
     config without downloading the base weights (predict on a --full run).
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per fold's load clutters the training progress
     source = str(from_config_dir) if from_config_dir is not None else settings.model
     keep_layerdrop = not (settings.distributed or settings.grad_checkpointing)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load model {source!r}: {str(exc).splitlines()[0][:200]}") from None
-    if config.model_type == "whisper":
+    config = model_config(source, error=BackboneError)
+    if model_family(config, source, error=BackboneError) == "whisper":
         backbone: Backbone = _load_whisper(source, weights=from_config_dir is None, keep_layerdrop=keep_layerdrop)
     else:
         try:
@@ -249,12 +247,7 @@ def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | N
             else:
                 model = AutoModel.from_pretrained(source, config=config)
         except Exception as exc:  # noqa: BLE001 - any refusal of the weights is the user's folder, one line
-            from extract.backends import load_error
-
             raise BackboneError(load_error(source, exc)) from None
-        if not hasattr(config, "conv_kernel") or not hasattr(model, "encoder"):
-            raise BackboneError(f"{source!r} is not a speech model this can train (wav2vec2 family: WavLM, "
-                                "wav2vec2, HuBERT, data2vec-audio; or Whisper)")
         normalize, use_mask = _feature_extractor_flags(source)
         backbone = Wav2Vec2Backbone(model, normalize=normalize, use_attention_mask=use_mask)
     backbone.settings = settings
@@ -263,7 +256,6 @@ def load_backbone(settings: BackboneSettings, *, from_config_dir: str | Path | N
 
 
 def _load_whisper(source: str, *, weights: bool, keep_layerdrop: bool) -> WhisperBackbone:
-    from extract.backends import BackendError
     from extract.whisper import load_encoder
 
     try:
@@ -278,13 +270,8 @@ def _load_whisper(source: str, *, weights: bool, keep_layerdrop: bool) -> Whispe
 
 def model_shape(model: str) -> tuple[FrameGrid, int, int]:
     """(frame grid, transformer layers, hidden size) from the model's config alone (no weights)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load model {model!r}: {str(exc).splitlines()[0][:200]}") from None
-    if config.model_type == "whisper":
+    config = model_config(model, error=BackboneError)
+    if model_family(config, model, error=BackboneError) == "whisper":
         from transformers import WhisperFeatureExtractor
 
         from extract.whisper import whisper_grid
@@ -292,12 +279,8 @@ def model_shape(model: str) -> tuple[FrameGrid, int, int]:
         try:
             fe = WhisperFeatureExtractor.from_pretrained(model)
         except (OSError, ValueError) as exc:
-            raise BackboneError(f"{model!r} has no usable feature-extractor config: {str(exc).splitlines()[0][:200]}"
-                                ) from None
+            raise BackboneError(f"{model!r} has no usable feature-extractor config: {first_line(exc)}") from None
         return whisper_grid(int(fe.n_fft), int(fe.hop_length)), int(config.encoder_layers), int(config.d_model)
-    if not hasattr(config, "conv_kernel"):
-        raise BackboneError(f"{model!r} is not a speech model this can train (wav2vec2 family: WavLM, wav2vec2, "
-                            "HuBERT, data2vec-audio; or Whisper)")
     grid = conv_grid(tuple(config.conv_kernel), tuple(config.conv_stride))
     return grid, int(config.num_hidden_layers), int(config.hidden_size)
 

@@ -44,46 +44,13 @@ import numpy as np
 from rich.console import Console
 
 from cache.reader import FeatureCache
-from core.errors import UserError
-from heads.data import FoldData, check_vad_mode, fold_count, fold_data, select_layers
-from heads.metrics import classification_metrics, json_safe, regression_metrics
+from core.devices import resolve_device
+from heads.config import STATISTICS, BaselineConfig
+from heads.data import FoldData, fold_count, fold_data, select_layers
+from heads.metrics import classification_metrics, fold_scores, json_safe
 from heads.outputs import fold_outputs, trained_outputs
 
 MODEL_FILE = "baseline.safetensors"
-STATISTICS = {"mean": ("mean",), "mean+std": ("mean", "std")}
-FRAMES = ("speech", "all")
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
-ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
-
-
-@dataclass
-class BaselineConfig:
-    """Every baseline setting; saved in RUN/config.json under "settings"."""
-
-    method: str = "baseline"  # how `cli report` labels the run
-    statistics: str = "mean+std"  # mean | mean+std, per dimension over the chosen frames
-    frames: str = "speech"  # speech (VAD mask of vad_mode) | all
-    layer: int | None = None  # None: every cached layer, concatenated
-    vad_mode: int = 3
-    protocol: str = "speaker"  # the fold plan, as for the heads (core/folds.py)
-    classifier: str = "logreg"  # LogisticRegression, class_weight="balanced"
-    c_grid: tuple[float, ...] = C_GRID
-    alpha_grid: tuple[float, ...] = ALPHA_GRID
-    max_iter: int = 5000
-
-    def validate(self) -> None:
-        checks = [
-            (self.statistics in STATISTICS, f"--stats must be mean or mean+std; got {self.statistics!r}"),
-            (self.frames in FRAMES, f"--frames must be speech or all; got {self.frames!r}"),
-            (self.classifier == "logreg", f"the classifier must be logreg; got {self.classifier!r}"),
-            (len(self.c_grid) > 0 and min(self.c_grid) > 0, "every C in the grid must be positive"),
-            (len(self.alpha_grid) > 0 and min(self.alpha_grid) > 0, "every alpha in the grid must be positive"),
-            (self.max_iter >= 1, "max_iter must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        check_vad_mode(self.vad_mode)
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -96,7 +63,7 @@ def utterance_statistics(frames: np.ndarray, use: np.ndarray, statistics: str = 
     utterance of a wide model never needs a float64 copy of all its layers.
     """
     t, n_layers, d = frames.shape
-    names = STATISTICS[statistics]
+    names = STATISTICS[statistics].parts
     out = np.empty((n_layers, len(names), d), dtype=np.float64)  # (L, S, D)
     for layer in range(n_layers):
         x = frames[use, layer].astype(np.float64)  # (T', D)
@@ -118,7 +85,7 @@ def cache_statistics(cache: FeatureCache, utt_ids: Sequence[str], layers: Sequen
     One pass, one utterance at a time: a cache larger than RAM is fine (only
     the (N, F) result is held).
     """
-    n_features = len(layers) * len(STATISTICS[statistics]) * int(cache.hidden_size)
+    n_features = len(layers) * len(STATISTICS[statistics].parts) * int(cache.hidden_size)
     out = np.empty((len(utt_ids), n_features), dtype=np.float32)  # (N, F)
     no_speech = np.zeros(len(utt_ids), dtype=bool)  # (N,)
     for i, utt_id in enumerate(utt_ids):
@@ -289,15 +256,10 @@ def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict
     truth = split_labels["test"]
     emotion = truth[:, 0].astype(np.int64)
     test_no_speech = no_speech[[row[u] for u in data.test]]
-    cls = classification_metrics(emotion, probs.argmax(1), data.classes)
-    val_m = regression_metrics(truth[:, 1], va[:, 0])
-    aro_m = regression_metrics(truth[:, 2], va[:, 1])
     fold = data.fold
     metrics = {
         "fold": fold.fold, "test_speaker": fold.test_speaker, "val_speaker": fold.val_speaker,
-        "labels": list(data.classes), **cls,
-        "valence_mae": val_m["mae"], "arousal_mae": aro_m["mae"],
-        "valence_ccc": val_m["ccc"], "arousal_ccc": aro_m["ccc"],
+        "labels": list(data.classes), **fold_scores(emotion, probs, truth[:, 1:], va, data.classes),
         "best_epoch": None, "no_speech": int(test_no_speech.sum()), "n_test": len(data.test),
         "n_train": len(data.train), "n_val": len(data.val), "baseline": chosen,
         "outputs": trained_outputs(data.labels.loc[data.train]),  # what predict may report
@@ -380,8 +342,6 @@ class BaselinePredictor:
     backend, the cached layers, the storage dtype's rounding), the same statistics, the saved linear model."""
 
     def __init__(self, fold_dir: str | Path, *, device: str = "cpu") -> None:
-        import torch
-
         from heads.predict import PredictError, _CachedModelEncoder
 
         self.fold_dir = Path(fold_dir)
@@ -397,9 +357,7 @@ class BaselinePredictor:
         self.vad_mode = int(settings["vad_mode"])
         self.model = LinearModel.load(self.fold_dir / MODEL_FILE)
         self.outputs = tuple(fold_outputs(self.fold_dir))
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        self.encoder = _CachedModelEncoder(cfg, dev)
+        self.encoder = _CachedModelEncoder(cfg, resolve_device(device))
 
     def predict_one(self, path: str | Path):
         from extract.audio import AudioError, load_audio

@@ -36,8 +36,8 @@ from cache.dataset import CacheDataset, collate
 from cache.reader import FeatureCache
 from core.errors import UserError
 from core.folds import Fold, pick, plan
+from core.records import class_indices
 
-VAD_MODES = (0, 1, 2, 3)
 GPU_SHARE = 0.5  # of the GPU memory free at the time that resident features may take: the rest is for activations
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: enough to group lengths, small enough to stay random
 
@@ -59,11 +59,9 @@ class FoldData:
 
 def labels_of(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """emotion index (-1 = none), valence, arousal (NaN = none) per utterance, meta's order."""
-    index = {c: i for i, c in enumerate(classes)}
-    emotion = np.array([index.get(e, -1) if isinstance(e, str) else -1 for e in meta["emotion"]], dtype=np.int64)
     return pd.DataFrame(
         {
-            "emotion": emotion,
+            "emotion": class_indices(meta["emotion"], classes),
             "valence": meta["valence"].astype(np.float64).to_numpy(),
             "arousal": meta["arousal"].astype(np.float64).to_numpy(),
             "speaker": meta["speaker"].astype(str).to_numpy(),
@@ -114,23 +112,10 @@ def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:
     return [layer]
 
 
-def check_vad_mode(mode: int) -> None:
-    if mode not in VAD_MODES:
-        raise UserError(f"--vad-mode must be one of 0, 1, 2, 3 (WebRTC aggressiveness); got {mode}")
-
-
-def feature_bytes(cache: FeatureCache, layers: Sequence[int]) -> int:
-    """What the selected layers of every utterance take in RAM at the cache's storage dtype."""
-    # preload keeps float32 when any utterance needed the float16-overflow fallback
-    itemsize = 4 if cache.meta["float32_fallback"].any() else np.dtype(cache.dtype).itemsize
-    frames = int(cache.meta["n_frames"].sum())
-    return frames * len(layers) * cache.hidden_size * itemsize + 4 * frames  # + the 4 VAD masks
-
-
 def preload(cache: FeatureCache, layers: Sequence[int], memory_gb: float) -> bool:
     """Copy the selected layers into RAM when they fit `memory_gb`; False (read from disk) otherwise."""
     budget = int(memory_gb * 2**30)
-    if feature_bytes(cache, layers) > budget:
+    if cache.preload_bytes(layers) > budget:
         return False
     cache.preload(list(layers), budget)
     return True

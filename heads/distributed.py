@@ -24,6 +24,8 @@ from typing import Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from core.devices import resolve_device
+
 T = TypeVar("T")
 
 
@@ -47,16 +49,9 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the torchrun process group if launched by it; pin this rank's GPU."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     if not launched_by_torchrun():
         return DistContext(device=device)
     rank = int(os.environ["RANK"])

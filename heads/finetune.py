@@ -41,91 +41,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from core.devices import resolve_device, training_autocast
 from core.errors import UserError
 from core.folds import Fold, plan
+from core.frames import SAMPLE_RATE
 from core.records import CLASSES_4, Utterance
 from extract.children import worker_init
 from extract.corpora import default_max_seconds, read_corpus
-from heads.backbone import Backbone, BackboneSettings, load_backbone, trainable_state
+from extract.models import model_slug
+from heads.backbone import Backbone, load_backbone, trainable_state
 from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
                               set_rng_state)
-from heads.data import FoldData, check_vad_mode, fold_data
+from heads.config import FinetuneSettings
+from heads.data import FoldData, fold_data
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
-from heads.trainer import TrainConfig, Trainer, resolve_device, write_fold
+from heads.trainer import TrainConfig, Trainer, write_fold
 from heads.utterances import write_run_utterances
 from heads.wave_data import (INDEX_FILE, StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, corpus_meta,
                              load_or_build_index, pack)
 
-DEFAULT_MODEL = "microsoft/wavlm-large"
-AMP_MODES = ("auto", "bf16", "fp16", "none")
 CHECKPOINT_DIR = "checkpoint"
 BACKBONE_DIR = "backbone"
 BACKBONE_FILE = "model.safetensors"
-
-
-@dataclass
-class FinetuneSettings:
-    """Everything fine-tuning adds to TrainConfig; saved in RUN/config.json under "finetune"."""
-
-    model: str = DEFAULT_MODEL
-    full: bool = False  # False: the cheaper top-K mode
-    top_layers: int = 4
-    head_lr: float | None = None  # None: the backbone's --lr (the paper used one rate)
-    step_seconds: float = 200.0  # padded audio seconds per micro-batch (memory bound)
-    max_seconds: float | None = None  # None: the dataset's truncation (19 s IEMOCAP, 16 s KEMDy19)
-    freeze_feature_encoder: bool = True
-    grad_checkpointing: bool = True
-    amp: str = "auto"  # auto = bf16 on GPUs that support it, else none
-    max_grad_norm: float = 1.0  # transformers Trainer's default; 0 = no clipping
-    workers: int = 2  # DataLoader processes decoding audio
-
-    def validate(self) -> None:
-        checks = [
-            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}"),
-            (self.step_seconds > 0, "--step-seconds must be positive"),
-            (self.full or self.top_layers >= 1, "--top-layers must be at least 1"),
-            (self.head_lr is None or self.head_lr > 0, "--head-lr must be positive"),
-            (self.max_seconds is None or self.max_seconds >= 0, "--max-seconds must not be negative"),
-            (self.max_grad_norm >= 0, "the gradient-clipping norm must not be negative"),
-            (self.workers >= 0, "--workers must not be negative"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def backbone(self, distributed: bool) -> BackboneSettings:
-        return BackboneSettings(model=self.model, full=self.full, top_layers=self.top_layers,
-                                freeze_feature_encoder=self.freeze_feature_encoder,
-                                grad_checkpointing=self.grad_checkpointing, distributed=distributed)
-
-    @property
-    def mode(self) -> str:
-        return "finetune-full" if self.full else f"finetune-top{self.top_layers}"
-
-
-def finetune_config(**overrides: Any) -> TrainConfig:
-    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden, and no input normalization.
-
-    The head sees the live backbone's last hidden state, which WavLM/HuBERT
-    (and Whisper) put through a final LayerNorm; statistics fitted before
-    training would go stale as soon as the backbone moves.
-    """
-    return TrainConfig(**{"lr": 3e-5, "norm": "none", **overrides})
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the GPU has it (auto), fp16 on request, else None (fp32)."""
-    if device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            raise UserError(f"--amp {amp} needs a CUDA GPU; use --amp none on CPU")
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError("--amp bf16 was asked for but this GPU has no bfloat16 support; use fp16 or none")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 # torch >= 2.12 renamed DDP's broadcast_buffers to forward_sync_buffers.
@@ -157,7 +96,7 @@ class EvalBatchSampler(Sampler[list[int]]):
     """Validation/test micro-batches: length-sorted, packed under the same audio budget."""
 
     def __init__(self, n_samples: np.ndarray, step_seconds: float) -> None:
-        self.batches = pack(range(len(n_samples)), np.asarray(n_samples), int(step_seconds * 16_000))
+        self.batches = pack(range(len(n_samples)), np.asarray(n_samples), int(step_seconds * SAMPLE_RATE))
 
     def __iter__(self):
         return iter(self.batches)
@@ -188,7 +127,7 @@ class FineTuneTrainer(Trainer):
         self.max_epochs_this_run = max_epochs_this_run
         self.epochs_this_run = 0
         self._user_on_epoch = on_epoch
-        self.amp_dtype = amp_dtype(settings.amp, resolve_device(config.device))  # before the model loads
+        self.amp_dtype = training_autocast(settings.amp, resolve_device(config.device))  # before the model loads
         super().__init__(config, data, on_epoch=self._end_of_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
@@ -349,7 +288,6 @@ def backbone_shape(model: str) -> tuple[Any, int, int]:
 
 def default_out(corpus: Any, settings: FinetuneSettings) -> Path:
     """runs/<corpus>-<model>-<mode>, <corpus> naming the corpus as extract.corpora.corpus_slug does."""
-    from extract.backends import model_slug
     from extract.corpora import corpus_slug
 
     return Path("runs") / f"{corpus_slug(corpus)}-{model_slug(settings.model)}-{settings.mode}"
@@ -378,7 +316,7 @@ def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, set
         "fingerprint": {
             "backend": "finetune", "model": settings.model, "mode": settings.mode,
             "freeze_feature_encoder": settings.freeze_feature_encoder, "dataset": dataset,
-            "root": str(Path(root).resolve()), "max_seconds": max_seconds, "sample_rate": 16_000,
+            "root": str(Path(root).resolve()), "max_seconds": max_seconds, "sample_rate": SAMPLE_RATE,
             **grid.as_dict(), "vad": vad_settings(), "vad_source": cache_path or "audio",
         },
         "classes": list(classes),
@@ -406,10 +344,9 @@ def run_finetune(dataset: str, root: str | Path, config: TrainConfig, settings: 
     """Fine-tune the given folds (None = all) of a corpus into RUN; torchrun-aware."""
     config.validate()
     settings.validate()
-    check_vad_mode(config.vad_mode)
     if max_epochs_this_run is not None and max_epochs_this_run < 1:
         raise UserError("--max-epochs-this-run must be at least 1")
-    amp_dtype(settings.amp, resolve_device(config.device))  # a bad --amp fails before the VAD pass
+    training_autocast(settings.amp, resolve_device(config.device))  # a bad --amp fails before the VAD pass
     ctx = init_distributed(config.device)
     try:
         return _run(dataset, root, config, settings, folds, out, cache_path, resume, max_epochs_this_run,

@@ -20,9 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LAYER_WEIGHTS = ("pooled", "joint")
-
-
 class LayerMix(nn.Module):
     """softmax(w)-weighted sum over the layer axis; `w` starts at 0 (a uniform mean)."""
 

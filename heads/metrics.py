@@ -1,6 +1,7 @@
 """Per-fold metrics: UA, WA, macro-F1, per-class recall, confusion; MAE and CCC.
 
-Semantics follow scikit-learn so numbers are comparable with other SER code:
+The classification scores are scikit-learn's (imported on first use: `cli report`
+needs only `json_safe`), so numbers are comparable with other SER code:
 - UA (unweighted accuracy) is `balanced_accuracy_score`: the mean recall over
   the classes PRESENT in `y_true`. A class with no test utterance in a fold
   (possible with leave-one-speaker-out on small corpora) has no recall; it is
@@ -17,9 +18,13 @@ collate writes them) are dropped before anything is counted.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+from core.choices import Choice, Choices
 
 
 def _as_indices(labels: Sequence[Any] | np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -46,20 +51,15 @@ def _as_indices(labels: Sequence[Any] | np.ndarray, classes: Sequence[str]) -> n
     return idx
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(C, C) int64 counts; rows = true class, columns = predicted class."""
-    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(counts, (y_true, y_pred), 1)
-    return counts
-
-
 def classification_metrics(y_true, y_pred, classes: Sequence[str]) -> dict:
-    """UA, WA, macro-F1, per-class recall and the confusion matrix, in `classes` order.
+    """UA, WA, macro-F1, per-class recall and the confusion matrix, in `classes` order (scikit-learn).
 
     `y_true`/`y_pred` are class names or indices into `classes`. Pairs whose
     true label is missing are dropped; every kept prediction must be a class.
     With no labelled utterance at all, the scores are NaN and the matrix zeros.
     """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, recall_score
+
     t = _as_indices(y_true, classes)
     p = _as_indices(y_pred, classes)
     if t.shape != p.shape:
@@ -68,21 +68,21 @@ def classification_metrics(y_true, y_pred, classes: Sequence[str]) -> dict:
     t, p = t[keep], p[keep]
     if np.any(p < 0):
         raise ValueError("a labelled utterance has no prediction")
-    cm = confusion(t, p, len(classes))
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)  # true count per class
-    predicted = cm.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(support > 0, tp / support, np.nan)
-        f1 = 2 * tp / (2 * tp + (predicted - tp) + (support - tp))
-    occurring = (support > 0) | (predicted > 0)
-    n = int(support.sum())
+    every = list(range(len(classes)))
+    if not len(t):
+        return {"ua": math.nan, "wa": math.nan, "macro_f1": math.nan, "recall": {c: math.nan for c in classes},
+                "confusion": np.zeros((len(classes), len(classes)), dtype=np.int64).tolist()}
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on a fold whose test speaker lacks a class
+        warnings.simplefilter("ignore", UserWarning)
+        ua = balanced_accuracy_score(t, p)
+    recall = recall_score(t, p, labels=every, average=None, zero_division=np.nan)  # NaN: no true utterance
     return {
-        "ua": float(np.nanmean(recall)) if n else math.nan,
-        "wa": float(tp.sum() / n) if n else math.nan,
-        "macro_f1": float(f1[occurring].mean()) if n else math.nan,
+        "ua": float(ua),
+        "wa": float(accuracy_score(t, p)),
+        "macro_f1": float(f1_score(t, p, average="macro", zero_division=0.0)),  # over classes in t or p
         "recall": {c: float(r) for c, r in zip(classes, recall)},
-        "confusion": cm.tolist(),
+        "confusion": confusion_matrix(t, p, labels=every).astype(np.int64).tolist(),
     }
 
 
@@ -119,6 +119,50 @@ def regression_metrics(true, pred) -> dict:
     if t.size == 0:
         return {"mae": math.nan, "ccc": math.nan}
     return {"mae": float(np.mean(np.abs(p - t))), "ccc": ccc(t, p)}
+
+
+@dataclass(frozen=True)
+class Score(Choice):
+    """A per-fold score of metrics.json that reports summarize over folds (mean and 95% CI).
+
+    `label` heads its column; a "fraction" prints in percent, a "number" (MAE on the
+    label scale, CCC in [-1, 1]) with 3 decimals; `part` is the table it belongs to.
+    """
+
+    kind: str = "fraction"  # fraction | number
+    part: str = "main"  # main (the paper's Table 1) | dims (valence and arousal)
+    ci: bool = True  # print the 95% CI beside the mean
+    short: str = ""  # the per-fold table's column ("UA %"); fractions only
+
+
+# Every score a fold records, in metrics.json's order; `fold_scores` computes them.
+SCORES: Choices[Score] = Choices("score", {
+    "ua": Score("unweighted accuracy: the mean recall over the classes present", "UA mean (95% CI)", short="UA"),
+    "wa": Score("weighted accuracy: plain accuracy", "WA mean (95% CI)", short="WA"),
+    "macro_f1": Score("macro-F1 over the classes true or predicted", "Macro-F1", ci=False, short="F1"),
+    "valence_mae": Score("mean absolute error of valence", "V MAE", "number", "dims"),
+    "arousal_mae": Score("mean absolute error of arousal", "A MAE", "number", "dims"),
+    "valence_ccc": Score("concordance correlation of valence", "V CCC", "number", "dims"),
+    "arousal_ccc": Score("concordance correlation of arousal", "A CCC", "number", "dims"),
+})
+DIMENSIONS = ("valence", "arousal")  # the columns of every (N, 2) valence/arousal array
+
+
+def fold_scores(emotion: np.ndarray, probs: np.ndarray, va_true: np.ndarray, va_pred: np.ndarray,
+                classes: Sequence[str]) -> dict:
+    """Every score of SCORES plus per-class recall and confusion, from a fold's test predictions.
+
+    `emotion` (N,) true class index (-1 = none), `probs` (N, C), `va_true`/`va_pred` (N, 2)
+    valence and arousal on the corpus scale (NaN = no label). One function for the head
+    (heads/trainer.py) and the baseline (heads/baseline.py), so both score alike.
+    """
+    scores = classification_metrics(emotion, np.asarray(probs).argmax(1), classes)
+    dims = {dim: regression_metrics(va_true[:, j], va_pred[:, j]) for j, dim in enumerate(DIMENSIONS)}
+    for kind in ("mae", "ccc"):
+        scores.update({f"{dim}_{kind}": dims[dim][kind] for dim in DIMENSIONS})
+    missing = [k for k in SCORES if k not in scores]
+    assert not missing, f"SCORES lists {missing} but fold_scores does not compute them"
+    return scores
 
 
 def json_safe(obj: Any) -> Any:

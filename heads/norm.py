@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_MODES = ("train", "utterance", "frame", "none")
+from heads.config import NORMS
+
 STD_FLOOR_REL = 1e-3
 STD_FLOOR_ABS = 1e-6
 FRAME_EPS = 1e-5  # F.layer_norm's default
@@ -90,8 +91,7 @@ class InputNorm(nn.Module):
 
     def __init__(self, mode: str, n_layers: int, hidden_size: int) -> None:
         super().__init__()
-        if mode not in NORM_MODES:
-            raise ValueError(f"unknown normalization {mode!r}; choose one of {', '.join(NORM_MODES)}")
+        NORMS.check(mode)
         self.mode = mode
         if mode == "train":
             # identity until fitted; `fit` or a loaded head.safetensors sets them

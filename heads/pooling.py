@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from heads.config import POOLINGS
+
 
 def speech_frames(padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The frames SAP uses and which utterances fell back to all real frames.
@@ -77,7 +79,7 @@ def attention_heads(dim: int, requested: int) -> int:
 class GAP(nn.Module):
     """Global average pooling over all real (non-padded) frames, speech or not (eq. 2)."""
 
-    def __init__(self, input_size: int) -> None:
+    def __init__(self, input_size: int, heads: int = 8) -> None:  # `heads`: every pooling's signature; unused
         super().__init__()
         self.input_size = input_size
         self.output_size = input_size
@@ -253,14 +255,9 @@ class SR(nn.Module):
         return torch.cat([gap, sap], dim=-1)  # (B, 2D)
 
 
-POOLINGS = ("sr", "gap", "sap")
-
-
 def make_pooling(name: str, input_size: int, heads: int = 8) -> nn.Module:
-    if name == "gap":
-        return GAP(input_size)
-    if name == "sap":
-        return SAP(input_size, heads=heads)
-    if name == "sr":
-        return SR(input_size, heads=heads)
-    raise ValueError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}")
+    """The pooling `name` of heads.config.POOLINGS, built as its class(input_size, heads=heads)."""
+    import importlib
+
+    module, cls = POOLINGS[POOLINGS.check(name)].module.split(":")
+    return getattr(importlib.import_module(module), cls)(input_size, heads=heads)

@@ -44,6 +44,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
+from core.devices import resolve_device
 from core.errors import UserError
 from core.folds import folds_from_config
 from core.frames import SAMPLE_RATE, FrameGrid
@@ -151,8 +152,7 @@ class Predictor:
         self.fold_dir = Path(fold_dir)
         cfg = read_run_config(self.fold_dir)
         self.config = cfg
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         settings = cfg["settings"]
         self.classes: list[str] = list(cfg["classes"])
         self.vad_mode = int(settings["vad_mode"])

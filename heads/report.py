@@ -36,6 +36,8 @@ from rich.table import Table
 from scipy import stats
 
 from core.errors import UserError
+from heads.config import POOLINGS
+from heads.metrics import SCORES, Score
 
 
 class ReportError(UserError):
@@ -44,9 +46,6 @@ class ReportError(UserError):
 
 FOLD_DIR = re.compile(r"^fold-(\d+)$")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr")
-FRACTIONS = ("ua", "wa", "macro_f1")
-REGRESSION = ("valence_mae", "arousal_mae", "valence_ccc", "arousal_ccc")
-POOLING_LABELS = {"gap": "GAP", "sap": "SAP", "sr": "SR"}
 METHOD_LABELS = {"baseline": "Baseline"}  # runs that are not a pooling head (heads/baseline.py)
 
 
@@ -79,8 +78,8 @@ def _check_metrics(m: Any, file: Path) -> None:
 
     if not isinstance(m, dict):
         raise bad("expected a JSON object")
-    required = ("fold", "test_speaker", "val_speaker", "labels", *FRACTIONS, "recall", "confusion",
-                *REGRESSION, "best_epoch", "no_speech", "n_test")
+    required = ("fold", "test_speaker", "val_speaker", "labels", *SCORES, "recall", "confusion",
+                "best_epoch", "no_speech", "n_test")
     missing = [k for k in required if k not in m]
     if missing:
         raise bad(f"missing {', '.join(missing)}")
@@ -92,15 +91,15 @@ def _check_metrics(m: Any, file: Path) -> None:
             raise bad(f"{key} must be a non-negative integer")
     if m["best_epoch"] is not None and not isinstance(m["best_epoch"], int):
         raise bad("best_epoch must be an integer")
-    for key in FRACTIONS:
-        _check_fraction(m[key], key, bad)
+    for key, score in SCORES.items():
+        if score.kind == "fraction":
+            _check_fraction(m[key], key, bad)
+        elif m[key] is not None and not _is_number(m[key]):
+            raise bad(f"{key} must be a number or null")
     if not isinstance(m["recall"], dict) or set(m["recall"]) != set(labels):
         raise bad("recall must map every class in labels to a value")
     for c, r in m["recall"].items():
         _check_fraction(r, f"recall[{c}]", bad)
-    for key in REGRESSION:
-        if m[key] is not None and not _is_number(m[key]):
-            raise bad(f"{key} must be a number or null")
     cm = m["confusion"]
     n = len(labels)
     if not (isinstance(cm, list) and len(cm) == n
@@ -211,11 +210,9 @@ def summarize(run: Run | str | Path) -> dict:
     run = _as_run(run)
     folds = run.folds
     summary: dict[str, Any] = {"run": run.name, "folds": len(folds), "labels": list(run.labels)}
-    for key in FRACTIONS:
+    for key in SCORES:
         summary[key] = mean_ci(m[key] for m in folds)
     summary["recall"] = {c: mean_ci(m["recall"][c] for m in folds) for c in run.labels}
-    for key in REGRESSION:
-        summary[key] = mean_ci(m[key] for m in folds)
     summary["no_speech"] = sum(m["no_speech"] for m in folds)
     summary["confusion"] = np.sum([m["confusion"] for m in folds], axis=0).astype(int).tolist()
     summary["recall_pooled"] = pooled_recall(summary["confusion"], run.labels)
@@ -270,7 +267,7 @@ def method_label(summary: dict) -> str:
     if method in METHOD_LABELS:
         return METHOD_LABELS[method]
     pooling = summary.get("pooling")
-    return POOLING_LABELS.get(str(pooling).lower(), str(pooling)) if pooling is not None else "?"
+    return POOLINGS.label(str(pooling).lower()) if pooling is not None else "?"
 
 
 CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "
@@ -285,16 +282,20 @@ def _columns(summaries: Sequence[dict], parts: Sequence[str]) -> list[tuple[str,
         labels += [c for c in s["labels"] if c not in labels]
     cols: list[tuple[str, Callable[[dict], str]]] = [("Method", method_label), ("Run", lambda s: s["run"])]
     if "main" in parts:
-        cols += [("Folds", lambda s: str(s["folds"])),
-                 ("UA mean (95% CI)", lambda s: pct(s["ua"])),
-                 ("WA mean (95% CI)", lambda s: pct(s["wa"])),
-                 ("Macro-F1", lambda s: pct(s["macro_f1"], ci=False))]
+        cols += [("Folds", lambda s: str(s["folds"])), *_score_columns("main")]
     if "recall" in parts:
         cols += [(c, lambda s, c=c: pct(s["recall"][c], ci=False) if c in s["recall"] else "–") for c in labels]
     if "dims" in parts:
-        cols += [(f"{k[0].upper()} {k.split('_')[1].upper()}", lambda s, k=k: num(s[k])) for k in REGRESSION]
-        cols += [("No speech", lambda s: str(s["no_speech"]))]
+        cols += [*_score_columns("dims"), ("No speech", lambda s: str(s["no_speech"]))]
     return cols
+
+
+def _score_columns(part: str) -> list[tuple[str, Callable[[dict], str]]]:
+    """(header, cell) of each score of heads.metrics.SCORES shown in `part`."""
+    def cell(key: str, score: Score) -> Callable[[dict], str]:
+        return (lambda s: pct(s[key], ci=score.ci)) if score.kind == "fraction" else (lambda s: num(s[key]))
+
+    return [(score.label, cell(key, score)) for key, score in SCORES.items() if score.part == part]
 
 
 ALL_PARTS = ("main", "recall", "dims")
@@ -350,11 +351,12 @@ def render_folds(run: Run | str | Path) -> Table:
     """One row per fold: who was tested, the fold's scores, the epoch kept."""
     run = _as_run(run)
     table = Table(title=f"{run.name}: per fold", title_justify="left", box=box.SIMPLE_HEAD)
-    for name in ("Fold", "Test", "Val", "N", "UA %", "WA %", "F1 %", "Best epoch", "No speech"):
+    shown = [(k, score) for k, score in SCORES.items() if score.kind == "fraction"]  # the per-fold percentages
+    for name in ("Fold", "Test", "Val", "N", *(f"{score.short} %" for _, score in shown), "Best epoch", "No speech"):
         table.add_column(name, justify="left" if name in ("Test", "Val") else "right")
     for m in run.folds:
         scores = [pct({"mean": m[k] if m[k] is None or math.isfinite(m[k]) else None, "ci95": None})
-                  for k in FRACTIONS]
+                  for k, _ in shown]
         table.add_row(str(m["fold"]), m["test_speaker"], m["val_speaker"], str(m["n_test"]), *scores,
                       "–" if m["best_epoch"] is None else str(m["best_epoch"]), str(m["no_speech"]))
     return table

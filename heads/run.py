@@ -38,7 +38,8 @@ from cache.reader import FeatureCache
 from core.errors import UserError
 from core.folds import plan
 from extract.children import die_with_parent
-from heads.data import check_vad_mode, fold_count, fold_data, preload, select_layers
+from heads.config import POOLINGS
+from heads.data import fold_count, fold_data, preload, select_layers
 from heads.metrics import json_safe
 from heads.trainer import TrainConfig, Trainer, write_fold
 from heads.utterances import write_run_utterances
@@ -216,7 +217,6 @@ def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[
                 progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
     """Train the given folds (None = all) into RUN; returns RUN and the metrics in fold order."""
     config.validate()
-    check_vad_mode(config.vad_mode)
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
     console = console or Console(stderr=True)
@@ -294,9 +294,6 @@ def _progress(console: Console, show: bool) -> Progress:
                     console=console, disable=not show, transient=True)
 
 
-ABLATION = ("gap", "sap", "sr")
-
-
 def ablate(cache_path: str | Path, config: TrainConfig, *, out: str | Path | None = None, jobs: int = 1,
            console: Console | None = None, progress: bool = True, baseline: bool = True) -> list[Path]:
     """GAP, SAP and SR over all folds of one cache, into OUT/gap, OUT/sap, OUT/sr (same other settings),
@@ -305,14 +302,15 @@ def ablate(cache_path: str | Path, config: TrainConfig, *, out: str | Path | Non
     out = Path(out) if out else Path("runs") / f"{Path(cache_path).stem}-ablation"
     runs = []
     if baseline:
-        from heads.baseline import BaselineConfig, run_baseline
+        from heads.baseline import run_baseline
+        from heads.config import BaselineConfig
 
         console.print(f"[bold]Baseline[/bold] -> {out / 'baseline'}")
         run, _ = run_baseline(cache_path, BaselineConfig(layer=config.layer, vad_mode=config.vad_mode, protocol=config.protocol),
                               out=out / "baseline", console=console, progress=progress)
         runs.append(run)
-    for pooling in ABLATION:
-        console.print(f"[bold]{pooling.upper()}[/bold] -> {out / pooling}")
+    for pooling in POOLINGS:  # in the table's order: GAP, SAP, SR
+        console.print(f"[bold]{POOLINGS.label(pooling)}[/bold] -> {out / pooling}")
         run, _ = train_folds(cache_path, replace(config, pooling=pooling), out=out / pooling, jobs=jobs,
                              console=console, progress=progress)
         runs.append(run)

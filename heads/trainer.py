@@ -48,79 +48,19 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from core.devices import resolve_device
 from core.errors import UserError
 from heads.checkpoint import write_safetensors
+from heads.config import TrainConfig
 from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
-from heads.layers import LAYER_WEIGHTS
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
-from heads.metrics import classification_metrics, json_safe, regression_metrics
-from heads.norm import NORM_MODES
+from heads.metrics import classification_metrics, fold_scores, json_safe
 from heads.outputs import OUTPUTS, trained_outputs
 
 
 class TrainingError(UserError):
     """Training cannot go on (a NaN loss); the message names the epoch and batch."""
-
-
-@dataclass
-class TrainConfig:
-    """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices."""
-
-    pooling: str = "sr"  # sr | gap | sap
-    layer: int | None = None  # None: learnable softmax mix of every cached layer
-    norm: str = "train"  # train | utterance | frame | none (heads/norm.py)
-    layer_weights: str = "pooled"  # pooled | joint: how the mix is learned (heads/layer_weights.py)
-    vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3  # head on frozen features; the paper's 3e-5 is for 316M fine-tuned parameters
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    patience: int = 5
-    seed: int = 0
-    alpha: float = 0.5
-    beta: float = 0.25
-    gamma: float = 0.25
-    proj_dim: int = 32
-    heads: int = 8
-    dropout: float = 0.1
-    grad_accum: int = 1
-    memory_gb: float = 8.0
-    device: str = "auto"  # auto | cpu | cuda
-    protocol: str = "speaker"  # fold plan: speaker | session | split (core.folds)
-
-    def validate(self) -> None:
-        checks = [
-            (self.pooling in ("sr", "gap", "sap"), f"--pooling must be sr, gap or sap; got {self.pooling!r}"),
-            (self.norm in NORM_MODES, f"--norm must be one of {', '.join(NORM_MODES)}; got {self.norm!r}"),
-            (self.layer_weights in LAYER_WEIGHTS, f"--layer-weights must be one of {', '.join(LAYER_WEIGHTS)}; "
-                                                  f"got {self.layer_weights!r}"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.weight_decay >= 0, "--weight-decay must not be negative"),
-            (self.patience >= 1, "--patience must be at least 1"),
-            (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
-            (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
-            (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
-            (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
-            (self.memory_gb >= 0, "--memory-gb must not be negative"),
-            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda; got {self.device!r}"),
-            (self.protocol in ("speaker", "session", "split"),
-             f"--protocol must be speaker, session or split; got {self.protocol!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -409,14 +349,9 @@ class Trainer:
         """Metrics and predictions of the (restored best) model on the test speaker."""
         pred = self.predict("test")
         fold = self.data.fold
-        cls = classification_metrics(pred.emotion, pred.probs.argmax(1), self.classes)
-        val_m = regression_metrics(pred.va_true[:, 0], pred.va[:, 0])
-        aro_m = regression_metrics(pred.va_true[:, 1], pred.va[:, 1])
         metrics = {
             "fold": fold.fold, "test_speaker": fold.test_speaker, "val_speaker": fold.val_speaker,
-            "labels": list(self.classes), **cls,
-            "valence_mae": val_m["mae"], "arousal_mae": aro_m["mae"],
-            "valence_ccc": val_m["ccc"], "arousal_ccc": aro_m["ccc"],
+            "labels": list(self.classes), **fold_scores(pred.emotion, pred.probs, pred.va_true, pred.va, self.classes),
             "best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
             "no_speech": int(pred.no_speech.sum()), "n_test": len(pred.utt_id),
             "n_train": len(self.data.train), "n_val": len(self.data.val), "test_loss": pred.loss,

@@ -32,10 +32,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from core.errors import UserError
-from core.frames import FrameGrid
+from core.frames import SAMPLE_RATE, VAD_MODES, FrameGrid
 from core.records import Corpus, Utterance
-from extract.audio import SAMPLE_RATE, AudioError, load_audio
-from extract.vad import VAD_MODES, vad_masks, vad_settings
+from extract.audio import AudioError, load_audio
+from extract.vad import vad_masks, vad_settings
 from heads.distributed import DistContext, shard_step
 
 INDEX_FILE = "wave-index.npz"

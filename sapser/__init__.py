@@ -27,7 +27,8 @@ from core.folds import PROTOCOLS, Fold
 from core.folds import plan as plan_folds
 from extract.corpora import read_corpus
 from extract.pipeline import run_extract as extract
-from heads.finetune import FinetuneSettings, run_finetune
+from heads.config import FinetuneSettings
+from heads.finetune import run_finetune
 from heads.predict import Ensemble, Prediction, Predictor, load_predictor
 from heads.report import load_run
 from heads.report import summarize as summarize_run

@@ -13,14 +13,8 @@ from transformers import (
 )
 
 from core.frames import SSL_GRID, FrameGrid
-from extract.backends import (
-    BackendError,
-    HFBackend,
-    load_backend,
-    model_slug,
-    parse_layers,
-    tiny_wavlm,
-)
+from extract.backends import HFBackend, load_backend, tiny_wavlm
+from extract.models import BackendError, model_slug, parse_layers
 from extract.vad import vad_masks
 
 LENGTHS = [400, 401, 719, 720, 1040, 7999, 16000, 16001, 24321]

@@ -19,17 +19,8 @@ from typer.testing import CliRunner
 from cache.reader import FeatureCache
 from cli import app
 from head_fixtures import make_cache
-from heads.baseline import (
-    ALPHA_GRID,
-    C_GRID,
-    MODEL_FILE,
-    BaselineConfig,
-    LinearModel,
-    cache_statistics,
-    fit_fold,
-    run_baseline,
-    utterance_statistics,
-)
+from heads.baseline import MODEL_FILE, LinearModel, cache_statistics, fit_fold, run_baseline, utterance_statistics
+from heads.config import ALPHA_GRID, C_GRID, BaselineConfig
 from heads.data import fold_data
 from heads.report import end_of_run_lines, find_baselines, load_run, summarize
 

@@ -26,8 +26,8 @@ import cache.writer as writer_module
 from cache.dataset import CacheDataset, collate
 from cache.format import CacheError, shard_of, shard_path, utt_key
 from cache.info import cache_info
-from cache.reader import FeatureCache
 from cache.merge import merge_shards
+from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 from cli import app
 from core.records import CLASSES_4, Utterance

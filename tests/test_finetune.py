@@ -18,9 +18,10 @@ from extract.corpora import read_corpus
 from extract.synthetic import generate
 from heads.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
 from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
+from heads.config import FinetuneSettings, finetune_config
 from heads.data import fold_data
 from heads.distributed import DistContext
-from heads.finetune import FinetuneSettings, FineTuneTrainer, finetune_config, run_finetune
+from heads.finetune import FineTuneTrainer, run_finetune
 from heads.head import SERHead
 from heads.trainer import Trainer
 from heads.wave_data import MicroBatch, StepBatchSampler, build_wave_index, corpus_meta

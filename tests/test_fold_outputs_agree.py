@@ -19,7 +19,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from cache.reader import FeatureCache
 from head_fixtures import make_cache
-from heads.baseline import BaselineConfig, run_baseline
+from heads.baseline import run_baseline
+from heads.config import BaselineConfig
 from heads.run import train_folds
 from heads.trainer import TrainConfig
 

@@ -14,7 +14,8 @@ from cli import app
 from core.frames import SSL_GRID
 from extract.corpora import read_corpus
 from extract.synthetic import generate
-from heads.finetune import FinetuneSettings, finetune_config, run_finetune
+from heads.config import FinetuneSettings, finetune_config
+from heads.finetune import run_finetune
 from heads.predict import Predictor
 from heads.run import train_folds
 from heads.trainer import TrainConfig

@@ -15,7 +15,8 @@ from cli import app
 from core.frames import FrameGrid
 from extract import synthetic
 from extract.audio import load_audio
-from extract.backends import BackendError, HFBackend, load_backend
+from extract.backends import HFBackend, load_backend
+from extract.models import BackendError
 from extract.vad import vad_masks
 from extract.whisper import WhisperBackend, log_mel, tiny_whisper, whisper_grid
 
@@ -234,7 +235,8 @@ def test_top_k_trains_the_top_layers_and_the_final_norm_never_the_front_end(whis
 def test_finetune_a_whisper_fold_then_predict_gives_its_predictions(whisper_dir, tmp_path):
     import csv
 
-    from heads.finetune import FinetuneSettings, finetune_config, run_finetune
+    from heads.config import FinetuneSettings, finetune_config
+    from heads.finetune import run_finetune
     from heads.predict import Predictor
 
     manifest = synthetic.generate(tmp_path / "corpus", seed=0, n_sessions=2, utts_per_speaker=4,

@@ -1,0 +1,203 @@
+"""The settings of every training command and the lists of choices they take, without torch.
+
+`TrainConfig` (train-head, ablate; saved in RUN/config.json under "settings"),
+`FinetuneSettings` (what finetune adds), `BaselineConfig` (the classical baseline).
+`cli.py` reads its option defaults and help from here, so each default has one home.
+Each list of choices is one table (core.choices): `--help`, `validate` and the
+reports read it, so a new pooling, norm mode or way to learn the layer weights is
+an entry here (plus its implementation, which the entry names or which branches on it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from core.choices import Choice, Choices
+from core.devices import AMP_MODES, DEVICES
+from core.errors import UserError
+from core.folds import PROTOCOLS
+from core.frames import VAD_MODES
+from extract.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from heads.backbone import BackboneSettings
+
+
+@dataclass(frozen=True)
+class Pooling(Choice):
+    """A pooling: `module` names its nn.Module class ("package.module:Class"), built as Class(input_size, heads=)."""
+
+    module: str = ""
+
+
+# In the order `cli ablate` trains them (the paper's Table 3: GAP, SAP, then their combination SR).
+POOLINGS: Choices[Pooling] = Choices("--pooling", {
+    "gap": Pooling("all frames", "GAP", "heads.pooling:GAP"),  # eq. 2
+    "sap": Pooling("self-attention among speech frames", "SAP", "heads.pooling:SAP"),  # eqs. 3-5
+    "sr": Pooling("GAP+SAP", "SR", "heads.pooling:SR"),  # eq. 6
+})
+NORMS: Choices[Choice] = Choices("--norm", {
+    "train": Choice("per layer and dimension, training-split statistics"),
+    "utterance": Choice("per-utterance CMVN"),
+    "frame": Choice("parameter-free LayerNorm per frame"),
+    "none": Choice(),
+})
+LAYER_WEIGHTS: Choices[Choice] = Choices("--layer-weights", {
+    "pooled": Choice("first, from per-utterance layer means, then fixed: one layer's cost per epoch"),
+    "joint": Choice("with the head at every step: reads every layer every epoch"),
+})
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices."""
+
+    pooling: str = "sr"  # POOLINGS
+    layer: int | None = None  # None: learnable softmax mix of every cached layer
+    norm: str = "train"  # NORMS (heads/norm.py)
+    layer_weights: str = "pooled"  # LAYER_WEIGHTS: how the mix is learned (heads/layer_weights.py)
+    vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # head on frozen features; the paper's 3e-5 is for 316M fine-tuned parameters
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    patience: int = 5
+    seed: int = 0
+    alpha: float = 0.5
+    beta: float = 0.25
+    gamma: float = 0.25
+    proj_dim: int = 32
+    heads: int = 8
+    dropout: float = 0.1
+    grad_accum: int = 1
+    memory_gb: float = 8.0
+    device: str = "auto"  # core.devices.DEVICES
+    protocol: str = "speaker"  # fold plan: core.folds.PROTOCOLS
+
+    def validate(self) -> None:
+        for choices, value in ((POOLINGS, self.pooling), (NORMS, self.norm), (LAYER_WEIGHTS, self.layer_weights)):
+            choices.check(value)
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.patience >= 1, "--patience must be at least 1"),
+            (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
+            (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
+            (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
+            (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
+            (self.memory_gb >= 0, "--memory-gb must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        for choices, value in ((DEVICES, self.device), (PROTOCOLS, self.protocol), (VAD_MODES, self.vad_mode)):
+            choices.check(value)
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything fine-tuning adds to TrainConfig; saved in RUN/config.json under "finetune"."""
+
+    model: str = DEFAULT_MODEL
+    full: bool = False  # False: the cheaper top-K mode
+    top_layers: int = 4
+    head_lr: float | None = None  # None: the backbone's --lr (the paper used one rate)
+    step_seconds: float = 200.0  # padded audio seconds per micro-batch (memory bound)
+    max_seconds: float | None = None  # None: the dataset's truncation (19 s IEMOCAP, 16 s KEMDy19)
+    freeze_feature_encoder: bool = True
+    grad_checkpointing: bool = True
+    amp: str = "auto"  # auto = bf16 on GPUs that support it, else none
+    max_grad_norm: float = 1.0  # transformers Trainer's default; 0 = no clipping
+    workers: int = 2  # DataLoader processes decoding audio
+
+    def validate(self) -> None:
+        checks = [
+            (self.step_seconds > 0, "--step-seconds must be positive"),
+            (self.full or self.top_layers >= 1, "--top-layers must be at least 1"),
+            (self.head_lr is None or self.head_lr > 0, "--head-lr must be positive"),
+            (self.max_seconds is None or self.max_seconds >= 0, "--max-seconds must not be negative"),
+            (self.max_grad_norm >= 0, "the gradient-clipping norm must not be negative"),
+            (self.workers >= 0, "--workers must not be negative"),
+        ]
+        AMP_MODES.check(self.amp)
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def backbone(self, distributed: bool) -> BackboneSettings:
+        from heads.backbone import BackboneSettings
+
+        return BackboneSettings(model=self.model, full=self.full, top_layers=self.top_layers,
+                                freeze_feature_encoder=self.freeze_feature_encoder,
+                                grad_checkpointing=self.grad_checkpointing, distributed=distributed)
+
+    @property
+    def mode(self) -> str:
+        return "finetune-full" if self.full else f"finetune-top{self.top_layers}"
+
+
+def finetune_config(**overrides: Any) -> TrainConfig:
+    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden, and no input normalization.
+
+    The head sees the live backbone's last hidden state, which WavLM/HuBERT
+    (and Whisper) put through a final LayerNorm; statistics fitted before
+    training would go stale as soon as the backbone moves.
+    """
+    return TrainConfig(**{"lr": 3e-5, "norm": "none", **overrides})
+
+
+# --- the classical baseline (heads/baseline.py) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statistics(Choice):
+    """Per-dimension statistics of an utterance's frames, in the order they are concatenated."""
+
+    parts: tuple[str, ...] = ()
+
+
+STATISTICS: Choices[Statistics] = Choices("--stats", {
+    "mean": Statistics(parts=("mean",)),
+    "mean+std": Statistics("population std", parts=("mean", "std")),
+})
+FRAMES: Choices[Choice] = Choices("--frames", {
+    "speech": Choice("the VAD mask of --vad-mode"),
+    "all": Choice("every frame"),
+})
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+@dataclass
+class BaselineConfig:
+    """Every baseline setting; saved in RUN/config.json under "settings"."""
+
+    method: str = "baseline"  # how `cli report` labels the run
+    statistics: str = "mean+std"  # mean | mean+std, per dimension over the chosen frames
+    frames: str = "speech"  # speech (VAD mask of vad_mode) | all
+    layer: int | None = None  # None: every cached layer, concatenated
+    vad_mode: int = 3
+    protocol: str = "speaker"  # the fold plan, as for the heads (core/folds.py)
+    classifier: str = "logreg"  # LogisticRegression, class_weight="balanced"
+    c_grid: tuple[float, ...] = C_GRID
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
+    max_iter: int = 5000
+
+    def validate(self) -> None:
+        STATISTICS.check(self.statistics)
+        FRAMES.check(self.frames)
+        checks = [
+            (self.classifier == "logreg", f"the classifier must be logreg; got {self.classifier!r}"),
+            (len(self.c_grid) > 0 and min(self.c_grid) > 0, "every C in the grid must be positive"),
+            (len(self.alpha_grid) > 0 and min(self.alpha_grid) > 0, "every alpha in the grid must be positive"),
+            (self.max_iter >= 1, "max_iter must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        VAD_MODES.check(self.vad_mode)
+        PROTOCOLS.check(self.protocol)
