@@ -17,24 +17,6 @@ from core.frames import SAMPLE_RATE, FrameGrid
 from extract.models import BackendError
 
 
-def mel_filterbank(n_mels: int, n_fft: int, f_min: float, f_max: float,
-                   sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """(n_fft // 2 + 1, n_mels) triangular filters, equally spaced on the HTK mel scale."""
-    def to_mel(f: np.ndarray) -> np.ndarray:
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    def to_hz(m: np.ndarray) -> np.ndarray:
-        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
-
-    edges = to_hz(np.linspace(to_mel(np.array(f_min)), to_mel(np.array(f_max)), n_mels + 2))  # (n_mels + 2,)
-    bins = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)  # (F,)
-    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1)
-    rising = (bins[None, :] - lower) / (centre - lower)
-    falling = (upper - bins[None, :]) / (upper - centre)
-    weights = np.clip(np.minimum(rising, falling), 0.0, None)  # (n_mels, F)
-    return torch.from_numpy(weights.T.astype(np.float32))  # (F, n_mels)
-
-
 class _OneLayerBackend(abc.ABC):
     """A classic feature extractor: one utterance at a time, one "layer", its own grid."""
 
@@ -75,8 +57,14 @@ class FbankBackend(_OneLayerBackend):
         self.layers = (0,)
         self.n_layers = 1
         self.hidden_size = n_mels
+        from transformers.audio_utils import mel_filter_bank
+
         self.window = torch.hann_window(self.N_FFT, periodic=True)
-        self.mel = mel_filterbank(n_mels, self.N_FFT, self.F_MIN, self.F_MAX)  # (F, M)
+        # Triangles equally spaced on the HTK mel scale, unnormalized (tests/test_backends.py: equal to
+        # the formula bit for bit in float32)
+        self.mel = torch.from_numpy(mel_filter_bank(
+            num_frequency_bins=self.N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=self.F_MIN,
+            max_frequency=self.F_MAX, sampling_rate=SAMPLE_RATE, norm=None, mel_scale="htk").astype(np.float32))  # (F, M)
 
     def describe(self) -> dict:
         return {

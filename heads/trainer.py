@@ -79,17 +79,22 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
-    """LR factor: linear 0 -> 1 over the warm-up steps, then cosine 1 -> 0 (transformers' schedule)."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warm-up + cosine decay to 0, one step ahead: step s trains at
+    peak * (s + 1) / (warmup + 1) during the warm-up, so the first step uses peak / (warmup + 1),
+    not 0 (a step at rate 0 would be wasted), and the peak is reached on step `warmup`.
+
+    `get_cosine_schedule_with_warmup`'s factor at step s + 1, with warmup + 1 warm-up and
+    total + 1 steps, is exactly that (tested). Its factor is borrowed from a throwaway
+    optimizer, so the scheduler here counts optimizer steps as before (checkpoints resume).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
     warmup = math.ceil(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(scratch, warmup + 1, total_steps + 1).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: theirs(step + 1))
 
 
 @dataclass
@@ -155,8 +160,7 @@ class Trainer:
         self.input_seconds: dict[str, float] = {}  # prepare_inputs' phases (scan, weights, materialize)
         self.prepare_inputs()
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
-        steps = config.epochs * self.steps_per_epoch()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(steps, config.warmup_ratio))
+        self.scheduler = warmup_cosine(self.optimizer, config.epochs * self.steps_per_epoch(), config.warmup_ratio)
         self.epoch = 0
         self.early = EarlyStop()
         self.best_state: dict[str, torch.Tensor] | None = None

@@ -248,3 +248,17 @@ def test_egemaps_rows_on_a_60ms_10ms_grid():
             assert np.array_equal(feats[:, 0], raw.to_numpy(np.float32)[:t])
         assert feats.shape[0] == vad_masks(wave, egemaps.grid).shape[1]
     assert "Loudness_sma3" in egemaps.describe()["columns"]
+
+
+def test_the_fbank_filters_are_htk_triangles():
+    """The filterbank (now transformers' mel_filter_bank) equals the HTK-scale formula it replaced, bit for bit."""
+    def to_mel(f):
+        return 2595.0 * np.log10(1.0 + f / 700.0)
+
+    edges = 700.0 * (10.0 ** (np.linspace(to_mel(20.0), to_mel(7600.0), 80 + 2) / 2595.0) - 1.0)  # (82,) Hz
+    bins = np.linspace(0.0, 8000.0, 201)  # (F,) Hz of each STFT bin
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (80, 1)
+    rising, falling = (bins - lower) / (centre - lower), (upper - bins) / (upper - centre)  # (80, F)
+    reference = np.clip(np.minimum(rising, falling), 0.0, None).T.astype(np.float32)  # (F, 80)
+    mel = load_backend("fbank", layers=None, device="cpu", dtype="float32").mel.numpy()
+    assert mel.shape == (201, 80) and np.array_equal(mel, reference)
