@@ -32,35 +32,33 @@ retried one utterance at a time to find it) becomes a skip with its reason.
 
 from __future__ import annotations
 
-import math
-import multiprocessing
 import os
-import signal
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import closing
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import soundfile as sf
 
 from core.choices import spoken
 from core.devices import AMP_MODES
 from core.errors import UserError
-from core.frames import SAMPLE_RATE, FrameGrid
-from core.records import SKIP_REASONS, Corpus, Utterance
-from extract.audio import RESAMPLE_QUALITY, AudioError, load_audio
+from core.frames import SAMPLE_RATE
+from core.records import Corpus
+from extract.audio import RESAMPLE_QUALITY
+from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, prefetch
 from extract.models import DEFAULT_MODEL, model_slug
-from extract.vad import vad_masks, vad_settings
+from extract.planning import (Batch, Policy, default_policy, estimate_samples, plan_corpus, select_shard,
+                              select_shard_skips)
+from extract.vad import vad_settings
 
 if TYPE_CHECKING:
     from extract.backends import Backend
 
-PREFETCH_BATCHES = 3  # batches of audio decoded ahead of each model stream
 # A model that fails on this many utterances before it has produced one set of
 # features is broken, not unlucky: stop instead of skipping the whole corpus.
 MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
@@ -95,193 +93,6 @@ def fingerprint(corpus: Corpus, backend: Backend, *, max_seconds: float, dtype: 
         "dataset": corpus.name,
         "classes": list(corpus.classes),
     }
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def estimate_samples(utt: Utterance, max_seconds: float) -> int:
-    """16 kHz samples the utterance will have, from the file header only (0 if unreadable).
-
-    Only for ordering and batching: the real length comes from load_audio.
-    """
-    try:
-        info = sf.info(utt.path)
-    except Exception:  # the loader reports the real reason later
-        return 0
-    seconds = info.frames / info.samplerate if info.samplerate else 0.0
-    end = seconds if math.isnan(utt.end) else min(seconds, utt.end)
-    span = max(end - utt.start, 0.0)
-    if max_seconds > 0:
-        span = min(span, max_seconds)
-    return int(span * SAMPLE_RATE)
-
-
-def plan_batches(lengths: Sequence[int], batch_seconds: float) -> list[list[int]]:
-    """Indices into `lengths`, longest first, cut so max length x count <= batch_seconds.
-
-    Every batch holds at least one utterance (a longer one runs alone).
-    Ties are broken by index, so a plan is deterministic.
-    """
-    budget = batch_seconds * SAMPLE_RATE
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and longest * (len(current) + 1) > budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def select_shard(utts: Sequence[Utterance], shard: tuple[int, int] | None) -> list[Utterance]:
-    """The utterances of shard (i, n), 0 <= i < n: a stable hash of the utt_id, as the cache uses."""
-    if shard is None:
-        return list(utts)
-    from cache.format import shard_of
-
-    i, n = shard
-    return [u for u in utts if shard_of(u.utt_id, n) == i]
-
-
-# --------------------------------------------------------------------------- the worker side
-
-
-@dataclass
-class Loaded:
-    utt: Utterance
-    samples: np.ndarray  # (N,) float32, 16 kHz
-    vad: np.ndarray  # (4, T) bool on the backend's grid
-    truncated: bool
-
-    @property
-    def seconds(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
-
-@dataclass
-class Failed:
-    utt: Utterance
-    reason: str  # a SKIP_REASONS key
-    detail: str
-    message: str  # one sentence, for strict mode
-
-
-def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | Failed:
-    """Decode, resample and compute the VAD masks of one utterance (runs in a worker process)."""
-    try:
-        audio = load_audio(utt.path, start=utt.start, end=utt.end, max_seconds=max_seconds)
-    except AudioError as err:
-        return Failed(utt, err.reason, err.detail, str(err))
-    n = len(audio.samples)
-    if grid.n_frames(n) == 0:
-        detail = f"{n} samples, the backend's frame needs {grid.window}"
-        return Failed(utt, "too_short", detail, f"{utt.path}: {SKIP_REASONS['too_short']} ({detail})")
-    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
-
-
-class _Threads(ThreadPoolExecutor):
-    """workers=0: audio loaded by threads of this process (soundfile, soxr and numpy release
-    the GIL). On a CPU the model needs every core and audio is ~1 % of the work, so a
-    process that imports its own libraries would cost more than it saves."""
-
-
-def _executor(workers: int) -> Executor:
-    """workers > 0: spawned processes, so a script that calls extract_corpus needs the usual
-    `if __name__ == "__main__":` guard (the CLI has it). They die with this process."""
-    if workers <= 0:
-        return _Threads(max_workers=1, thread_name_prefix="sapser-audio")
-    # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
-
-
-def _worker_init(parent_pid: int) -> None:
-    """A killed parent (SIGKILL, out of memory) runs no cleanup: the kernel ends the worker
-    with it (extract.children). Ctrl-C goes to the whole process group: the parent stops
-    the run, workers just end."""
-    from extract.children import die_with_parent
-
-    die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,
-             ahead: int = PREFETCH_BATCHES) -> Iterator[list[Loaded | Failed]]:
-    """Yield each batch's loaded items in order while the next `ahead` batches load."""
-    pending: deque[list[Future]] = deque()
-    upcoming = iter(batches)
-
-    def submit_next() -> None:
-        batch = next(upcoming, None)
-        if batch is not None:
-            pending.append([executor.submit(load_item, u, max_seconds, grid) for u in batch])
-
-    for _ in range(ahead + 1):
-        submit_next()
-    while pending:
-        futures = pending.popleft()
-        submit_next()
-        yield [f.result() for f in futures]
-
-
-# --------------------------------------------------------------------------- the policy per device
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How the loop runs: every field is measured per device (README, Benchmarks)."""
-
-    batch_seconds: float  # padded audio seconds per forward; 0 = one utterance per forward
-    streams: int  # model calls running at once (threads of this process)
-    threads: int  # torch intra-op threads of each stream
-    workers: int  # audio processes; 0 = a loader thread in this process
-
-    def describe(self) -> str:
-        per = "one utterance" if self.batch_seconds == 0 else f"<= {self.batch_seconds:g} s padded"
-        loader = f"{self.workers} audio processes" if self.workers else "audio in a thread"
-        return f"{per} per forward, {self.streams} stream(s) x {self.threads} torch thread(s), {loader}"
-
-
-DEFAULT_BATCH_SECONDS = {"cuda": 100.0, "cpu": 0.0}
-MAX_STREAMS = 8  # each holds one batch's activations; more cores go to each stream's threads
-
-
-def usable_cores(env: dict[str, str]) -> int:
-    """Cores this process may use (affinity, e.g. a container or taskset), split over local torchrun ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(int(env.get("LOCAL_WORLD_SIZE", "1") or 1), 1))
-
-
-def default_policy(backend: Backend, env: dict[str, str], *, batch_seconds: float | None = None,
-                   streams: int | None = None, workers: int | None = None) -> Policy:
-    """The measured defaults for the backend's device; any argument given overrides its part.
-
-    CPU: two model calls with one torch thread each beat one call with two threads on
-    two cores (OpenMP's threads meet at a barrier after every operation, and a core
-    lent to anything else stalls its partner), and one utterance per forward beats padded
-    batches (larger activations leave the caches; no padding to compute); audio needs
-    ~1 % of a core, so a thread loads it. GPU: padded batches in one stream, audio
-    decoded by worker processes (at thousands of times real time the GPU outruns one
-    core). Backends that do not declare `thread_safe = True` run in one stream.
-    """
-    cores = usable_cores(env)
-    device = getattr(getattr(backend, "device", None), "type", "cpu")
-    if device == "cuda":
-        batch = DEFAULT_BATCH_SECONDS["cuda"] if batch_seconds is None else batch_seconds
-        n = 1 if streams is None else streams
-        return Policy(batch, n, max(1, cores // n), default_workers(env) if workers is None else workers)
-    batch = DEFAULT_BATCH_SECONDS["cpu"] if batch_seconds is None else batch_seconds
-    if streams is None:
-        streams = min(cores, MAX_STREAMS) if getattr(backend, "thread_safe", False) else 1
-    return Policy(batch, streams, max(1, cores // streams), 0 if workers is None else workers)
 
 
 # --------------------------------------------------------------------------- the model streams
@@ -333,24 +144,8 @@ class _Tally:
     model_errors_before_success: int = 0
 
 
-@dataclass
-class _Batch:
-    """One batch of the plan: every utterance is run, only those in `write` are stored."""
-
-    utts: list[Utterance]
-    write: set[str]
 
 
-def plan_corpus(utts: Sequence[Utterance], lengths: Sequence[int], batch_seconds: float,
-                done: set[str]) -> list[_Batch]:
-    """The plan over ALL utterances of the shard (so it never depends on what is done),
-    keeping the batches that hold at least one utterance not done yet."""
-    batches = []
-    for b in plan_batches(lengths, batch_seconds):
-        write = {utts[i].utt_id for i in b} - done
-        if write:
-            batches.append(_Batch([utts[i] for i in b], write))
-    return batches
 
 
 def extract_corpus(
@@ -417,16 +212,16 @@ def extract_corpus(
                      loop_seconds=loop_seconds, model=backend.name, policy=policy)
 
 
-def _run(batches: list[_Batch], backend: Backend, policy: Policy, max_seconds: float
-         ) -> Generator[tuple[_Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
+def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: float
+         ) -> Generator[tuple[Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
     """Load and compute the plan; yield each batch's items and outcomes in plan order."""
     import torch
 
     main_threads = torch.get_num_threads()
-    loaders = _executor(policy.workers)
+    loaders = audio_executor(policy.workers)
     model = ThreadPoolExecutor(policy.streams, thread_name_prefix="sapser-model", initializer=_stream_init,
                                initargs=(policy.threads,))
-    running: deque[tuple[_Batch, list[Loaded | Failed], Future]] = deque()
+    running: deque[tuple[Batch, list[Loaded | Failed], Future]] = deque()
     try:
         loaded = prefetch([b.utts for b in batches], loaders, max_seconds, backend.grid,
                           ahead=PREFETCH_BATCHES * policy.streams)
@@ -444,17 +239,9 @@ def _run(batches: list[_Batch], backend: Backend, policy: Policy, max_seconds: f
         torch.set_num_threads(main_threads)  # the streams changed torch's default for new threads
 
 
-def select_shard_skips(corpus: Corpus, shard: tuple[int, int] | None) -> list:
-    """The reader's skips that belong in this shard's skip list (each in exactly one shard)."""
-    if shard is None:
-        return list(corpus.skipped)
-    from cache.format import shard_of
-
-    i, n = shard
-    return [s for s in corpus.skipped if shard_of(s.item, n) == i]
 
 
-def _apply(batch: _Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], writer: Any, tally: _Tally,
+def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], writer: Any, tally: _Tally,
            strict: bool) -> list[str]:
     """Store (or skip) the utterances of `batch.write`, in plan order; returns the ids handled."""
     items, outcomes = result
@@ -602,9 +389,6 @@ def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None
     return (i - 1, n) if n > 1 else None
 
 
-def default_workers(env: dict[str, str]) -> int:
-    """Audio worker processes on a GPU: the cores not driving the model (1..8), per local torchrun rank."""
-    return max(1, min(8, usable_cores(env) - 1))
 
 
 def default_out(corpus: Corpus, model: str) -> Path:

@@ -21,13 +21,8 @@ from core.frames import FrameGrid
 from extract.audio import load_audio
 from extract.backends import load_backend
 from extract.corpora import read_corpus
-from extract.pipeline import (
-    ExtractError,
-    extract_corpus,
-    parse_shard,
-    plan_batches,
-    select_shard,
-)
+from extract.pipeline import ExtractError, extract_corpus, parse_shard
+from extract.planning import plan_batches, select_shard
 from extract.vad import vad_masks
 
 SR = 16000

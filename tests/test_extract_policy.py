@@ -16,7 +16,8 @@ import soundfile as sf
 from cache.reader import FeatureCache
 from extract.backends import load_backend
 from extract.corpora import read_corpus
-from extract.pipeline import Policy, default_policy, extract_corpus, plan_batches
+from extract.pipeline import extract_corpus
+from extract.planning import Policy, default_policy, plan_batches
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,113 @@
+"""The extraction loop's first stage: decode, resample and compute the VAD masks of utterances,
+ahead of whoever consumes them, in a thread or in worker processes that die with the command.
+
+`cli extract` feeds its model streams from here (extract.pipeline); fine-tuning's once-per-run
+VAD pre-pass reads the corpus through the same loader (heads.wave_data). Nothing here imports
+torch or h5py: spawned workers import only what decoding needs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.frames import SAMPLE_RATE, FrameGrid
+from core.records import SKIP_REASONS, Utterance
+from extract.audio import AudioError, load_audio
+from extract.vad import vad_masks
+
+PREFETCH_BATCHES = 3  # batches of audio decoded ahead of each model stream
+
+
+@dataclass
+class Loaded:
+    utt: Utterance
+    samples: np.ndarray  # (N,) float32, 16 kHz
+    vad: np.ndarray  # (4, T) bool on the backend's grid
+    truncated: bool
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass
+class Failed:
+    utt: Utterance
+    reason: str  # a SKIP_REASONS key
+    detail: str
+    message: str  # one sentence, for strict mode
+
+
+def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | Failed:
+    """Decode, resample and compute the VAD masks of one utterance (runs in a worker process)."""
+    try:
+        audio = load_audio(utt.path, start=utt.start, end=utt.end, max_seconds=max_seconds)
+    except AudioError as err:
+        return Failed(utt, err.reason, err.detail, str(err))
+    n = len(audio.samples)
+    if grid.n_frames(n) == 0:
+        detail = f"{n} samples, the backend's frame needs {grid.window}"
+        return Failed(utt, "too_short", detail, f"{utt.path}: {SKIP_REASONS['too_short']} ({detail})")
+    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
+
+
+class _Threads(ThreadPoolExecutor):
+    """workers=0: audio loaded by threads of this process (soundfile, soxr and numpy release
+    the GIL). On a CPU the model needs every core and audio is ~1 % of the work, so a
+    process that imports its own libraries would cost more than it saves."""
+
+
+def audio_executor(workers: int) -> Executor:
+    """workers > 0: spawned processes, so a script that calls extract_corpus needs the usual
+    `if __name__ == "__main__":` guard (the CLI has it). They die with this process."""
+    if workers <= 0:
+        return _Threads(max_workers=1, thread_name_prefix="sapser-audio")
+    # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+
+
+def _worker_init(parent_pid: int) -> None:
+    """A killed parent (SIGKILL, out of memory) runs no cleanup: the kernel ends the worker
+    with it (extract.children). Ctrl-C goes to the whole process group: the parent stops
+    the run, workers just end."""
+    from extract.children import die_with_parent
+
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,
+             ahead: int = PREFETCH_BATCHES) -> Iterator[list[Loaded | Failed]]:
+    """Yield each batch's loaded items in order while the next `ahead` batches load."""
+    pending: deque[list[Future]] = deque()
+    upcoming = iter(batches)
+
+    def submit_next() -> None:
+        batch = next(upcoming, None)
+        if batch is not None:
+            pending.append([executor.submit(load_item, u, max_seconds, grid) for u in batch])
+
+    for _ in range(ahead + 1):
+        submit_next()
+    while pending:
+        futures = pending.popleft()
+        submit_next()
+        yield [f.result() for f in futures]
+
+
+def load_corpus(utterances: Sequence[Utterance], grid: FrameGrid, max_seconds: float, *, workers: int = 0,
+                batch: int = 16) -> Iterator[Loaded | Failed]:
+    """Every utterance loaded (or failed) in order, `batch` at a time, the next batches loading meanwhile."""
+    batches = [list(utterances[i : i + batch]) for i in range(0, len(utterances), batch)]
+    with audio_executor(workers) as executor:
+        for items in prefetch(batches, executor, max_seconds, grid, ahead=max(2, workers)):
+            yield from items
