@@ -38,6 +38,7 @@ SKIP_REASONS: dict[str, str] = {
     "duplicate_id": "an utterance id seen before",
     "path_outside_root": "the audio path points outside the corpus root",
     "model_error": "the feature model failed on this utterance",
+    "not_in_cache": "the feature cache whose VAD masks fine-tuning reuses (--cache) does not hold it",
 }
 
 

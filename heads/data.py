@@ -83,23 +83,34 @@ def fold_count(cache: FeatureCache, protocol: str = "speaker") -> int:
 
 
 def fold_data(cache: FeatureCache, k: int, protocol: str = "speaker") -> FoldData:
-    """Fold k's train/val/test utterance ids (sorted), or a UserError saying why it cannot be trained."""
-    labels = labels_of(cache.meta, cache.classes)
+    """Fold k of a cache's utterances (see `fold_split`)."""
+    return fold_split(cache.meta, cache.classes, k, protocol, source=f"the cache {cache.path}")
+
+
+def fold_split(meta: pd.DataFrame, classes: Sequence[str], k: int, protocol: str = "speaker", *,
+               source: str) -> FoldData:
+    """Fold k's train/val/test utterance ids (sorted), or a UserError saying why it cannot be trained.
+
+    `meta` (index utt_id) has the columns of FeatureCache.meta that folds and labels need
+    (speaker, session, split, emotion, valence, arousal); `source` names it in errors.
+    Fine-tuning passes its corpus's table, train-head its cache's.
+    """
+    labels = labels_of(meta, classes)
     if len(labels) == 0:
-        raise UserError(f"the cache {cache.path} holds no utterances")
+        raise UserError(f"{source} holds no utterances")
     keep = usable(labels)
     if not keep.any():
-        raise UserError(f"the cache {cache.path} has no labels at all (no emotion, valence or arousal on any utterance)")
-    fold = pick(plan(cache.meta, protocol), k)
+        raise UserError(f"{source} has no labels at all (no emotion, valence or arousal on any utterance)")
+    fold = pick(plan(meta, protocol), k)
     labels = labels[keep]
-    role = fold.roles(cache.meta.loc[labels.index, fold.column])  # (N,) train / val / test / ""
+    role = fold.roles(meta.loc[labels.index, fold.column])  # (N,) train / val / test / ""
     test, val, train = (sorted(labels.index[role == r]) for r in ("test", "val", "train"))
     for name, ids, who in (("test", test, fold.test), ("validation", val, fold.val)):
         if not ids:
             raise UserError(f"fold {k} cannot be trained: its {name} {fold.column} {who} has no labelled utterances")
     if not train:
         raise UserError(f"fold {k} cannot be trained: its training {fold.column}s have no labelled utterances")
-    return FoldData(fold, train, val, test, labels.drop(columns="speaker"), tuple(cache.classes))
+    return FoldData(fold, train, val, test, labels.drop(columns="speaker"), tuple(classes))
 
 
 def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:

@@ -32,7 +32,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -53,7 +52,7 @@ from heads.backbone import Backbone, load_backbone, trainable_state
 from heads.checkpoint import (Checkpoint, has_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights,
                               set_rng_state)
 from heads.config import FinetuneSettings
-from heads.data import FoldData, fold_data
+from heads.data import FoldData, fold_split
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
 from heads.head import HeadOutput, SERHead
 from heads.run import fold_line, prepare_run_dir
@@ -374,7 +373,8 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
         prepare_run_dir(out, run_cfg)
         cache = _open_cache(cache_path) if cache_path else None
         try:
-            index = load_or_build_index(out, corpus, grid, max_seconds, cache=cache, progress=progress)
+            index = load_or_build_index(out, corpus, grid, max_seconds, cache=cache, progress=progress,
+                                        workers=settings.workers)
         finally:
             if cache is not None:
                 cache.close()
@@ -386,8 +386,8 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     meta = corpus_meta(corpus, index)
     if ctx.is_main:
         write_run_utterances(out, meta)  # which files each fold saw: predict warns about them
-    source = SimpleNamespace(meta=meta, classes=classes, path=str(root))
-    datas = {k: fold_data(source, k, config.protocol) for k in ks}  # every fold checked before any training
+    datas = {k: fold_split(meta, classes, k, config.protocol, source=f"the corpus {root}")
+             for k in ks}  # every fold checked before any training
     utterances = {u.utt_id: u for u in corpus.utterances}
     result = FinetuneResult(out, is_main=ctx.is_main)
     for k in ks:

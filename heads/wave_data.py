@@ -2,8 +2,9 @@
 
 VAD masks are computed ONCE per run, not per epoch or per fold: a pre-pass
 (`build_wave_index`) reads every utterance of the corpus (truncated as in
-training), runs `extract.vad.vad_masks` on the model's frame grid and stores
-the sample counts and masks in `RUN/wave-index.npz`; every fold, epoch,
+training) through the extraction stage's loader (extract.loading: the same
+decoding, VAD on the model's frame grid and skip reasons, `--workers`
+processes) and stores the sample counts and masks in `RUN/wave-index.npz`; every fold, epoch,
 rank and a `--resume` reuse that file. With `--cache F.h5` the masks the
 extractor stored are reused instead, after checking the cache was made on
 the same frame grid with the same truncation.
@@ -35,7 +36,8 @@ from core.errors import UserError
 from core.frames import SAMPLE_RATE, VAD_MODES, FrameGrid
 from core.records import Corpus, Utterance
 from extract.audio import AudioError, load_audio
-from extract.vad import vad_masks, vad_settings
+from extract.loading import Failed, load_corpus
+from extract.vad import vad_settings
 from heads.distributed import DistContext, shard_step
 
 INDEX_FILE = "wave-index.npz"
@@ -125,19 +127,22 @@ def _pack(ids: list[str], counts: list[int], truncs: list[bool], masks: list[np.
 
 
 def build_wave_index(utterances: Sequence[Utterance], grid: FrameGrid, max_seconds: float,
-                     progress: bool = False) -> WaveIndex:
-    """Read every utterance once (truncated) and compute its VAD masks on `grid`."""
+                     progress: bool = False, workers: int = 0) -> WaveIndex:
+    """Read every utterance once (truncated) and compute its VAD masks on `grid`.
+
+    Through the extraction stage's loader (extract.loading): `workers` processes decode and
+    run the VAD ahead (0 = a thread), and an utterance is skipped for the same reasons.
+    """
     ids, counts, truncs, masks, skipped = [], [], [], [], {}
-    for utt in _progress(utterances, "VAD pre-pass (once per run)", progress):
-        try:
-            audio = load_audio(utt.path, start=utt.start, end=utt.end, max_seconds=max_seconds)
-        except AudioError as err:
-            skipped[utt.utt_id] = err.reason
+    items = load_corpus(utterances, grid, max_seconds, workers=workers)
+    for item in _progress(items, len(utterances), "VAD pre-pass (once per run)", progress):
+        if isinstance(item, Failed):
+            skipped[item.utt.utt_id] = item.reason
             continue
-        ids.append(utt.utt_id)
-        counts.append(len(audio.samples))
-        truncs.append(audio.truncated)
-        masks.append(vad_masks(audio.samples, grid))  # (4, T)
+        ids.append(item.utt.utt_id)
+        counts.append(len(item.samples))
+        truncs.append(item.truncated)
+        masks.append(item.vad)  # (4, T)
     return _pack(ids, counts, truncs, masks, index_settings(grid, max_seconds), skipped)
 
 
@@ -178,7 +183,7 @@ def index_from_cache(cache, utterances: Sequence[Utterance], grid: FrameGrid, ma
 
 
 def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seconds: float, *,
-                        cache=None, progress: bool = False) -> WaveIndex:
+                        cache=None, progress: bool = False, workers: int = 0) -> WaveIndex:
     """The run's wave index: reused from RUN/wave-index.npz when its settings match, else built and saved.
 
     Call it on rank 0 only (the others wait at a barrier, then `WaveIndex.load`).
@@ -195,7 +200,7 @@ def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seco
     if cache is not None:
         index = index_from_cache(cache, corpus.utterances, grid, max_seconds)
     else:
-        index = build_wave_index(corpus.utterances, grid, max_seconds, progress=progress)
+        index = build_wave_index(corpus.utterances, grid, max_seconds, progress=progress, workers=workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     index.save(path)
     return index
@@ -211,13 +216,13 @@ def _try_load(path: Path) -> WaveIndex | None:
         return None
 
 
-def _progress(items: Sequence, label: str, enabled: bool) -> Iterator:
+def _progress(items: Iterator, total: int, label: str, enabled: bool) -> Iterator:
     if not enabled:
         yield from items
         return
     from rich.progress import track
 
-    yield from track(items, description=label, total=len(items))
+    yield from track(items, description=label, total=total)
 
 
 # --- labels and folds from a corpus (same rules as heads.data for a cache) ---

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,13 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from core.errors import UserError
+from core.frames import SSL_GRID
+from core.records import SKIP_REASONS, Utterance
+from extract.audio import load_audio
 from extract.backends import zero_mean_unit_var
 from extract.corpora import read_corpus
 from extract.synthetic import generate
+from extract.vad import vad_masks
 from heads.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
 from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
 from heads.config import FinetuneSettings, finetune_config
-from heads.data import fold_data
+from heads.data import fold_split
 from heads.distributed import DistContext
 from heads.finetune import FineTuneTrainer, run_finetune
 from heads.head import SERHead
@@ -98,7 +101,7 @@ def test_head_modules_are_the_train_head_classes(corpus, tiny):
     corp = read_corpus("manifest", corpus)
     index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
     meta = corpus_meta(corp, index)
-    data = fold_data(SimpleNamespace(meta=meta, classes=corp.classes, path=str(corpus)), 1)
+    data = fold_split(meta, corp.classes, 1, source=str(corpus))
     trainer = FineTuneTrainer(config(), data, settings=settings(tiny), index=index, max_seconds=0.0,
                               utterances={u.utt_id: u for u in corp.utterances})
     assert isinstance(trainer, Trainer)
@@ -223,7 +226,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, t
     corp = read_corpus("manifest", corpus)
     index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
     meta = corpus_meta(corp, index)
-    data = fold_data(SimpleNamespace(meta=meta, classes=corp.classes, path=str(corpus)), 1)
+    data = fold_split(meta, corp.classes, 1, source=str(corpus))
     trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=1.5), index=index,
                               max_seconds=0.0, utterances={u.utt_id: u for u in corp.utterances})
     # With equal class weights the CE is a plain mean, so the equality is exact for every term (a weighted
@@ -247,3 +250,20 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, t
     assert len(accumulated) == len(whole) > 0
     for a, w in zip(accumulated, whole):
         torch.testing.assert_close(a, w, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_vad_pre_pass_reads_through_the_extraction_loader(corpus, tmp_path, workers):
+    """The index the pre-pass builds (in a thread or in audio processes) holds each utterance's own
+    masks and length, in corpus order, and skips what extraction skips, for its reasons."""
+    utterances = read_corpus("manifest", corpus).utterances
+    missing = Utterance("zz_missing", str(tmp_path / "nope.wav"), "S9", "S9", "angry")
+    index = build_wave_index([*utterances, missing], SSL_GRID, 0.0, workers=workers)
+    assert index.skipped == {"zz_missing": "missing_audio"} and set(index.skipped.values()) <= set(SKIP_REASONS)
+    assert index.utt_ids == [u.utt_id for u in utterances]
+    for u in utterances:
+        samples = load_audio(u.path).samples
+        assert index.samples_of([u.utt_id])[0] == len(samples)
+        expected = vad_masks(samples, SSL_GRID)  # (4, T)
+        for mode in range(4):
+            np.testing.assert_array_equal(index.vad(u.utt_id, mode), expected[mode])

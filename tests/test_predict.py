@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cache.reader import FeatureCache
 from cli import app
 from core.frames import SSL_GRID
+from core.records import SKIP_REASONS
 from extract.corpora import read_corpus
 from extract.synthetic import generate
 from heads.config import FinetuneSettings, finetune_config
@@ -19,7 +22,7 @@ from heads.finetune import run_finetune
 from heads.predict import Predictor
 from heads.run import train_folds
 from heads.trainer import TrainConfig
-from heads.wave_data import WaveIndex, build_wave_index
+from heads.wave_data import WaveIndex, build_wave_index, index_from_cache
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,12 @@ def test_cli_reports_bad_files_one_line_each_and_fails_at_the_end(head_run, corp
     assert text.exit_code == 1
     assert len([line for line in text.output.splitlines() if line.startswith(files[0])]) == 1
     assert "2 of 4 files could not be read" in text.output
+
+
+def test_a_corpus_utterance_missing_from_the_cache_is_a_named_skip(cache, corpus):
+    utterances = read_corpus("manifest", corpus).utterances
+    extra = replace(utterances[0], utt_id="zz_not_cached")
+    with FeatureCache(cache) as c:
+        index = index_from_cache(c, [*utterances, extra], SSL_GRID, 0.0)
+    assert index.skipped == {"zz_not_cached": "not_in_cache"} and "not_in_cache" in SKIP_REASONS
+    assert index.utt_ids == [u.utt_id for u in utterances]
