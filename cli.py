@@ -266,7 +266,7 @@ def train_head(
     config = settings_of(TrainConfig, locals())
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
     if all_folds:
-        from heads.report import end_of_run_lines
+        from heads.compare import end_of_run_lines
 
         for line in end_of_run_lines(run):  # and a baseline's on the same folds, when one is beside it
             typer.echo(line)
@@ -297,7 +297,7 @@ def ablate(
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
     if baseline:
-        from heads.report import baseline_comparisons
+        from heads.compare import baseline_comparisons
 
         for run in runs[1:]:  # does each head beat the baseline on the same folds?
             for _, paired in baseline_comparisons(run):
@@ -320,7 +320,7 @@ def baseline(
     """A classical baseline on the same folds: mean and std of each utterance's frames + StandardScaler +
     LogisticRegression (class-balanced; C chosen on the validation speaker) and Ridge for valence/arousal."""
     from heads.baseline import run_baseline
-    from heads.report import end_of_run_lines
+    from heads.compare import end_of_run_lines
 
     config = settings_of(BaselineConfig, locals())
     run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)

@@ -49,7 +49,7 @@ from core.records import CLASSES_4, Utterance
 from extract.backends import tiny_wavlm
 from heads.config import FinetuneSettings, finetune_config
 from heads.data import FoldData
-from heads.finetune import FineTuneTrainer
+from heads.finetune_trainer import FineTuneTrainer
 from heads.wave_data import build_wave_index
 
 SR = 16_000

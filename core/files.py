@@ -1,9 +1,11 @@
-"""Durable file operations every stage's crash-safe writes share: fsync a file, fsync a folder."""
+"""File operations every stage's crash-safe writes share: replace a file whole, fsync a file or a folder."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -29,3 +31,17 @@ def fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield `path.tmp` to write; rename it over `path` on success, delete it on failure.
+
+    A reader (or a rerun after a kill) sees the old file or the whole new one, never half.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

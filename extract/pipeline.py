@@ -54,6 +54,7 @@ from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, pr
 from extract.models import DEFAULT_MODEL, model_slug
 from extract.planning import (Batch, Policy, default_policy, estimate_samples, plan_corpus, select_shard,
                               select_shard_skips)
+from extract.progress import progress_bar
 from extract.vad import vad_settings
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def extract_corpus(
         todo = [n for u, n in zip(mine, lengths) if u.utt_id not in writer.done]
         estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(mine, lengths)}  # the bar's unit
         # closing(): an error in _apply stops the loaders and streams at once, not at garbage collection
-        with _progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
+        with progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
                 closing(_run(batches, backend, policy, max_seconds)) as results:
             loop_started = time.perf_counter()
             for batch, outcomes in results:
@@ -295,57 +296,7 @@ def _first_line(err: BaseException) -> str:
     return (lines[0] if lines else "")[:160]
 
 
-# --------------------------------------------------------------------------- progress and summary
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def advance(self, n_utts: int, seconds: float) -> None:
-        return None
-
-
-class _Bar(_NoBar):
-    """rich progress over audio seconds (so the ETA weighs long utterances right) with rates."""
-
-    def __init__(self, n_utts: int, total_seconds: float) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("extract"), BarColumn(),
-            TextColumn("{task.fields[utts]}/{task.fields[n_utts]} utt"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=Console(stderr=True), refresh_per_second=4,
-        )
-        self.task = self.progress.add_task("extract", total=max(total_seconds, 1e-9), utts=0,
-                                           n_utts=n_utts, rate="")
-        self.utts = 0
-        self.seconds = 0.0
-        self.start = time.perf_counter()
-
-    def __enter__(self) -> _Bar:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def advance(self, n_utts: int, seconds: float) -> None:
-        self.utts += n_utts
-        self.seconds += seconds
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = f"{self.utts / elapsed:.1f} utt/s, {self.seconds / elapsed:.1f}x real time"
-        self.progress.update(self.task, advance=seconds, utts=self.utts, rate=rate)
-
-
-def _progress_bar(show: bool, n_utts: int, total_seconds: float) -> _NoBar:
-    return _Bar(n_utts, total_seconds) if show and n_utts else _NoBar()
+# --------------------------------------------------------------------------- the summary
 
 
 def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int, wall: float,

@@ -45,10 +45,11 @@ from rich.console import Console
 
 from cache.reader import FeatureCache
 from core.devices import resolve_device
+from core.files import replacing
 from heads.config import STATISTICS, BaselineConfig
 from heads.data import FoldData, fold_count, fold_data, select_layers
 from heads.metrics import classification_metrics, fold_scores, json_safe
-from heads.outputs import fold_outputs, trained_outputs
+from heads.outputs import fold_outputs, trained_outputs, write_predictions
 
 MODEL_FILE = "baseline.safetensors"
 
@@ -271,15 +272,13 @@ def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict
 
 def write_baseline_fold(out: Path, result: FoldOutput, classes: Sequence[str], run_cfg: dict[str, Any]) -> Path:
     """RUN/fold-KK/{baseline.safetensors, predictions.csv, metrics.json}; metrics.json last, as the 'finished' mark."""
-    from heads.trainer import _replacing, write_predictions
-
     fold_dir = out / f"fold-{result.metrics['fold']:02d}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    with _replacing(fold_dir / MODEL_FILE) as tmp:
+    with replacing(fold_dir / MODEL_FILE) as tmp:
         result.model.save(tmp, {"config": json.dumps(json_safe(run_cfg)), "classes": json.dumps(list(classes))})
-    with _replacing(fold_dir / "predictions.csv") as tmp:
+    with replacing(fold_dir / "predictions.csv") as tmp:
         write_predictions(tmp, result.predictions, tuple(classes), result.metrics["outputs"])
-    with _replacing(fold_dir / "metrics.json") as tmp:
+    with replacing(fold_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
     return fold_dir
 

@@ -1,4 +1,6 @@
-"""Which outputs a head learned: the classifier and each regressor train only where the training split had labels.
+"""A fold's outputs: which ones its head learned, and the files of RUN/fold-KK that hold them.
+
+Which outputs a head learned: the classifier and each regressor train only where the training split had labels.
 
 A fold trained on a corpus without valence/arousal (most manifest corpora) has
 regressors that never saw a target: their outputs are noise on no scale, so
@@ -11,12 +13,21 @@ regressor without a single training label keeps).
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pandas as pd
 import torch
+
+from core.files import replacing
+from heads.checkpoint import write_safetensors
+from heads.metrics import json_safe
+
+if TYPE_CHECKING:
+    from heads.trainer import FoldResult, Predictions
 
 OUTPUTS: tuple[str, ...] = ("emotion", "valence", "arousal")
 
@@ -41,3 +52,53 @@ def fold_outputs(fold_dir: str | Path, head_state: Mapping[str, torch.Tensor] | 
     mean, std = head_state["va_mean"].tolist(), head_state["va_std"].tolist()
     untrained = {d for d, m, s in zip(("valence", "arousal"), mean, std) if m == 0.0 and s == 1.0}
     return [o for o in OUTPUTS if o not in untrained]
+
+
+# --- the fold folder: RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json} ---
+
+
+def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...], model: torch.nn.Module,
+               config: dict[str, Any]) -> Path:
+    """RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json}; returns the folder.
+
+    Each file is written under a temporary name and renamed, and metrics.json goes last:
+    a fold folder with metrics.json is complete (a kill or a full disk mid-way leaves none,
+    so a rerun trains that fold again instead of keeping half of it).
+    """
+    fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    with replacing(fold_dir / "predictions.csv") as tmp:
+        write_predictions(tmp, result.test, classes, result.metrics.get("outputs", OUTPUTS))
+    with replacing(fold_dir / "history.csv") as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
+        writer.writeheader()
+        writer.writerows(result.history)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with replacing(fold_dir / "head.safetensors") as tmp:
+        write_safetensors(tensors, tmp,
+                          metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
+    with replacing(fold_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
+    return fold_dir
+
+
+def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...],
+                      outputs: tuple[str, ...] | list[str] = OUTPUTS) -> None:
+    """One row per utterance; columns of outputs the head did not learn (heads.outputs) are left out."""
+    emo = "emotion" in outputs
+    dims = [j for j, d in enumerate(("valence", "arousal")) if d in outputs]
+    names = ("valence", "arousal")
+    cols = ["utt_id", *(["true", "pred", *[f"prob_{c}" for c in classes]] if emo else []),
+            *[names[j] for j in dims], *[f"{names[j]}_true" for j in dims]]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(cols)
+        for i, utt in enumerate(pred.utt_id):
+            true = classes[pred.emotion[i]] if pred.emotion[i] >= 0 else ""
+            row = [utt, true, classes[int(pred.probs[i].argmax())], *[f"{p:.6f}" for p in pred.probs[i]]] if emo \
+                else [utt]
+            writer.writerow([*row, *[_num(pred.va[i][j]) for j in dims], *[_num(pred.va_true[i][j]) for j in dims]])
+
+
+def _num(x: float) -> str:
+    return "" if not math.isfinite(x) else f"{x:.6f}"

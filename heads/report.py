@@ -156,7 +156,7 @@ def load_run(path: str | Path) -> Run:
                fold_dirs=tuple(d for _, d in done), unfinished=unfinished)
 
 
-def _as_run(run: Run | str | Path) -> Run:
+def as_run(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else load_run(run)
 
 
@@ -207,7 +207,7 @@ def _find(config: Any, key: str) -> Any:
 
 def summarize(run: Run | str | Path) -> dict:
     """The run over its folds, JSON-ready (None for absent values); see the module docstring."""
-    run = _as_run(run)
+    run = as_run(run)
     folds = run.folds
     summary: dict[str, Any] = {"run": run.name, "folds": len(folds), "labels": list(run.labels)}
     for key in SCORES:
@@ -349,7 +349,7 @@ def render_runs(run_dirs: Sequence[str | Path | Run], title: str | None = None) 
 
 def render_folds(run: Run | str | Path) -> Table:
     """One row per fold: who was tested, the fold's scores, the epoch kept."""
-    run = _as_run(run)
+    run = as_run(run)
     table = Table(title=f"{run.name}: per fold", title_justify="left", box=box.SIMPLE_HEAD)
     shown = [(k, score) for k, score in SCORES.items() if score.kind == "fraction"]  # the per-fold percentages
     for name in ("Fold", "Test", "Val", "N", *(f"{score.short} %" for _, score in shown), "Best epoch", "No speech"):
@@ -360,103 +360,3 @@ def render_folds(run: Run | str | Path) -> Table:
         table.add_row(str(m["fold"]), m["test_speaker"], m["val_speaker"], str(m["n_test"]), *scores,
                       "–" if m["best_epoch"] is None else str(m["best_epoch"]), str(m["no_speech"]))
     return table
-
-
-# --- what a finished run prints (train-head --all-folds, ablate, baseline) ------------------
-
-
-def _is_baseline_config(config: Any) -> bool:
-    return isinstance(config, dict) and isinstance(config.get("settings"), dict) \
-        and config["settings"].get("method") == "baseline"
-
-
-def find_baselines(run: Run | str | Path) -> list[Run]:
-    """Baseline runs (heads/baseline.py) beside RUN made from the same cache with the same fold plan.
-
-    Looked for among RUN's sibling folders (`cli ablate` writes OUT/baseline
-    beside OUT/sr; `cli baseline` and `cli train-head` default to
-    runs/<cache stem>-baseline and runs/<cache stem>-<pooling>). Same cache =
-    the same fingerprint and classes; same folds = the same fold plan.
-    """
-    run = _as_run(run)
-    key = ("fingerprint", "folds", "classes")
-    found = []
-    for d in sorted(run.path.resolve().parent.iterdir()):
-        if not d.is_dir() or d == run.path.resolve():
-            continue
-        try:
-            config = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if not _is_baseline_config(config) or any(config.get(k) != run.config.get(k) for k in key):
-            continue
-        try:
-            found.append(load_run(d))
-        except ReportError:
-            continue  # a broken or empty sibling is not this run's business
-    return found
-
-
-def _stat_text(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    text = f"{100 * stat['mean']:.2f}%"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" (95% CI {100 * lo:.2f} to {100 * hi:.2f})"
-    return text
-
-
-def _points_text(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    text = f"{100 * stat['mean']:+.2f} points"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" (95% CI {100 * lo:+.2f} to {100 * hi:+.2f})"
-    return text
-
-
-def _subset(run: Run, folds: set[int]) -> Run:
-    keep = [(m, d) for m, d in zip(run.folds, run.fold_dirs) if m["fold"] in folds]
-    return Run(run.path, run.config, run.labels, tuple(m for m, _ in keep), tuple(d for _, d in keep), run.unfinished)
-
-
-def end_of_run_lines(run: Run | str | Path, *, baselines: bool = True) -> list[str]:
-    """Mean UA/WA (95% CI) over the run's finished folds; with `baselines`, each baseline run of
-    `find_baselines` on the same folds beside it and the paired per-fold difference."""
-    run = _as_run(run)
-    s = summarize(run)
-    lines = [f"{method_label(s)} ({run.path}), mean over {s['folds']} folds: UA {_stat_text(s['ua'])}, "
-             f"WA {_stat_text(s['wa'])}"]
-    if baselines:
-        for base_line, diff_line in baseline_comparisons(run):
-            lines += [base_line, diff_line]
-    return lines
-
-
-def baseline_comparisons(run: Run | str | Path) -> list[tuple[str, str]]:
-    """(the baseline's mean over the folds both runs have, the paired difference) per baseline beside RUN."""
-    run = _as_run(run)
-    label = method_label(summarize(run))
-    ours = {m["fold"]: m for m in run.folds}
-    out = []
-    for base in find_baselines(run):
-        common = set(ours) & {m["fold"] for m in base.folds}
-        if not common:
-            continue
-        b = summarize(_subset(base, common))
-        n = len(common)
-        which = f"the same {n} folds" if n == len(ours) else f"the {n} fold{'s' if n > 1 else ''} in common"
-        diffs = {k: mean_ci(_difference(ours[m["fold"]][k], m[k]) for m in base.folds if m["fold"] in common)
-                 for k in ("ua", "wa")}
-        out.append((f"{method_label(b)} ({base.path}), {which}: UA {_stat_text(b['ua'])}, WA {_stat_text(b['wa'])}",
-                    f"{label} minus {method_label(b)}, paired over folds: UA {_points_text(diffs['ua'])}, "
-                    f"WA {_points_text(diffs['wa'])}"))
-    return out
-
-
-def _difference(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
-        return None
-    return a - b

@@ -36,12 +36,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cache.format import describe_diff, fingerprint_diff
 from cache.reader import FeatureCache
 from core.errors import UserError
+from core.files import replacing
 from core.folds import plan
 from extract.children import die_with_parent
 from heads.config import POOLINGS
 from heads.data import fold_count, fold_data, preload, select_layers
 from heads.metrics import json_safe
-from heads.trainer import TrainConfig, Trainer, write_fold
+from heads.outputs import write_fold
+from heads.trainer import TrainConfig, Trainer
 from heads.utterances import write_run_utterances
 
 # Settings that change how fast a run goes, not what it computes.
@@ -144,9 +146,8 @@ def prepare_run_dir(out: Path, config: dict[str, Any]) -> None:
             raise UserError(f"{out} already holds a run with other settings or another cache ({shown}); "
                             "choose another --out, or delete that folder to start over")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(config), indent=2) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(config), indent=2) + "\n")
 
 
 FOLD_FILES = ("predictions.csv", "history.csv", "head.safetensors")

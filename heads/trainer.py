@@ -34,29 +34,24 @@ state carried between epochs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import json
 import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from core.devices import resolve_device
 from core.errors import UserError
-from heads.checkpoint import write_safetensors
 from heads.config import TrainConfig
 from heads.data import FoldData
 from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
-from heads.metrics import classification_metrics, fold_scores, json_safe
-from heads.outputs import OUTPUTS, trained_outputs
+from heads.metrics import classification_metrics, fold_scores
+from heads.outputs import trained_outputs
 
 
 class TrainingError(UserError):
@@ -399,61 +394,3 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...], model: torch.nn.Module,
-               config: dict[str, Any]) -> Path:
-    """RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json}; returns the folder.
-
-    Each file is written under a temporary name and renamed, and metrics.json goes last:
-    a fold folder with metrics.json is complete (a kill or a full disk mid-way leaves none,
-    so a rerun trains that fold again instead of keeping half of it).
-    """
-    fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    with _replacing(fold_dir / "predictions.csv") as tmp:
-        write_predictions(tmp, result.test, classes, result.metrics.get("outputs", OUTPUTS))
-    with _replacing(fold_dir / "history.csv") as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
-        writer.writeheader()
-        writer.writerows(result.history)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with _replacing(fold_dir / "head.safetensors") as tmp:
-        write_safetensors(tensors, tmp,
-                          metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
-    with _replacing(fold_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
-    return fold_dir
-
-
-@contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """Yield `path.tmp` to write; rename it over `path` on success, delete it on failure."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_predictions(path: Path, pred: Predictions, classes: tuple[str, ...],
-                      outputs: tuple[str, ...] | list[str] = OUTPUTS) -> None:
-    """One row per utterance; columns of outputs the head did not learn (heads.outputs) are left out."""
-    emo = "emotion" in outputs
-    dims = [j for j, d in enumerate(("valence", "arousal")) if d in outputs]
-    names = ("valence", "arousal")
-    cols = ["utt_id", *(["true", "pred", *[f"prob_{c}" for c in classes]] if emo else []),
-            *[names[j] for j in dims], *[f"{names[j]}_true" for j in dims]]
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(cols)
-        for i, utt in enumerate(pred.utt_id):
-            true = classes[pred.emotion[i]] if pred.emotion[i] >= 0 else ""
-            row = [utt, true, classes[int(pred.probs[i].argmax())], *[f"{p:.6f}" for p in pred.probs[i]]] if emo \
-                else [utt]
-            writer.writerow([*row, *[_num(pred.va[i][j]) for j in dims], *[_num(pred.va_true[i][j]) for j in dims]])
-
-
-def _num(x: float) -> str:
-    return "" if not math.isfinite(x) else f"{x:.6f}"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.files import replacing
+
 UTTERANCES_FILE = "utterances.csv"
 UTTERANCE_COLUMNS = ("utt_id", "path", "speaker", "session", "split")
 
@@ -22,14 +24,12 @@ def write_run_utterances(run: str | Path, meta: pd.DataFrame) -> Path:
     (predict warns when asked about one); meta is indexed by utt_id.
     """
     path = Path(run) / UTTERANCES_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(UTTERANCE_COLUMNS)
         split = meta["split"] if "split" in meta.columns else pd.Series("", index=meta.index)
         for utt_id, p, spk, ses, spl in zip(meta.index, meta["path"], meta["speaker"], meta["session"], split):
             writer.writerow([utt_id, p, spk, ses, spl or ""])
-    tmp.replace(path)
     return path
 
 

@@ -22,7 +22,8 @@ from head_fixtures import make_cache
 from heads.baseline import MODEL_FILE, LinearModel, cache_statistics, fit_fold, run_baseline, utterance_statistics
 from heads.config import ALPHA_GRID, C_GRID, BaselineConfig
 from heads.data import fold_data
-from heads.report import end_of_run_lines, find_baselines, load_run, summarize
+from heads.compare import end_of_run_lines, find_baselines
+from heads.report import load_run, summarize
 
 runner = CliRunner()
 

@@ -19,6 +19,7 @@ SPY = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import heads.finetune as ft
+import heads.finetune_trainer as ftt
 
 def spy(name, fn):
     def wrapped(*args, **kwargs):
@@ -27,8 +28,9 @@ def spy(name, fn):
         return fn(*args, **kwargs)
     return wrapped
 
-for name in ("prepare_run_dir", "load_or_build_index", "save_checkpoint", "write_fold", "save_backbone"):
-    setattr(ft, name, spy(name, getattr(ft, name)))
+for module, name in ((ft, "prepare_run_dir"), (ft, "load_or_build_index"), (ftt, "save_checkpoint"),
+                     (ft, "write_fold"), (ft, "save_backbone")):
+    setattr(module, name, spy(name, getattr(module, name)))
 
 from cli import app
 sys.argv = ["cli"] + sys.argv[1:]

@@ -24,7 +24,8 @@ from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_sta
 from heads.config import FinetuneSettings, finetune_config
 from heads.data import fold_split
 from heads.distributed import DistContext
-from heads.finetune import FineTuneTrainer, run_finetune
+from heads.finetune import run_finetune
+from heads.finetune_trainer import FineTuneTrainer
 from heads.head import SERHead
 from heads.trainer import Trainer
 from heads.wave_data import MicroBatch, StepBatchSampler, build_wave_index, corpus_meta
@@ -230,7 +231,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, t
     trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=1.5), index=index,
                               max_seconds=0.0, utterances={u.utt_id: u for u in corp.utterances})
     # With equal class weights the CE is a plain mean, so the equality is exact for every term (a weighted
-    # CE normalizes per micro-batch: the documented approximation of heads/finetune.py's backward).
+    # CE normalizes per micro-batch: the documented approximation of heads/finetune_trainer.py's backward).
     trainer.loss_fn.weights.fill_(1.0)
     trainer.model.eval()  # no dropout or SpecAugment: both passes compute the same function
     loader = trainer.loaders["train"]
