@@ -15,23 +15,8 @@ from typing import Any
 
 import h5py
 
-from cache.format import (
-    FEATURES,
-    FINGERPRINT_ATTR,
-    FORMAT_ATTR,
-    FORMAT_VERSION,
-    META,
-    META_COLUMNS,
-    SKIP_COLUMNS,
-    SKIPPED,
-    STR_COLUMNS,
-    CacheError,
-    check_header,
-    check_rows,
-    damaged,
-    read_columns,
-    short_error,
-)
+from cache.format import (FEATURES, FINGERPRINT_ATTR, FORMAT_ATTR, FORMAT_VERSION, CacheError, check_header,
+                          check_rows, damaged, read_tables, short_error)
 
 # Root attribute of an index file (JSON list of the data files it links, relative to its
 # folder); a self-contained cache file has none.
@@ -72,8 +57,7 @@ def read_contents(path: Path) -> Contents:
             if version > FORMAT_VERSION:
                 raise CacheError(f"{path} has cache format {version}; this sapser reads up to {FORMAT_VERSION}")
             fingerprint, hidden_size = check_header(f, path)
-            meta = read_columns(f[META], META_COLUMNS, STR_COLUMNS)
-            skipped = read_columns(f[SKIPPED], SKIP_COLUMNS, SKIP_COLUMNS)
+            meta, skipped = read_tables(f)
             check_rows(f, path, fingerprint, hidden_size, meta)
         except CacheError:
             raise

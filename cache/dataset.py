@@ -48,20 +48,29 @@ class CacheDataset(torch.utils.data.Dataset):
 
 def collate(items: Sequence[dict]) -> dict:
     """Pad to the longest item: features (B, T, L, D) float32 zeros, masks (B, T) False on padding."""
-    lengths = [it["features"].shape[0] for it in items]
-    _, n_layers, d = items[0]["features"].shape
-    b, t = len(items), max(lengths)
-    features = torch.zeros(b, t, n_layers, d, dtype=torch.float32)  # (B, T, L, D)
-    padding_mask = torch.zeros(b, t, dtype=torch.bool)  # (B, T) True = real frame
-    vad_mask = torch.zeros(b, t, dtype=torch.bool)  # (B, T) True = speech frame
-    for i, (it, n) in enumerate(zip(items, lengths)):
-        features[i, :n] = torch.as_tensor(it["features"])  # float16 -> float32 in torch's copy, no temporary
-        padding_mask[i, :n] = True
-        vad_mask[i, :n] = torch.from_numpy(np.asarray(it["vad"], dtype=bool))
+    features, padding_mask = padded([it["features"] for it in items])  # (B, T, L, D), (B, T) True = real frame
+    vad_mask, _ = padded([np.asarray(it["vad"], dtype=bool) for it in items], dtype=torch.bool)  # (B, T) speech
+    return {"features": features, "padding_mask": padding_mask, "vad_mask": vad_mask, **label_tensors(items)}
+
+
+def padded(rows: Sequence[np.ndarray], length: int | None = None,
+           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (n_i, ...) -> (B, T, ...) zero-padded in `dtype` and its (B, T) mask, True on real rows.
+
+    T = `length`, or the longest row. float16 rows widen in torch's copy, with no temporary.
+    """
+    t = max(len(r) for r in rows) if length is None else length
+    out = torch.zeros(len(rows), t, *rows[0].shape[1:], dtype=dtype)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = True
+    return out, mask
+
+
+def label_tensors(items: Sequence[dict]) -> dict:
+    """emotion (B,) long (-1 = none), valence/arousal (B,) float32 (NaN = none), utt_id: the batch's labels."""
     return {
-        "features": features,
-        "padding_mask": padding_mask,
-        "vad_mask": vad_mask,
         "emotion": torch.tensor([it["emotion"] for it in items], dtype=torch.long),
         "valence": torch.tensor([_nan(it["valence"]) for it in items], dtype=torch.float32),
         "arousal": torch.tensor([_nan(it["arousal"]) for it in items], dtype=torch.float32),

@@ -290,6 +290,28 @@ def read_columns(group: Any, names: tuple[str, ...], str_names: tuple[str, ...])
     return out
 
 
+def write_header(f: Any, fingerprint: dict[str, Any], hidden_size: int) -> None:
+    """The root attributes of a cache-format file (see the module docstring); `check_header` reads them."""
+    f.attrs[FORMAT_ATTR] = FORMAT_VERSION
+    f.attrs[FINGERPRINT_ATTR] = json.dumps(fingerprint, sort_keys=True)
+    f.attrs["classes"] = json.dumps(list(fingerprint["classes"]))
+    f.attrs["layers"] = np.asarray(fingerprint["layers"], dtype=np.int64)
+    f.attrs["hidden_size"] = int(hidden_size)
+    f.attrs["dtype"] = fingerprint["dtype"]
+
+
+def write_tables(f: Any, rows: Sequence[dict], skips: Sequence[tuple[str, str, str]]) -> None:
+    """/meta from one dict per utterance (META_COLUMNS keys) and /skipped from (item, reason, detail) rows."""
+    write_columns(f.create_group(META), {k: [r[k] for r in rows] for k in META_COLUMNS}, STR_COLUMNS)
+    write_columns(f.create_group(SKIPPED), {k: [s[i] for s in skips] for i, k in enumerate(SKIP_COLUMNS)},
+                  SKIP_COLUMNS)
+
+
+def read_tables(f: Any) -> tuple[dict[str, list], dict[str, list]]:
+    """(/meta, /skipped) as plain lists per column: the inverse of write_tables."""
+    return read_columns(f[META], META_COLUMNS, STR_COLUMNS), read_columns(f[SKIPPED], SKIP_COLUMNS, SKIP_COLUMNS)
+
+
 # --- validation on open: structure and shapes only (attributes and dataset headers, no data) ---
 
 REQUIRED_FINGERPRINT = ("layers", "classes", "dtype")

@@ -17,23 +17,10 @@ from typing import Any
 import h5py
 
 from cache.contents import LINKED_ATTR, Contents, cache_bytes, read_contents
-from cache.format import (
-    FEATURES,
-    META,
-    META_COLUMNS,
-    SKIP_COLUMNS,
-    SKIPPED,
-    STR_COLUMNS,
-    VAD,
-    CacheError,
-    fingerprint_diff,
-    live_skips,
-    lock_path,
-    resolve_paths,
-    write_columns,
-)
+from cache.format import (FEATURES, META_COLUMNS, SKIP_COLUMNS, VAD, CacheError, fingerprint_diff, live_skips,
+                          lock_path, resolve_paths, write_header, write_tables)
 from cache.lock import WriterLock
-from cache.parts import Part, disk_error, root_attrs, write_image
+from cache.parts import Part, disk_error, write_image
 from core.files import fsync_dir, fsync_file
 
 
@@ -77,7 +64,7 @@ def write_index(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
         key = contents[s].meta["key"][r]
         part.features[key] = h5py.ExternalLink(names[s], f"/{FEATURES}/{key}")
         part.vad[key] = h5py.ExternalLink(names[s], f"/{VAD}/{key}")
-        part.rows.append({k: contents[s].meta[k][r] for k in META_COLUMNS})
+        part.rows.append(_row(contents, s, r))
     part.skips = skips
     f.attrs[LINKED_ATTR] = json.dumps(names)  # every file it was built from belongs to the cache
     write_image(part.finish(fingerprint, hidden_size), out)
@@ -106,7 +93,7 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
     tmp = out.with_name(out.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as dst:
-            root_attrs(dst, fingerprint, hidden_size)
+            write_header(dst, fingerprint, hidden_size)
             feats, vads = dst.create_group(FEATURES), dst.create_group(VAD)
             handles = [h5py.File(p, "r") for p in sources]
             try:
@@ -118,10 +105,7 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
             finally:
                 for h in handles:
                     h.close()
-            meta = {k: [contents[owner[u][0]].meta[k][owner[u][1]] for u in sorted(owner)] for k in META_COLUMNS}
-            write_columns(dst.create_group(META), meta, STR_COLUMNS)
-            write_columns(dst.create_group(SKIPPED), {k: [row[i] for row in skips] for i, k in enumerate(SKIP_COLUMNS)},
-                          SKIP_COLUMNS)
+            write_tables(dst, [_row(contents, *owner[u]) for u in sorted(owner)], skips)
         fsync_file(tmp)
         os.replace(tmp, out)
         fsync_dir(out.parent)
@@ -155,3 +139,7 @@ def merge_shards(paths: Iterable[str | Path], out: str | Path) -> Path:
     finally:
         lock.release()
 
+
+def _row(contents: Sequence[Contents], source: int, row: int) -> dict:
+    """Row `row` of source `source`'s /meta as a dict of META_COLUMNS."""
+    return {k: contents[source].meta[k][row] for k in META_COLUMNS}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import re
 import sys
@@ -20,20 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.format import (
-    FEATURES,
-    FINGERPRINT_ATTR,
-    FORMAT_ATTR,
-    FORMAT_VERSION,
-    META,
-    META_COLUMNS,
-    SKIP_COLUMNS,
-    SKIPPED,
-    STR_COLUMNS,
-    VAD,
-    CacheError,
-    write_columns,
-)
+from cache.format import FEATURES, VAD, CacheError, write_header, write_tables
 from core.files import fsync_dir
 
 PART_GLOB = "part-*.h5"
@@ -68,20 +54,9 @@ class Part:
         """The complete file image; rows sorted like a finished cache (a lone part is renamed to F.h5)."""
         rows, skips = sorted(self.rows, key=lambda r: r["utt_id"]), sorted(self.skips)
         with self.file as f:
-            root_attrs(f, fingerprint, hidden_size)
-            write_columns(f.create_group(META), {k: [r[k] for r in rows] for k in META_COLUMNS}, STR_COLUMNS)
-            write_columns(f.create_group(SKIPPED), {k: [s[i] for s in skips] for i, k in enumerate(SKIP_COLUMNS)},
-                          SKIP_COLUMNS)
+            write_header(f, fingerprint, hidden_size)
+            write_tables(f, rows, skips)
         return self.buffer.getbuffer()
-
-
-def root_attrs(f: h5py.File, fingerprint: dict[str, Any], hidden_size: int) -> None:
-    f.attrs[FORMAT_ATTR] = FORMAT_VERSION
-    f.attrs[FINGERPRINT_ATTR] = json.dumps(fingerprint, sort_keys=True)
-    f.attrs["classes"] = json.dumps(list(fingerprint["classes"]))
-    f.attrs["layers"] = np.asarray(fingerprint["layers"], dtype=np.int64)
-    f.attrs["hidden_size"] = int(hidden_size)
-    f.attrs["dtype"] = fingerprint["dtype"]
 
 
 def layer_major(features: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
-from extract.readers import ReadCorpus, audio_ok, check_classes, clip_scale, inside, read_text, record
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance
+from extract.readers import ReadCorpus, finish, labelled_utterance, read_text, record, start
 
 SESSIONS = tuple(f"Session{k}" for k in range(1, 6))
 
@@ -40,20 +40,12 @@ SUMMARY = re.compile(r"^\[\s*([\d.]+)\s*-\s*([\d.]+)\s*\]\s+(\S+)\s+(\S+)\s+\[([
 UTT_ID = re.compile(r"^(Ses0[1-5])[FM]_.+_([FM])\d+$")
 
 
-def read(
-    root: Path,
-    *,
-    classes: tuple[str, ...] = CLASSES_4,
-    strict: bool = False,
-    merge_exc: bool = True,
-) -> ReadCorpus:
+def read(root: Path, *, classes: tuple[str, ...] = CLASSES_4, strict: bool = False, merge_exc: bool = True) -> ReadCorpus:
     """Read IEMOCAP; `merge_exc` folds excited into happy, the usual 4-class protocol."""
     root = Path(root).absolute()
     known = set(LABELS.values()) - ({"excited"} if merge_exc else set())
-    check_classes("iemocap", classes, known)
+    corpus, log = start("iemocap", root, classes, strict, known=known)
     label_dirs = _label_dirs(root)
-    log = SkipLog(strict)
-    corpus = ReadCorpus(name="iemocap", root=str(root), classes=classes)
     found: list[Utterance] = []
     for session_dir, label_dir in label_dirs:
         for txt in sorted(label_dir.glob("*.txt")):
@@ -66,9 +58,7 @@ def read(
                                   merge_exc, log, corpus.adjusted)
                 if utt is not None:
                     found.append(utt)
-    corpus.utterances = dedupe(found, log)
-    corpus.skipped = log.items
-    return corpus
+    return finish(corpus, found, log)
 
 
 def _label_dirs(root: Path) -> list[tuple[Path, Path]]:
@@ -118,21 +108,8 @@ def _parse_line(
     session, gender = ids.groups()
     dialog = utt_id.rsplit("_", 1)[0]
     path = session_dir / "sentences" / "wav" / dialog / f"{utt_id}.wav"
-    if not inside(root, path):
-        record(log, utt_id, "path_outside_root", str(path))
-        return None
-    if not audio_ok(path, utt_id, log):
-        return None
-    return Utterance(
-        utt_id=utt_id,
-        path=str(path),
-        speaker=session + gender,
-        session=session,
-        emotion=emotion,
-        valence=clip_scale(valence, "valence", adjusted),
-        arousal=clip_scale(arousal, "arousal", adjusted),
-        dataset="iemocap",
-    )
+    return labelled_utterance(root, path, utt_id, speaker=session + gender, session=session, emotion=emotion,
+                              valence=valence, arousal=arousal, dataset="iemocap", log=log, adjusted=adjusted)
 
 
 def _emotion(utt_id: str, code: str, classes: tuple[str, ...], merge_exc: bool, log: SkipLog) -> str | None:

@@ -24,20 +24,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
-from extract.readers import (
-    ReadCorpus,
-    audio_ok,
-    check_classes,
-    check_ties,
-    clip_scale,
-    inside,
-    parse_csv,
-    parse_float,
-    read_text,
-    record,
-    resolve_tie,
-)
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance
+from extract.readers import (ReadCorpus, data_rows, finish, labelled_utterance, parse_csv, parse_float, read_text,
+                             record, resolve_tie, start)
 
 # The emotions KEMDy19/20 raters use; `disqust` is a spelling slip in KEMDy20.
 EMOTIONS: frozenset[str] = frozenset({"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"})
@@ -58,19 +47,10 @@ class Row:
     arousal: str
 
 
-def read(
-    root: Path,
-    *,
-    classes: tuple[str, ...] = CLASSES_4,
-    strict: bool = False,
-    ties: str = "skip",
-) -> ReadCorpus:
+def read(root: Path, *, classes: tuple[str, ...] = CLASSES_4, strict: bool = False, ties: str = "skip") -> ReadCorpus:
     root = Path(root).absolute()
-    check_classes("kemdy19", classes, set(EMOTIONS))
-    check_ties(ties)
+    corpus, log = start("kemdy19", root, classes, strict, known=set(EMOTIONS), ties=ties)
     pairs = _annotation_pairs(root)
-    log = SkipLog(strict)
-    corpus = ReadCorpus(name="kemdy19", root=str(root), classes=classes)
     found: list[Utterance] = []
     for num, files in sorted(pairs.items()):
         rows = {gender: _read_rows(path, log) for gender, path in files.items()}
@@ -78,9 +58,7 @@ def read(
             utt = _utterance(row, root, classes, ties, log, corpus.adjusted)
             if utt is not None:
                 found.append(utt)
-    corpus.utterances = dedupe(found, log)
-    corpus.skipped = log.items
-    return corpus
+    return finish(corpus, found, log)
 
 
 def _annotation_pairs(root: Path) -> dict[str, dict[str, Path]]:
@@ -137,13 +115,7 @@ def _read_rows(path: Path, log: SkipLog) -> list[Row]:
     seg, emo, val, aro = _columns(lines[0], lines[1], path.name)
     need = max(seg, emo, val, aro)
     rows = []
-    for lineno, cells in enumerate(lines[2:], start=3):
-        where = f"{path.name}:{lineno}"
-        if isinstance(cells, str):
-            record(log, where, "malformed_line", cells)
-            continue
-        if not any(c.strip() for c in cells):
-            continue  # trailing blank rows
+    for where, cells in data_rows(lines[2:], 3, path.name, log):  # rows 1-2: the headers
         if len(cells) <= need or not SEGMENT.match(cells[seg].strip()):
             record(log, where, "malformed_line", ",".join(cells)[:80])
             continue
@@ -225,18 +197,5 @@ def _utterance(
     session = f"Sess{num}"
     dialog = row.segment.rsplit("_", 1)[0]
     path = root / "wav" / f"Session{num}" / dialog / f"{row.segment}.wav"
-    if not inside(root, path):
-        record(log, row.segment, "path_outside_root", str(path))
-        return None
-    if not audio_ok(path, row.segment, log):
-        return None
-    return Utterance(
-        utt_id=row.segment,
-        path=str(path),
-        speaker=session + gender,
-        session=session,
-        emotion=emotion,
-        valence=clip_scale(valence, "valence", adjusted),
-        arousal=clip_scale(arousal, "arousal", adjusted),
-        dataset="kemdy19",
-    )
+    return labelled_utterance(root, path, row.segment, speaker=session + gender, session=session, emotion=emotion,
+                              valence=valence, arousal=arousal, dataset="kemdy19", log=log, adjusted=adjusted)

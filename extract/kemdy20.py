@@ -15,55 +15,29 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance
 from extract.kemdy19 import EMOTIONS, select_emotion
-from extract.readers import (
-    ReadCorpus,
-    audio_ok,
-    check_classes,
-    check_ties,
-    clip_scale,
-    inside,
-    parse_csv,
-    parse_float,
-    read_text,
-    record,
-)
+from extract.readers import (ReadCorpus, data_rows, finish, labelled_utterance, parse_csv, parse_float, read_text,
+                             record, start)
 
 ANNOTATION = re.compile(r"^Sess(\d{2})_eval\.csv$")
 SEGMENT = re.compile(r"^Sess(\d{2})_[^_]+_(User\d+[FM])_\d+$")
 SEG, EMOTION, VALENCE, AROUSAL = 3, 4, 5, 6  # column positions
 
 
-def read(
-    root: Path,
-    *,
-    classes: tuple[str, ...] = CLASSES_4,
-    strict: bool = False,
-    ties: str = "skip",
-) -> ReadCorpus:
+def read(root: Path, *, classes: tuple[str, ...] = CLASSES_4, strict: bool = False, ties: str = "skip") -> ReadCorpus:
     root = Path(root).absolute()
-    check_classes("kemdy20", classes, set(EMOTIONS))
-    check_ties(ties)
+    corpus, log = start("kemdy20", root, classes, strict, known=set(EMOTIONS), ties=ties)
     files = _annotation_files(root)
-    log = SkipLog(strict)
-    corpus = ReadCorpus(name="kemdy20", root=str(root), classes=classes)
     found: list[Utterance] = []
     for num, path in sorted(files.items()):
         lines = parse_csv(read_text(path))
         # Row 1 is the header, row 2 its sub-header: data starts on row 3.
-        for lineno, cells in enumerate(lines[2:], start=3):
-            if isinstance(cells, str):
-                record(log, f"{path.name}:{lineno}", "malformed_line", cells)
-                continue
-            if not any(c.strip() for c in cells):
-                continue
-            utt = _utterance(num, cells, f"{path.name}:{lineno}", root, classes, ties, log, corpus.adjusted)
+        for where, cells in data_rows(lines[2:], 3, path.name, log):
+            utt = _utterance(num, cells, where, root, classes, ties, log, corpus.adjusted)
             if utt is not None:
                 found.append(utt)
-    corpus.utterances = dedupe(found, log)
-    corpus.skipped = log.items
-    return corpus
+    return finish(corpus, found, log)
 
 
 def _annotation_files(root: Path) -> dict[str, Path]:
@@ -103,18 +77,5 @@ def _utterance(
     if emotion is None:
         return None
     path = root / "wav" / f"Session{num}" / f"{segment}.wav"
-    if not inside(root, path):
-        record(log, segment, "path_outside_root", str(path))
-        return None
-    if not audio_ok(path, segment, log):
-        return None
-    return Utterance(
-        utt_id=segment,
-        path=str(path),
-        speaker=match.group(2),
-        session=f"Sess{num}",
-        emotion=emotion,
-        valence=clip_scale(valence, "valence", adjusted),
-        arousal=clip_scale(arousal, "arousal", adjusted),
-        dataset="kemdy20",
-    )
+    return labelled_utterance(root, path, segment, speaker=match.group(2), session=f"Sess{num}", emotion=emotion,
+                              valence=valence, arousal=arousal, dataset="kemdy20", log=log, adjusted=adjusted)

@@ -27,8 +27,9 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
-from core.records import CLASSES_4, CorpusError, SkipLog, Utterance, dedupe
-from extract.readers import ReadCorpus, audio_ok, check_classes, inside, parse_csv, parse_float, read_text, record
+from core.records import CLASSES_4, CorpusError, SkipLog, Utterance
+from extract.readers import (ReadCorpus, audio_ok, data_rows, finish, inside, parse_csv, parse_float, read_text, record,
+                             start)
 
 REQUIRED: tuple[str, ...] = ("path", "speaker", "emotion")
 OPTIONAL: tuple[str, ...] = ("valence", "arousal", "session", "utt_id", "start", "end", "split")
@@ -43,7 +44,7 @@ def read(
 ) -> ReadCorpus:
     """Read a manifest CSV; `name` is the dataset name recorded (the synthetic corpus sets it)."""
     csv_path = _csv_file(Path(root))
-    check_classes(name, classes, set(classes))
+    corpus, log = start(name, csv_path, classes, strict, known=set(classes))
     lines = parse_csv(read_text(csv_path))
     if not lines:
         raise CorpusError(f"{csv_path} is empty: a manifest needs a header row with {', '.join(REQUIRED)}")
@@ -59,15 +60,8 @@ def read(
         raise CorpusError(f"{csv_path} has the column {twice[0]!r} {header.count(twice[0])} times; keep one")
     col = {c: header.index(c) for c in REQUIRED + OPTIONAL if c in header}
     folder = csv_path.parent
-    log = SkipLog(strict)
     found: list[Utterance] = []
-    for lineno, cells in enumerate(lines[1:], start=2):
-        where = f"{csv_path.name}:{lineno}"
-        if isinstance(cells, str):
-            record(log, where, "malformed_line", cells)
-            continue
-        if not any(c.strip() for c in cells):
-            continue
+    for where, cells in data_rows(lines[1:], 2, csv_path.name, log):
         if len(cells) != len(header):
             record(log, where, "malformed_line", f"{len(cells)} cells under a {len(header)}-column header")
             continue
@@ -75,10 +69,7 @@ def read(
         utt = _utterance(row, where, folder, classes, name, log)
         if utt is not None:
             found.append(utt)
-    corpus = ReadCorpus(name=name, root=str(csv_path), classes=classes)
-    corpus.utterances = dedupe(found, log)
-    corpus.skipped = log.items
-    return corpus
+    return finish(corpus, found, log)
 
 
 def _csv_file(root: Path) -> Path:

@@ -14,12 +14,13 @@ import csv
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 
-from core.records import Corpus, CorpusError, Skip, SkipLog
+from core.records import Corpus, CorpusError, Skip, SkipLog, Utterance, dedupe
 
 # Skips that follow from the chosen protocol rather than from broken input.
 SELECTION_REASONS: frozenset[str] = frozenset({"unlabelled", "class_not_selected", "tied_label"})
@@ -176,6 +177,49 @@ def audio_ok(path: Path, item: str, log: SkipLog) -> bool:
         record(log, item, "empty_audio", str(path))
         return False
     return True
+
+
+def labelled_utterance(root: Path, path: Path, utt_id: str, *, speaker: str, session: str, emotion: str,
+                       valence: float, arousal: float, dataset: str, log: SkipLog,
+                       adjusted: dict[str, int]) -> Utterance | None:
+    """A named corpus's utterance: its audio under `root` and readable (else a skip, None), and its
+    valence/arousal clipped into 1-5 (counted in `adjusted`)."""
+    if not inside(root, path):
+        record(log, utt_id, "path_outside_root", str(path))
+        return None
+    if not audio_ok(path, utt_id, log):
+        return None
+    return Utterance(utt_id=utt_id, path=str(path), speaker=speaker, session=session, emotion=emotion,
+                     valence=clip_scale(valence, "valence", adjusted), arousal=clip_scale(arousal, "arousal", adjusted),
+                     dataset=dataset)
+
+
+def start(name: str, root: Path, classes: tuple[str, ...], strict: bool, *, known: set[str],
+          ties: str | None = None) -> tuple[ReadCorpus, SkipLog]:
+    """An empty corpus of `name` at `root` and the skip log its reader fills, once the class set
+    (against the emotions the corpus `known`s) and the ties rule are checked."""
+    check_classes(name, classes, known)
+    if ties is not None:
+        check_ties(ties)
+    return ReadCorpus(name=name, root=str(root), classes=classes), SkipLog(strict)
+
+
+def data_rows(lines: list[list[str] | str], first_line: int, file: str, log: SkipLog) -> Iterator[tuple[str, list[str]]]:
+    """(`file:line`, cells) of each CSV data row, numbered from `first_line`; a row that could not be
+    parsed (a string from parse_csv) is a malformed_line skip, a blank one is passed over."""
+    for lineno, cells in enumerate(lines, start=first_line):
+        where = f"{file}:{lineno}"
+        if isinstance(cells, str):
+            record(log, where, "malformed_line", cells)
+        elif any(c.strip() for c in cells):
+            yield where, cells
+
+
+def finish(corpus: ReadCorpus, found: list[Utterance], log: SkipLog) -> ReadCorpus:
+    """The corpus with its utterances (the first of each id, sorted by id) and every skip."""
+    corpus.utterances = dedupe(found, log)
+    corpus.skipped = log.items
+    return corpus
 
 
 def read_text(path: Path) -> str:

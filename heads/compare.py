@@ -46,23 +46,16 @@ def find_baselines(run: Run | str | Path) -> list[Run]:
     return found
 
 
-def _stat_text(stat: dict) -> str:
+def _stat_text(stat: dict, *, signed: bool = False) -> str:
+    """A fraction's mean and 95% CI in percent: `75.57% (95% CI 72.25 to 78.89)`; a difference
+    (`signed`) in points: `+1.20 points (95% CI -0.40 to +2.80)`."""
     if stat["mean"] is None:
         return "n/a"
-    text = f"{100 * stat['mean']:.2f}%"
+    number = "{:+.2f}" if signed else "{:.2f}"
+    text = number.format(100 * stat["mean"]) + (" points" if signed else "%")
     if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" (95% CI {100 * lo:.2f} to {100 * hi:.2f})"
-    return text
-
-
-def _points_text(stat: dict) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    text = f"{100 * stat['mean']:+.2f} points"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" (95% CI {100 * lo:+.2f} to {100 * hi:+.2f})"
+        lo, hi = (number.format(100 * x) for x in stat["ci95"])
+        text += f" (95% CI {lo} to {hi})"
     return text
 
 
@@ -100,8 +93,8 @@ def baseline_comparisons(run: Run | str | Path) -> list[tuple[str, str]]:
         diffs = {k: mean_ci(_difference(ours[m["fold"]][k], m[k]) for m in base.folds if m["fold"] in common)
                  for k in ("ua", "wa")}
         out.append((f"{method_label(b)} ({base.path}), {which}: UA {_stat_text(b['ua'])}, WA {_stat_text(b['wa'])}",
-                    f"{label} minus {method_label(b)}, paired over folds: UA {_points_text(diffs['ua'])}, "
-                    f"WA {_points_text(diffs['wa'])}"))
+                    f"{label} minus {method_label(b)}, paired over folds: UA {_stat_text(diffs['ua'], signed=True)}, "
+                    f"WA {_stat_text(diffs['wa'], signed=True)}"))
     return out
 
 

@@ -144,7 +144,53 @@ def _first_line(err: BaseException) -> str:
     return " ".join(lines[:2])[:200]
 
 
-class Predictor:
+class _Predicts:
+    """What a fold's Predictor and a run's Ensemble share: files and arrays read and truncated as the
+    run's training read its audio, scored by `_predict`, flagged when a fold trained on them."""
+
+    classes: list[str]
+    outputs: tuple[str, ...]
+    seen: TrainingSets
+
+    @property
+    def max_seconds(self) -> float:
+        raise NotImplementedError
+
+    def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
+        raise NotImplementedError
+
+    def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
+        return [self.predict_one(p) for p in paths]
+
+    def predict_one(self, path: str | Path) -> Prediction:
+        """A file, read and truncated as the run's training read its audio."""
+        try:
+            audio = load_audio(path, max_seconds=self.max_seconds)
+        except AudioError as err:
+            return Prediction(path=str(path), ok=False, error=str(err))
+        return self._predict(str(path), audio.samples, audio.truncated, self.seen.match(path))
+
+    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
+        """(N,) or (N, channels) audio at `sample_rate` -> a Prediction (channels averaged, resampled to 16 kHz)."""
+        try:
+            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
+        except PredictError as err:
+            return Prediction(path=name, ok=False, error=str(err))
+        return self._predict(name, wave, truncated, "")
+
+    def _prediction(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str, probs: np.ndarray,
+                    va: np.ndarray, ratio: float, folds: Sequence[int]) -> Prediction:
+        """probs (C,) and valence/arousal (2,) as a Prediction; `folds` are the ones whose training saw utt_id."""
+        seen = [k for k in folds if utt_id and self.seen.role(utt_id, k) in ("train", "val")]
+        return Prediction(
+            path=name, ok=True, emotion=self.classes[int(probs.argmax())],
+            probs={c: float(p) for c, p in zip(self.classes, probs)}, valence=float(va[0]), arousal=float(va[1]),
+            speech_ratio=ratio, seconds=len(samples) / SAMPLE_RATE, truncated=truncated,
+            outputs=self.outputs, utt_id=utt_id, seen_in_training=seen,
+        )
+
+
+class Predictor(_Predicts):
     """One fold's model, ready to predict files (or arrays) one at a time."""
 
     def __init__(self, fold_dir: str | Path, *, device: str = "cpu", encoder: "_Encoder | None" = None,
@@ -180,35 +226,9 @@ class Predictor:
     def max_seconds(self) -> float:
         return self.encoder.max_seconds
 
-    def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
-        return [self.predict_one(p) for p in paths]
-
-    def predict_one(self, path: str | Path) -> Prediction:
-        """A file, read and truncated as the run's training read its audio."""
-        try:
-            audio = load_audio(path, max_seconds=self.max_seconds)
-        except AudioError as err:
-            return Prediction(path=str(path), ok=False, error=str(err))
-        return self._predict(str(path), audio.samples, audio.truncated, self.seen.match(path))
-
-    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
-        """(N,) or (N, channels) audio at `sample_rate` -> a Prediction (channels averaged, resampled to 16 kHz)."""
-        try:
-            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
-        except PredictError as err:
-            return Prediction(path=name, ok=False, error=str(err))
-        return self._predict(name, wave, truncated, "")
-
     def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
         probs, va, ratio = self.scores(samples)
-        seen = [self.fold] if utt_id and self.seen.role(utt_id, self.fold) in ("train", "val") else []
-        return Prediction(
-            path=name, ok=True, emotion=self.classes[int(probs.argmax())],
-            probs={c: float(p) for c, p in zip(self.classes, probs)},
-            valence=float(va[0]), arousal=float(va[1]), speech_ratio=ratio,
-            seconds=len(samples) / SAMPLE_RATE, truncated=truncated, outputs=self.outputs,
-            utt_id=utt_id, seen_in_training=seen,
-        )
+        return self._prediction(name, samples, truncated, utt_id, probs, va, ratio, [self.fold])
 
     @torch.no_grad()
     def scores(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -226,7 +246,7 @@ class Predictor:
         return probs, va, speech_ratio(vad)
 
 
-class Ensemble:
+class Ensemble(_Predicts):
     """Every trained fold of a run: probabilities and valence/arousal averaged over the folds.
 
     Head-only runs share one feature extractor (all folds read the same cache);
@@ -251,34 +271,11 @@ class Ensemble:
     def max_seconds(self) -> float:
         return self.members[0].max_seconds
 
-    def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
-        return [self.predict_one(p) for p in paths]
-
-    def predict_one(self, path: str | Path) -> Prediction:
-        try:
-            audio = load_audio(path, max_seconds=self.max_seconds)
-        except AudioError as err:
-            return Prediction(path=str(path), ok=False, error=str(err))
-        return self._predict(str(path), audio.samples, audio.truncated, self.seen.match(path))
-
-    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
-        try:
-            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
-        except PredictError as err:
-            return Prediction(path=name, ok=False, error=str(err))
-        return self._predict(name, wave, truncated, "")
-
     def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
         scored = [m.scores(samples) for m in self.members]
         probs = np.mean([p for p, _, _ in scored], axis=0)  # (C,)
         va = np.mean([v for _, v, _ in scored], axis=0)  # (2,)
-        seen = [k for k in self.folds if utt_id and self.seen.role(utt_id, k) in ("train", "val")]
-        return Prediction(
-            path=name, ok=True, emotion=self.classes[int(probs.argmax())],
-            probs={c: float(p) for c, p in zip(self.classes, probs)}, valence=float(va[0]), arousal=float(va[1]),
-            speech_ratio=scored[0][2], seconds=len(samples) / SAMPLE_RATE, truncated=truncated,
-            outputs=self.outputs, utt_id=utt_id, seen_in_training=seen,
-        )
+        return self._prediction(name, samples, truncated, utt_id, probs, va, scored[0][2], self.folds)
 
 
 def load_predictor(path: str | Path, *, device: str = "cpu") -> Any:

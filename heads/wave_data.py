@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cache.dataset import label_tensors, padded
 from core.errors import UserError
 from core.frames import SAMPLE_RATE, VAD_MODES, FrameGrid
 from core.records import Corpus, Utterance
@@ -317,28 +318,15 @@ def collate_waves(items: list[dict], grid: FrameGrid) -> dict:
     "vad_mask" (B, T) bool (False on padding), "emotion" (B,) long, "valence"/"arousal" (B,)
     float32, "utt_id" list[str], "step_end" bool, "share" float.
     """
-    b = len(items)
-    n = max(len(x["wave"]) for x in items)
-    t = grid.n_frames(n)
-    waves = torch.zeros(b, n)
-    wave_mask = torch.zeros(b, n, dtype=torch.bool)
-    padding = torch.zeros(b, t, dtype=torch.bool)
-    vad = torch.zeros(b, t, dtype=torch.bool)
-    for i, x in enumerate(items):
-        k, f = len(x["wave"]), len(x["vad"])
-        waves[i, :k] = torch.from_numpy(x["wave"])
-        wave_mask[i, :k] = True
-        padding[i, :f] = True
-        vad[i, :f] = torch.from_numpy(np.asarray(x["vad"], dtype=bool))
+    waves, wave_mask = padded([x["wave"] for x in items])  # (B, N)
+    vad, padding = padded([np.asarray(x["vad"], dtype=bool) for x in items], length=grid.n_frames(waves.shape[1]),
+                          dtype=torch.bool)  # (B, T): the grid's frames of the longest wave
     return {
         "waves": waves,
         "wave_mask": wave_mask,
         "padding_mask": padding,
         "vad_mask": vad,
-        "emotion": torch.tensor([x["emotion"] for x in items], dtype=torch.long),
-        "valence": torch.tensor([x["valence"] for x in items], dtype=torch.float32),
-        "arousal": torch.tensor([x["arousal"] for x in items], dtype=torch.float32),
-        "utt_id": [x["utt_id"] for x in items],
+        **label_tensors(items),
         "step_end": bool(items[0].get("step_end", True)),
         "share": float(items[0].get("share", 1.0)),
     }

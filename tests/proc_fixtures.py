@@ -66,3 +66,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait(timeout=30)
+
+
+def signal_when(proc: subprocess.Popen, condition, sig: int, timeout: float = 120) -> None:
+    """Send `sig` to `proc` once `condition()` holds (or after `timeout`), unless it ended first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(sig)

@@ -14,23 +14,15 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, mean_absolu
 from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
-from cli import app
+from cli_runner import cli
 from head_fixtures import make_cache
 from heads.baseline import MODEL_FILE, LinearModel, cache_statistics, fit_fold, run_baseline, utterance_statistics
+from heads.compare import end_of_run_lines, find_baselines
 from heads.config import ALPHA_GRID, C_GRID, BaselineConfig
 from heads.data import fold_data
-from heads.compare import end_of_run_lines, find_baselines
 from heads.report import load_run, summarize
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

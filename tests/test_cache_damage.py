@@ -10,20 +10,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from cache.format import utt_key
-from cli import app
+from cli_runner import cli
 from fs_fixtures import one_line_error
 from tests.test_bad_rows import good_rows, write_manifest
 
-runner = CliRunner()
 VICTIM = "u005"  # the utterance the damage is done to
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +59,12 @@ def shorter_column(f) -> None:
     f["meta"].create_dataset("speaker", data=np.array(speakers[:-1], dtype=object), dtype=h5py.string_dtype())
 
 
-def n_frames(value):
+def set_meta(column, value):
+    """The damage: the victim's /meta/<column> set to `value`."""
     def change(f):
-        n = f["meta/n_frames"][()]
-        n[list(f["meta/utt_id"].asstr()[()]).index(VICTIM)] = value
-        f["meta/n_frames"][...] = n
-    return change
-
-
-def valence(value):
-    def change(f):
-        v = f["meta/valence"][()]
-        v[list(f["meta/utt_id"].asstr()[()]).index(VICTIM)] = value
-        f["meta/valence"][...] = v
+        values = f[f"meta/{column}"][()]
+        values[list(f["meta/utt_id"].asstr()[()]).index(VICTIM)] = value
+        f[f"meta/{column}"][...] = values
     return change
 
 
@@ -88,8 +74,8 @@ DAMAGE = {  # name -> (edit, words the error must contain besides "the cache is 
     "vad_deleted": (lambda f: f["vad"].__delitem__(K), [VICTIM, "VAD", "missing"]),
     "features_a_group": (lambda f: (f["features"].__delitem__(K), f["features"].create_group(K)), [VICTIM, "missing"]),
     "column_lengths": (shorter_column, ["columns have different lengths", "speaker 23"]),
-    "frame_count": (n_frames(3), [VICTIM, "frames of features, but its n_frames is 3"]),
-    "zero_frames": (n_frames(0), [VICTIM, "0 frames"]),
+    "frame_count": (set_meta("n_frames", 3), [VICTIM, "frames of features, but its n_frames is 3"]),
+    "zero_frames": (set_meta("n_frames", 0), [VICTIM, "0 frames"]),
     "mask_length": (lambda f: replace_dataset(f["vad"], K, np.ones((4, 2), np.uint8)), [VICTIM, "VAD masks of shape"]),
     "hidden_size": (lambda f: f.attrs.__setitem__("hidden_size", 40), ["u000", "hidden size 80", "is 40"]),
     "fingerprint_no_layers": (lambda f: set_fingerprint(f, lambda fp: {k: v for k, v in fp.items() if k != "layers"}),
@@ -100,7 +86,7 @@ DAMAGE = {  # name -> (edit, words the error must contain besides "the cache is 
         lambda f: (set_fingerprint(f, lambda fp: {**fp, "layers": [0, 1]}),
                    f.attrs.__setitem__("layers", np.array([0, 1]))), ["u000", "fingerprint names 2 (layers [0, 1])"]),
     "layers_attr_disagrees": (lambda f: f.attrs.__setitem__("layers", np.array([3])), ["layers attribute"]),
-    "valence_inf": (valence(np.inf), [VICTIM, "valence inf"]),
+    "valence_inf": (set_meta("valence", np.inf), [VICTIM, "valence inf"]),
     "key_mismatch": (lambda f: f["meta/key"].__setitem__(0, "elsewhere"), ["the key 'elsewhere'"]),
     "meta_group_gone": (lambda f: f.__delitem__("meta"), ["no /meta group"]),
 }

@@ -5,7 +5,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -24,6 +23,7 @@ from extract.corpora import read_corpus
 from extract.pipeline import ExtractError, extract_corpus, parse_shard
 from extract.planning import plan_batches, select_shard
 from extract.vad import vad_masks
+from proc_fixtures import signal_when
 
 SR = 16000
 GOOD = {  # utt_id -> (speaker, emotion, seconds)
@@ -358,10 +358,7 @@ def test_sigkill_mid_run_then_the_same_command_completes_the_cache(tmp_path):
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "cli.py"), *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = killed.with_suffix(".parts")
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and not list(parts.glob("part-*.h5")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    signal_when(proc, lambda: list(parts.glob("part-*.h5")), signal.SIGKILL)
     proc.wait()
     assert not killed.exists(), "the run finished before the kill; make the corpus bigger"
     assert list(parts.glob("part-*.h5"))

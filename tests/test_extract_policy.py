@@ -18,6 +18,7 @@ from extract.backends import load_backend
 from extract.corpora import read_corpus
 from extract.pipeline import extract_corpus
 from extract.planning import Policy, default_policy, plan_batches
+from proc_fixtures import signal_when
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -150,10 +151,7 @@ def test_sigkill_of_a_padded_ssl_run_then_rerun_is_bit_identical(tmp_path, tiny_
     killed, whole = tmp_path / "killed.h5", tmp_path / "whole.h5"
     proc = subprocess.Popen(cli(*args, "--out", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "killed.parts"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and not list(parts.glob("part-*.h5")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    signal_when(proc, lambda: list(parts.glob("part-*.h5")), signal.SIGKILL)
     proc.wait()
     assert not killed.exists(), "the run finished before the kill; make the corpus bigger"
     done = subprocess.run(cli(*args, "--out", killed, "--json"), capture_output=True, text=True, check=True)

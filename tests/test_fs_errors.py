@@ -7,20 +7,12 @@ import json
 import os
 
 import pytest
-from typer.testing import CliRunner
 
-from cli import app
+from cli_runner import cli
 from fs_fixtures import READ_ONLY_WORDS, grow_disk, one_line_error, read_only, small_disk
 from head_fixtures import make_cache
 from run_fixtures import write_run
 from tests.corpus_fixtures import build_manifest
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

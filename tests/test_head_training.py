@@ -141,9 +141,10 @@ def test_bucket_sampler_covers_every_item_once_and_depends_only_on_seed_and_epoc
     assert [lengths[i] for i in ordered] == sorted(lengths)
 
 
-def test_early_stopping_stops_and_restores_the_best_weights():
+def scripted_fit(val_losses: list[float], **settings) -> tuple[InMemoryTrainer, dict[int, dict]]:
+    """A trainer whose validation losses are `val_losses`, fitted; and the weights after each epoch."""
     data, feats = toy()
-    script = iter([1.0, 0.8, 0.9, 1.2, 0.1, 0.1])
+    script = iter(val_losses)
 
     class Scripted(InMemoryTrainer):
         def predict(self, split):
@@ -153,9 +154,14 @@ def test_early_stopping_stops_and_restores_the_best_weights():
             return pred
 
     seen = {}
-    trainer = Scripted(config(epochs=6, patience=2), data, feats,
+    trainer = Scripted(config(**settings), data, feats,
                        on_epoch=lambda row: seen.setdefault(row["epoch"], trainer.snapshot()))
     trainer.fit()
+    return trainer, seen
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    trainer, seen = scripted_fit([1.0, 0.8, 0.9, 1.2, 0.1, 0.1], epochs=6, patience=2)
     assert [r["epoch"] for r in trainer.history] == [1, 2, 3, 4]  # 0.9, 1.2: two bad epochs after epoch 2
     assert trainer.early.best_epoch == 2 and trainer.early.stopped
     for k, v in trainer.model.state_dict().items():
@@ -222,20 +228,7 @@ def test_an_inf_feature_is_named_before_it_poisons_the_normalization_statistics(
 
 
 def test_a_tie_in_validation_loss_keeps_the_earlier_epoch():
-    data, feats = toy()
-    script = iter([1.0, 0.8, 0.8, 0.9])
-
-    class Scripted(InMemoryTrainer):
-        def predict(self, split):
-            pred = super().predict(split)
-            if split == "val":
-                pred.loss = next(script)
-            return pred
-
-    seen = {}
-    trainer = Scripted(config(epochs=4, patience=2), data, feats,
-                       on_epoch=lambda row: seen.setdefault(row["epoch"], trainer.snapshot()))
-    trainer.fit()
+    trainer, seen = scripted_fit([1.0, 0.8, 0.8, 0.9], epochs=4, patience=2)
     # epoch 3 only equals epoch 2: not better, so it counts as a bad epoch and epoch 4 is the second
     assert trainer.early.best_epoch == 2 and trainer.early.stopped and len(trainer.history) == 4
     for k, v in trainer.model.state_dict().items():

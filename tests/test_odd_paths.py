@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-from typer.testing import CliRunner
 
-from cli import app
+from cli_runner import cli
 from fs_fixtures import one_line_error
 from head_fixtures import make_cache
 from tests.test_bad_rows import good_rows, write_manifest
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def extract(csv_path, out):

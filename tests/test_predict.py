@@ -33,16 +33,11 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir) -> Path:
-    return tiny_dir
-
-
-@pytest.fixture(scope="module")
-def cache(corpus, tiny, tmp_path_factory) -> Path:
+def cache(corpus, tiny_dir, tmp_path_factory) -> Path:
     from extract.pipeline import run_extract
 
     out = tmp_path_factory.mktemp("cache") / "tiny.h5"
-    run_extract("manifest", corpus, out=out, model=str(tiny), device="cpu", workers=0, progress=False)
+    run_extract("manifest", corpus, out=out, model=str(tiny_dir), device="cpu", workers=0, progress=False)
     return out
 
 
@@ -88,10 +83,10 @@ def test_head_only_fold_predicts_what_its_predictions_csv_says(head_run, corpus)
     assert_matches_fold(run / "fold-01", corpus, atol=2e-3)
 
 
-def test_fine_tuned_folds_predict_what_their_predictions_csv_says(cache, corpus, tiny, tmp_path):
+def test_fine_tuned_folds_predict_what_their_predictions_csv_says(cache, corpus, tiny_dir, tmp_path):
     config = finetune_config(epochs=1, batch_size=4, lr=1e-3, seed=0, device="cpu")
     full = run_finetune("manifest", corpus, config,
-                        FinetuneSettings(model=str(tiny), full=True, step_seconds=4, workers=0,
+                        FinetuneSettings(model=str(tiny_dir), full=True, step_seconds=4, workers=0,
                                          grad_checkpointing=False),
                         folds=[1], out=tmp_path / "full", cache_path=str(cache), progress=False, log=lambda s: None)
     index = WaveIndex.load(full.out / "wave-index.npz")
@@ -105,8 +100,8 @@ def test_fine_tuned_folds_predict_what_their_predictions_csv_says(cache, corpus,
 
     # Top-K mode, truncated at 1.5 s: predict rebuilds the base model + trained layer and truncates alike.
     top = run_finetune("manifest", corpus, config,
-                       FinetuneSettings(model=str(tiny), full=False, top_layers=1, max_seconds=1.5, step_seconds=4,
-                                        workers=0, grad_checkpointing=False),
+                       FinetuneSettings(model=str(tiny_dir), full=False, top_layers=1, max_seconds=1.5,
+                                        step_seconds=4, workers=0, grad_checkpointing=False),
                        folds=[1], out=tmp_path / "top", progress=False, log=lambda s: None)
     assert json.loads((top.out / "config.json").read_text())["mode"] == "finetune-top1"
     assert_matches_fold(top.out / "fold-01", corpus, atol=1e-4)

@@ -6,20 +6,12 @@ import json
 import h5py
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
-from cli import app
+from cli_runner import cli
 from core.folds import FoldError, folds_from_config, plan, plan_session_folds, plan_split_fold
 from extract import synthetic
 from head_fixtures import make_cache
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def iemocap_meta():

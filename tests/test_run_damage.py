@@ -12,19 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
 
-from cli import app
+from cli_runner import cli
 from extract.backends import tiny_wavlm
 from fs_fixtures import one_line_error
 from tests.test_bad_rows import good_rows, write_manifest
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

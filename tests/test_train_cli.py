@@ -5,26 +5,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
-from cli import app
+from cli_runner import cli
 from head_fixtures import make_cache
 from heads.data import RamBatches, make_loader, preload
 from heads.report import load_run
 
-runner = CliRunner()
 FOLD_FILES = {"metrics.json", "predictions.csv", "head.safetensors", "history.csv"}
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return make_cache(tmp_path_factory.mktemp("cache") / "synth.h5")
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 def metrics(run, k):
