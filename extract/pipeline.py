@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 # A model that fails on this many utterances before it has produced one set of
 # features is broken, not unlucky: stop instead of skipping the whole corpus.
+# Utterances that already failed in an earlier run (and are retried) do not count.
 MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
 
 
@@ -143,6 +144,8 @@ class _Tally:
     audio_seconds: float = 0.0
     skipped: Counter = field(default_factory=Counter)
     model_errors_before_success: int = 0
+    # model_error skips of an earlier run, retried now: failing again says nothing new about the model
+    retried: set[str] = field(default_factory=set)
 
 
 
@@ -171,6 +174,7 @@ def extract_corpus(
     device's measured policy (`default_policy`; batch_seconds 0 = one utterance per
     forward, workers 0 = audio loaded in a thread). Returns a summary (see `summarize`).
     """
+    from cache.format import RETRIED_REASONS
     from cache.writer import CacheWriter  # h5py only in the parent, never in the workers
 
     if batch_seconds is not None and not batch_seconds >= 0:
@@ -188,6 +192,7 @@ def extract_corpus(
     fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=dtype)
     with CacheWriter(out, fp, shard=shard) as writer:
         already = len(writer.done)
+        tally.retried = {s.item for s in writer.skipped if s.reason in RETRIED_REASONS}
         for s in select_shard_skips(corpus, shard):
             writer.skip(s.item, s.reason, s.detail)
         mine = select_shard(corpus.utterances, shard)
@@ -262,7 +267,7 @@ def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], w
             detail = f"{type(o.error).__name__}: {_first_line(o.error)}"
             if strict:
                 raise ExtractError(f"{it.utt.utt_id}: the model failed ({detail}) (strict mode)") from o.error
-            tally.model_errors_before_success += tally.written == 0
+            tally.model_errors_before_success += tally.written == 0 and it.utt.utt_id not in tally.retried
             if tally.model_errors_before_success >= MAX_ERRORS_BEFORE_FIRST_SUCCESS:
                 raise ExtractError(
                     f"the model failed on the first {tally.model_errors_before_success} utterances "
