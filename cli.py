@@ -3,7 +3,8 @@
 Every error a user can cause is a `UserError` and prints as one line on stderr
 with exit code 2, and so does every OSError (a read-only, full or missing folder,
 a permission): those are about the user's paths. Anything else is a bug and keeps
-its traceback.
+its traceback. Ctrl-C and SIGTERM stop a command with one line (`interrupted; rerun
+the same command to continue` where a rerun continues) and exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+import signal
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +27,7 @@ from core.devices import AMP_MODES, DEVICES
 from core.errors import UserError, os_error_message
 from core.folds import PROTOCOLS
 from core.frames import VAD_MODES
+from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4
 from extract.corpora import DATASETS
 from extract.models import DEFAULT_MODEL
@@ -44,13 +47,30 @@ app = typer.Typer(
 )
 
 
+# What an interrupted command left, and how to go on: every unit of work is written whole
+# (an utterance part, a fold folder, an epoch checkpoint), so a rerun continues from there.
+RESUME_HINTS = {
+    "extract": "rerun the same command to continue",
+    "train_head": "rerun the same command to continue",
+    "ablate": "rerun the same command to continue",
+    "finetune": "rerun the same command with --resume to continue",
+}
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn a UserError or an OSError into `error: <message>` on stderr and exit code 2."""
+    """Turn a UserError or an OSError into `error: <message>` on stderr and exit code 2, and Ctrl-C or
+    SIGTERM into `interrupted; <how to continue>` with exit code 130 or 143 (128 + the signal)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_interrupt():
+                return fn(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            stopped()
+            hint = RESUME_HINTS.get(fn.__name__)
+            typer.echo("interrupted" + (f"; {hint}" if hint else ""), err=True)
+            raise typer.Exit(code=128 + getattr(err, "signum", signal.SIGINT)) from None
         except UserError as err:
             typer.echo(f"error: {' '.join(str(err).split())}", err=True)
             raise typer.Exit(code=2) from None

@@ -39,8 +39,15 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=_watch, args=(parent_pid,), name="sapser-watch-parent", daemon=True).start()
 
 
+def quiet_child(parent_pid: int) -> None:
+    """die_with_parent, and leave Ctrl-C to the parent: SIGINT reaches the whole process group,
+    and the parent stops the command (one line, no traceback); its workers end with it."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_init(parent_pid: int):
-    """A picklable DataLoader `worker_init_fn` that calls die_with_parent(parent_pid)."""
+    """A picklable DataLoader `worker_init_fn` that calls quiet_child(parent_pid)."""
     return _WorkerInit(parent_pid)
 
 
@@ -49,7 +56,7 @@ class _WorkerInit:
         self.parent_pid = parent_pid
 
     def __call__(self, worker_id: int) -> None:
-        die_with_parent(self.parent_pid)
+        quiet_child(self.parent_pid)
 
 
 def _pdeathsig(sig: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,6 +20,7 @@ import numpy as np
 from core.frames import SAMPLE_RATE, FrameGrid
 from core.records import SKIP_REASONS, Utterance
 from extract.audio import AudioError, load_audio
+from extract.children import quiet_child
 from extract.vad import vad_masks
 
 PREFETCH_BATCHES = 3  # batches of audio decoded ahead of each model stream
@@ -72,17 +72,7 @@ def audio_executor(workers: int) -> Executor:
         return _Threads(max_workers=1, thread_name_prefix="sapser-audio")
     # spawn, not fork: the parent holds torch and writer threads, which a fork would copy mid-lock
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
-
-
-def _worker_init(parent_pid: int) -> None:
-    """A killed parent (SIGKILL, out of memory) runs no cleanup: the kernel ends the worker
-    with it (extract.children). Ctrl-C goes to the whole process group: the parent stops
-    the run, workers just end."""
-    from extract.children import die_with_parent
-
-    die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                               initializer=quiet_child, initargs=(os.getpid(),))
 
 
 def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,

@@ -38,7 +38,7 @@ from cache.reader import FeatureCache
 from core.errors import UserError
 from core.files import replacing
 from core.folds import plan
-from extract.children import die_with_parent
+from extract.children import quiet_child
 from heads.config import POOLINGS
 from heads.data import fold_count, fold_data, preload, select_layers
 from heads.metrics import json_safe
@@ -273,21 +273,36 @@ def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, la
     threads = max(1, (os.cpu_count() or 1) // jobs)
     results = {}
     with _progress(console, show) as bar, ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
-                                                              initializer=die_with_parent,
+                                                              initializer=quiet_child,
                                                               initargs=(os.getpid(),)) as pool:
         task = bar.add_task(f"folds ({jobs} processes)", total=len(ks))
         futures = {pool.submit(_worker, cache_path, k, config, str(out), layers, run_cfg, threads,
                                config.memory_gb / jobs): k for k in ks}
-        for fut in as_completed(futures):
-            try:
-                metrics, seconds = fut.result()
-            except BrokenProcessPool:
-                raise UserError("a fold process ended abruptly (killed, or out of memory?); the folds finished so "
-                                "far are kept: rerun the same command to train the rest") from None
-            results[futures[fut]] = metrics
-            bar.console.print(fold_line(metrics, seconds))
-            bar.advance(task)
+        try:
+            for fut in as_completed(futures):
+                try:
+                    metrics, seconds = fut.result()
+                except BrokenProcessPool:
+                    raise UserError("a fold process ended abruptly (killed, or out of memory?); the folds finished "
+                                    "so far are kept: rerun the same command to train the rest") from None
+                results[futures[fut]] = metrics
+                bar.console.print(fold_line(metrics, seconds))
+                bar.advance(task)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the fold processes ignore SIGINT, so end them here
+            _stop_workers(pool)
+            raise
     return results
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the fold processes now (folds in progress are lost; finished ones are on disk), so leaving
+    the pool does not wait for them to finish their folds."""
+    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way before 3.14
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _progress(console: Console, show: bool) -> Progress:
