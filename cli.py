@@ -244,6 +244,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batc
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (head on frozen features)")]
 WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay")]
 PatienceOpt = Annotated[int, typer.Option("--patience", help="early stopping: epochs without a better validation loss")]
+MinStepsOpt = Annotated[int, typer.Option("--min-steps", help="optimizer steps every fold gets at least: on a small corpus the batch shrinks "
+                                                              "(not below 16), then epochs and patience grow; 0: exactly as given")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="weight of the weighted cross-entropy")]
 BetaOpt = Annotated[float, typer.Option("--beta", help="weight of the valence MAE")]
@@ -273,7 +275,7 @@ def train_head(
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1, protocol: ProtocolOpt = TRAIN.protocol,
     quiet: QuietOpt = False,
@@ -301,7 +303,7 @@ def ablate(
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,

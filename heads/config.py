@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     patience: int = 5
+    min_steps: int = 1000  # at least this many optimizer steps per fold (heads/steps.py); 0: exactly as configured
     seed: int = 0
     alpha: float = 0.5
     beta: float = 0.25
@@ -85,6 +86,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.patience >= 1, "--patience must be at least 1"),
+            (self.min_steps >= 0, "--min-steps must not be negative"),
             (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
             (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
             (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
@@ -145,9 +147,10 @@ def finetune_config(**overrides: Any) -> TrainConfig:
 
     The head sees the live backbone's last hidden state, which WavLM/HuBERT
     (and Whisper) put through a final LayerNorm; statistics fitted before
-    training would go stale as soon as the backbone moves.
+    training would go stale as soon as the backbone moves. No step minimum
+    (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
-    return TrainConfig(**{"lr": 3e-5, "norm": "none", **overrides})
+    return TrainConfig(**{"lr": 3e-5, "norm": "none", "min_steps": 0, **overrides})
 
 
 # --- the classical baseline (heads/baseline.py) -------------------------------------------

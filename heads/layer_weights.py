@@ -191,7 +191,7 @@ class PooledTrainer(Trainer):
         n = x.shape[0]
         ids = self.data.split(split)
         return ResidentBatches(x, torch.ones(n, dtype=torch.bool), torch.arange(n), torch.ones(n, dtype=torch.long),
-                               ids, self.data.labels.loc[ids], batch_size=self.config.batch_size,
+                               ids, self.data.labels.loc[ids], batch_size=self.batch_size(split),
                                shuffle=split == "train", seed=self.config.seed)
 
     def param_groups(self) -> list[dict]:
@@ -222,6 +222,6 @@ def materialize(trainer: Trainer, head: SERHead, split: str,
         dest[rows] = y[padding].to(device=dest.device, dtype=dtype)
         vad[rows] = vad_mask[padding].to(dest.device)
     batches = ResidentBatches(dest, vad, starts, n, ids, trainer.data.labels.loc[ids],
-                              batch_size=trainer.config.batch_size, shuffle=split == "train", seed=trainer.config.seed,
+                              batch_size=trainer.batch_size(split), shuffle=split == "train", seed=trainer.config.seed,
                               extra={"mixed": True})
     return batches, place

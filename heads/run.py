@@ -101,7 +101,7 @@ def cache_content(cache: FeatureCache) -> dict[str, Any]:
 
 
 # Settings added after runs were first written, with the value that reproduces what those runs did.
-LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint"}
+LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint", "min_steps": 0}
 
 
 def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -260,7 +260,7 @@ def _serial(cache: FeatureCache, ks: list[int], config: TrainConfig, out: Path, 
             epochs_task = bar.add_task(f"fold {k:02d} epochs", total=config.epochs)
             start = time.perf_counter()
             results[k] = train_one(cache, k, config, out, layers, run_cfg,
-                                   on_epoch=lambda row, t=epochs_task: bar.update(t, advance=1))
+                                   on_epoch=lambda row, t=epochs_task: bar.update(t, advance=1, total=row["epochs"]))
             bar.remove_task(epochs_task)
             bar.console.print(fold_line(results[k], time.perf_counter() - start))
             bar.advance(folds_task)

@@ -52,6 +52,7 @@ from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, fold_scores
 from heads.outputs import trained_outputs
+from heads.steps import step_plan
 
 
 class TrainingError(UserError):
@@ -147,6 +148,8 @@ class Trainer:
         train = data.labels.loc[data.train]
         self.class_weights = class_weights(train["emotion"].to_numpy(), len(self.classes))
         self.va_mean, self.va_std = target_scale(train[["valence", "arousal"]].to_numpy())
+        self.plan = step_plan(len(data.train), config.batch_size, config.epochs, config.patience,
+                              config.min_steps, config.grad_accum)
         self.model = self.build_model().to(self.device)
         self.head(self.model).set_target_scale(self.va_mean.to(self.device), self.va_std.to(self.device))
         self.loss_fn = MTLLoss(self.class_weights, config.alpha, config.beta, config.gamma).to(self.device)
@@ -155,7 +158,8 @@ class Trainer:
         self.input_seconds: dict[str, float] = {}  # prepare_inputs' phases (scan, weights, materialize)
         self.prepare_inputs()
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = warmup_cosine(self.optimizer, config.epochs * self.steps_per_epoch(), config.warmup_ratio)
+        self.scheduler = warmup_cosine(self.optimizer, self.plan.epochs * self.steps_per_epoch(),
+                                      config.warmup_ratio)
         self.epoch = 0
         self.early = EarlyStop()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -183,7 +187,12 @@ class Trainer:
         if not hasattr(self, "_resident"):  # the preloaded layers, copied once to the GPU when they fit there
             self._resident = resident_copy(self.cache, self.device)
         return make_loader(self.cache, self.data.split(split), layers=self.layers, vad_mode=c.vad_mode,
-                           batch_size=c.batch_size, shuffle=split == "train", seed=c.seed, resident=self._resident)
+                           batch_size=self.batch_size(split), shuffle=split == "train", seed=c.seed,
+                           resident=self._resident)
+
+    def batch_size(self, split: str) -> int:
+        """Training batches follow the step plan (heads/steps.py); validation and test the configured size."""
+        return self.plan.batch_size if split == "train" else self.config.batch_size
 
     def prepare_inputs(self) -> None:
         """Fit what the head's input needs from the training split before training (heads/layer_weights.py).
@@ -321,7 +330,7 @@ class Trainer:
     def fit(self) -> None:
         """Train until the epochs run out or validation loss stops improving; restore the best weights."""
         c = self.config
-        while self.epoch < c.epochs and not self.early.stopped:
+        while self.epoch < self.plan.epochs and not self.early.stopped:
             epoch = self.epoch + 1
             lr = self.optimizer.param_groups[-1]["lr"]
             train_loss = self.train_epoch(epoch)
@@ -332,11 +341,11 @@ class Trainer:
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": scores["ua"],
                    "val_wa": scores["wa"], "lr": lr}
             self.history.append(row)
-            if self.early.update(epoch, val.loss, c.patience):
+            if self.early.update(epoch, val.loss, self.plan.patience):
                 self.best_state = self.snapshot()
             self.epoch = epoch
             if self.on_epoch:
-                self.on_epoch(row)
+                self.on_epoch({**row, "epochs": self.plan.epochs})
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
@@ -351,7 +360,7 @@ class Trainer:
         metrics = {
             "fold": fold.fold, "test_speaker": fold.test_speaker, "val_speaker": fold.val_speaker,
             "labels": list(self.classes), **fold_scores(pred.emotion, pred.probs, pred.va_true, pred.va, self.classes),
-            "best_epoch": self.early.best_epoch, "epochs_run": self.epoch,
+            "best_epoch": self.early.best_epoch, "epochs_run": self.epoch, "plan": self.plan.as_dict(),
             "no_speech": int(pred.no_speech.sum()), "n_test": len(pred.utt_id),
             "n_train": len(self.data.train), "n_val": len(self.data.val), "test_loss": pred.loss,
             "outputs": trained_outputs(self.data.labels.loc[self.data.train]),  # what predict may report

@@ -27,7 +27,7 @@ class InMemoryTrainer(Trainer):
 
     def make_loader(self, split):
         ids = self.data.split(split)
-        bs = self.config.batch_size
+        bs = self.batch_size(split)
         return [self.batch(ids[i : i + bs]) for i in range(0, len(ids), bs)]
 
     def batch(self, ids):
@@ -66,7 +66,8 @@ def toy(counts=(10, 20, 30, 40), n_other=8, seed=0):
 
 
 def config(**kw):
-    base = dict(epochs=4, batch_size=16, lr=3e-3, patience=10, heads=2, device="cpu", pooling="sr")
+    # min_steps 0: these tests pin the loop as configured (tests/test_steps.py covers the step plan)
+    base = dict(epochs=4, batch_size=16, lr=3e-3, patience=10, heads=2, device="cpu", pooling="sr", min_steps=0)
     base.update(kw)
     return TrainConfig(**base)
 
