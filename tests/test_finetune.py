@@ -160,10 +160,13 @@ def test_steps_keep_the_batch_and_micro_batches_keep_the_budget():
     assert [sum(len(mb) for mb in s) for s in steps] == [64, 64, 22]
     for step in steps:
         assert sum(mb.share for mb in step) == pytest.approx(1.0)
+        # each micro-batch weighs its share of the step's utterances, not 1 / (micro-batches in the step)
+        assert [mb.share for mb in step] == pytest.approx([len(mb) / sum(map(len, step)) for mb in step])
         assert [mb.step_end for mb in step] == [False] * (len(step) - 1) + [True]
         for mb in step:
             assert len(mb) == 1 or n_samples[list(mb)].max() * len(mb) <= 60 * 16_000
     assert sorted(i for s in steps for mb in s for i in mb) == list(range(150))
+    assert all(len({len(mb) for mb in s}) > 1 for s in steps)  # so the share check above means something
     again = StepBatchSampler(n_samples, batch_size=64, step_seconds=60.0, shuffle=True, seed=3)
     again.set_epoch(1)
     assert again.steps() == steps  # the epoch alone decides the order (resume at epoch granularity)
@@ -228,7 +231,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, t
     index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
     meta = corpus_meta(corp, index)
     data = fold_split(meta, corp.classes, 1, source=str(corpus))
-    trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=1.5), index=index,
+    trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=2.5), index=index,
                               max_seconds=0.0, utterances={u.utt_id: u for u in corp.utterances})
     # With equal class weights the CE is a plain mean, so the equality is exact for every term (a weighted
     # CE normalizes per micro-batch: the documented approximation of heads/finetune_trainer.py's backward).
@@ -238,6 +241,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, t
     loader.batch_sampler.set_epoch(1)
     step = loader.batch_sampler.steps()[0]
     assert len(step) >= 3 and sum(len(mb) for mb in step) == 8  # the budget really cuts the step
+    assert len({len(mb) for mb in step}) > 1  # into unequal micro-batches: equal weights would be wrong here
 
     def gradient(micro_batches) -> list[torch.Tensor]:
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,439 @@
+"""Mutation check: plant one-line bugs in a copy of the repository and see whether the tests notice (issue 12).
+
+Every entry of MUTATIONS names a file, a text that occurs exactly once in it,
+its replacement, and the few test files (or node ids) that should fail under
+it. For each mutant the tracked tree (`git ls-files`, as it is on disk) is
+copied once into a temporary folder, the one file is mutated, and
+`python -m pytest -q -x -p no:cacheprovider SELECTION` runs there with a
+timeout; the file is restored afterwards. Result: killed (a test failed),
+survived (the selection passed: a gap in the tests, or an equivalent mutant),
+or error (timeout, or pytest could not run). The unmutated selections run
+once first and must pass, else nothing is measured.
+
+The copy's code must be what runs, not this checkout's (the venv's editable
+install points here): pytest starts in the copy with the copy first on
+PYTHONPATH, no bytecode is written (a same-size edit within the same second
+could otherwise reuse a stale .pyc), and a small pytest plugin checks at the
+end of every run that each imported module of core/cache/extract/heads/cli
+came from the copy; a run that imported this checkout's code stops the script.
+
+    python bench/mutate.py                        # every mutant -> bench/results/mutation-cpu.md
+    python bench/mutate.py --list                 # the table, and whether each entry still applies
+    python bench/mutate.py --only ua-is-accuracy  # one mutant (repeatable), printed, no results file
+    python bench/mutate.py --out /tmp/m.md --timeout 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "mutation-cpu.md"
+PACKAGES = ("core", "cache", "extract", "heads", "sapser", "cli")
+GUARD_EXIT = 77  # the guard plugin's exit status: the code under test was not the copy's
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: `original` (exactly once in `file`) becomes `replacement`; `tests` should catch it."""
+
+    name: str
+    file: str
+    original: str
+    replacement: str
+    description: str
+    tests: tuple[str, ...]
+    known: bool = False  # one of the four bugs issue 12 found the suite let through
+
+
+# The four bugs the issue found uncaught come first (known=True). Two of them live in
+# heads/trainer.py, which the new mutants leave alone (it is being changed elsewhere).
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation("arousal-scored-on-valence", "heads/metrics.py",
+             "regression_metrics(va_true[:, j], va_pred[:, j])", "regression_metrics(va_true[:, j], va_pred[:, 0])",
+             "arousal MAE/CCC computed from the valence predictions",
+             ("tests/test_fold_outputs_agree.py",), known=True),
+    Mutation("micro-batch-unweighted", "heads/finetune_trainer.py",
+             'loss = loss * batch["share"]', "loss = loss",
+             "fine-tuning drops the per-micro-batch loss weighting (each micro-batch counts fully)",
+             ("tests/test_finetune.py::test_accumulated_micro_batches_give_the_gradient_of_the_whole_step",),
+             known=True),
+    Mutation("early-stop-on-tie", "heads/trainer.py",
+             "if loss < self.best_loss:", "if loss <= self.best_loss:",
+             "early stopping takes a tie in validation loss as an improvement (<= instead of <)",
+             ("tests/test_head_training.py",), known=True),
+    Mutation("warmup-from-zero", "heads/trainer.py",
+             "lambda step: theirs(step + 1)", "lambda step: theirs(step)",
+             "the warm-up starts at learning rate 0 (a wasted first step)",
+             ("tests/test_head_training.py",), known=True),
+    # --- core: frame grids and fold plans
+    Mutation("frame-count-off-by-one", "core/frames.py",
+             "return (n_samples - self.offset - self.window) // self.stride + 1",
+             "return (n_samples - self.offset - self.window) // self.stride",
+             "window-counted grids give one frame too few (the last full window is dropped)",
+             ("tests/test_frames_folds.py", "tests/test_vad.py")),
+    Mutation("vad-reads-frame-start", "core/frames.py",
+             "return self.offset + self.window // 2", "return self.offset",
+             "a frame's VAD decision is read at its first sample instead of its centre",
+             ("tests/test_vad.py", "tests/test_frames_folds.py")),
+    Mutation("val-speaker-also-trains", "core/folds.py",
+             "train = tuple(s for s in speakers if s not in (test, val))",
+             "train = tuple(s for s in speakers if s != test)",
+             "leave-one-speaker-out trains on the validation speaker too (folds not speaker-disjoint)",
+             ("tests/test_frames_folds.py",)),
+    # --- extract: audio, VAD
+    Mutation("resample-rates-swapped", "extract/audio.py",
+             "soxr.resample(x, orig_sr, sr, quality=RESAMPLE_QUALITY)",
+             "soxr.resample(x, sr, orig_sr, quality=RESAMPLE_QUALITY)",
+             "resampling from 16 kHz to the file's rate instead of the other way round",
+             ("tests/test_audio.py",)),
+    Mutation("vad-state-shared", "extract/vad.py",
+             "vad = webrtcvad.Vad(mode)", "vad = _run_vad.__dict__.setdefault(mode, webrtcvad.Vad(mode))",
+             "one WebRTC VAD per mode is reused across utterances (masks depend on extraction order)",
+             ("tests/test_vad.py",)),
+    Mutation("vad-modes-reversed", "extract/vad.py",
+             "speech = np.stack([_run_vad(pcm, mode) for mode in VAD_MODES])",
+             "speech = np.stack([_run_vad(pcm, mode) for mode in sorted(VAD_MODES, reverse=True)])",
+             "the four VAD masks are stored in reverse mode order (mode 3's mask under mode 0)",
+             ("tests/test_vad.py", "tests/test_extract.py")),
+    # --- cache: write and read
+    Mutation("cache-stores-valence-as-arousal", "cache/writer.py",
+             '"arousal": float(utt.arousal)', '"arousal": float(utt.valence)',
+             "the cache writer stores each utterance's valence in its arousal column",
+             ("tests/test_cache.py",)),
+    Mutation("preload-columns-by-position", "cache/reader.py",
+             "cols = [self._ram.positions.index(p) for p in pos]", "cols = pos",
+             "a preloaded subset of layers is indexed by stored position, not by its column in RAM",
+             ("tests/test_cache.py",)),
+    Mutation("dataset-ignores-vad-mode", "cache/dataset.py",
+             '"vad": self.cache.vad(utt_id, self.vad_mode)', '"vad": self.cache.vad(utt_id, 0)',
+             "the dataset always reads the VAD mask of mode 0, whatever --vad-mode says",
+             ("tests/test_cache.py",)),
+    # --- heads: pooling masks, SAP's softmax mask, input normalization, loss
+    Mutation("sap-pools-all-frames", "heads/pooling.py",
+             "mask = torch.where(no_speech[:, None], padding_mask, speech)",
+             "mask = torch.where(no_speech[:, None], speech, padding_mask)",
+             "SAP's fallback inverted: utterances with speech pool every real frame",
+             ("tests/test_pooling.py",)),
+    Mutation("gap-divides-by-padded-length", "heads/pooling.py",
+             "return total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)", "return total / weights.shape[1]",
+             "the masked mean divides by the padded length instead of the real frame count",
+             ("tests/test_pooling.py",)),
+    Mutation("sap-flash-attends-padding", "heads/pooling.py",
+             "attn_mask=keys[:, None, None, :]", "attn_mask=None",
+             "SAP's fused-kernel path attends to padding and non-speech keys",
+             ("tests/test_pooling.py",)),
+    Mutation("sap-softmax-unmasked", "heads/pooling.py",
+             "abar = MeanSoftmax.apply(q, k, key_bias, weights)",
+             "abar = MeanSoftmax.apply(q, k, torch.zeros_like(key_bias), weights)",
+             "SAP's chunked path drops the key mask from its softmax",
+             ("tests/test_pooling.py",)),
+    Mutation("norm-stats-include-validation", "heads/layer_weights.py",
+             'if moments is not None and split == "train":', "if moments is not None:",
+             "--norm train statistics also take the validation speaker's frames",
+             ("tests/test_input_norm.py::test_statistics_come_from_the_training_speakers_real_frames_only",)),
+    Mutation("moments-merge-drops-mean-shift", "heads/norm.py",
+             "self.m2 += m2.to(self.m2.device) + delta.square() * (self.count * n / total)",
+             "self.m2 += m2.to(self.m2.device)",
+             "merging batch moments forgets the between-batch term (std too small)",
+             ("tests/test_input_norm.py",)),
+    Mutation("class-weights-by-frequency", "heads/loss.py",
+             "w[present] = counts.sum() / (present.sum() * counts[present])",
+             "w[present] = present.sum() * counts[present] / counts.sum()",
+             "class weights proportional to class frequency instead of inverse",
+             ("tests/test_head_training.py",)),
+    Mutation("mae-over-whole-batch", "heads/loss.py",
+             "return diff.sum(dim=0) / has.sum(dim=0).clamp(min=1).to(pred.dtype)",
+             "return diff.sum(dim=0) / pred.shape[0]",
+             "the masked MAE divides by the batch size, not by the utterances with a target",
+             ("tests/test_head_training.py",)),
+    # --- heads: fold data, fine-tuning steps, metrics
+    Mutation("test-and-val-swapped", "heads/data.py",
+             'for r in ("test", "val", "train")', 'for r in ("val", "test", "train")',
+             "a fold tests on its validation speaker and early-stops on its test speaker",
+             ("tests/test_baseline.py", "tests/test_fold_outputs_agree.py")),
+    Mutation("step-share-equal", "heads/wave_data.py",
+             "share=len(p) * self.ctx.world_size / len(step)", "share=1 / len(parts)",
+             "micro-batches of a step weighted equally, not by their share of its utterances",
+             ("tests/test_finetune.py::test_accumulated_micro_batches_give_the_gradient_of_the_whole_step",
+              "tests/test_finetune.py::test_steps_keep_the_batch_and_micro_batches_keep_the_budget")),
+    Mutation("ua-is-accuracy", "heads/metrics.py",
+             "ua = balanced_accuracy_score(t, p)", "ua = accuracy_score(t, p)",
+             "UA computed as plain accuracy (WA)",
+             ("tests/test_metrics.py",)),
+    # --- heads: predict, baseline, report
+    Mutation("predict-standardized-va", "heads/predict.py",
+             "va = self.head.to_corpus_scale(out.va.float())[0]", "va = out.va.float()[0]",
+             "cli predict reports valence/arousal in standardized units, not the corpus scale",
+             ("tests/test_predict.py::test_head_only_fold_predicts_what_its_predictions_csv_says",)),
+    Mutation("baseline-scaler-sees-test", "heads/baseline.py",
+             'scaler = StandardScaler().fit(stats["train"].astype(np.float64))',
+             'scaler = StandardScaler().fit(np.concatenate([stats[s] for s in ("train", "val", "test")]))',
+             "the baseline's feature scaler is fitted on every split, test included",
+             ("tests/test_baseline.py",)),
+    Mutation("report-ci-population-std", "heads/report.py",
+             "x.std(ddof=1) / math.sqrt(x.size)", "x.std() / math.sqrt(x.size)",
+             "the 95% CI over folds uses the population std (ddof=0): too narrow",
+             ("tests/test_report.py",)),
+)
+LEAD_OWNED = ("heads/config.py", "heads/trainer.py", "heads/run.py")  # only the known bugs may target these
+
+
+def problem(m: Mutation, root: Path = ROOT) -> str | None:
+    """Why `m` cannot be planted in the tree at `root` (one line), or None."""
+    path = root / m.file
+    if not path.is_file():
+        return f"{m.name}: {m.file} does not exist"
+    if m.original == m.replacement:
+        return f"{m.name}: the replacement equals the original"
+    if "\n" in m.original or "\n" in m.replacement:
+        return f"{m.name}: not a one-line mutation"
+    if m.file in LEAD_OWNED and not m.known:
+        return f"{m.name}: {m.file} is off limits to new mutants"
+    count = path.read_text().count(m.original)
+    if count != 1:
+        return f"{m.name}: the original text occurs {count} times in {m.file}, not exactly once"
+    return None
+
+
+def mutated(m: Mutation, text: str) -> str:
+    return text.replace(m.original, m.replacement, 1)
+
+
+# --------------------------------------------------------------------------- the copy
+
+
+GUARD = '''"""Fails the run when a module of the project was imported from outside the mutated copy."""
+import os
+import sys
+
+ROOT = os.path.realpath(os.environ["SAPSER_MUTATE_ROOT"])
+PACKAGES = {packages!r}
+
+
+def outside() -> list[str]:
+    out = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name.split(".")[0] in PACKAGES and file and not os.path.realpath(file).startswith(ROOT + os.sep):
+            out.append(f"{{name}} from {{file}}")
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bad = outside()
+    imported = sorted({{n.split(".")[0] for n in sys.modules if n.split(".")[0] in PACKAGES}})
+    if bad or not imported:
+        sys.stderr.write("MUTATE-GUARD: " + ("; ".join(bad) or "no project module was imported") + "\\n")
+        session.exitstatus = {exit}
+'''
+
+
+def tracked_copy(dest: Path) -> None:
+    """The tracked files of the checkout, as they are on disk (uncommitted edits included), under `dest`."""
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True).stdout
+    for name in filter(None, names.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def environment(copy: Path, guard_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(guard_dir)])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["SAPSER_MUTATE_ROOT"] = str(copy)
+    return env
+
+
+def check_imports(copy: Path, env: dict[str, str]) -> None:
+    """Stop unless `import heads` (and the other packages) resolve to the copy in the runs' environment."""
+    code = "import sys, cli, core, cache, extract, heads; print('\\n'.join(sys.modules[n].__file__ for n in " \
+           f"{PACKAGES[:4] + ('cli',)!r}))"
+    files = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env, check=True, capture_output=True,
+                           text=True).stdout.split()
+    wrong = [f for f in files if not os.path.realpath(f).startswith(os.path.realpath(copy) + os.sep)]
+    if wrong or len(files) != 5:
+        sys.exit(f"mutate: the copy's code is not the code under test ({', '.join(wrong) or files})")
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class Outcome:
+    result: str  # killed | survived | error | baseline-failed
+    seconds: float
+    caught_by: str = ""
+    detail: str = ""
+
+
+FAILED = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def run_pytest(copy: Path, env: dict[str, str], tests: tuple[str, ...], timeout: float) -> Outcome:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "mutate_guard", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
+                              start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return Outcome("error", time.perf_counter() - start, detail=f"timeout after {timeout:.0f} s")
+    seconds = time.perf_counter() - start
+    output = proc.stdout + proc.stderr
+    if proc.returncode == GUARD_EXIT or "MUTATE-GUARD:" in output:
+        line = next(x for x in output.splitlines() if "MUTATE-GUARD:" in x) if "MUTATE-GUARD:" in output else ""
+        sys.exit(f"mutate: the code under test is not the copy's: {line}")
+    failed = FAILED.findall(output)
+    if proc.returncode == 0:
+        return Outcome("survived", seconds)
+    if proc.returncode == 1 or (proc.returncode == 2 and failed):
+        # 2 with ERROR lines: a collection error (the mutant broke an import), which fails the tests too
+        return Outcome("killed", seconds, failed[0][1] if failed else "(no FAILED line)")
+    tail = " | ".join(output.strip().splitlines()[-3:])
+    return Outcome("error", seconds, detail=f"pytest exit {proc.returncode}: {tail[:300]}")
+
+
+def run_mutant(m: Mutation, copy: Path, env: dict[str, str], timeout: float) -> Outcome:
+    path = copy / m.file
+    original = path.read_text()
+    path.write_text(mutated(m, original))
+    try:
+        return run_pytest(copy, env, m.tests, timeout)
+    finally:
+        path.write_text(original)
+
+
+def selection(mutants: list[Mutation]) -> tuple[str, ...]:
+    """The union of the mutants' tests, whole files first so a node id inside one is not run twice."""
+    files = {t for m in mutants for t in m.tests if "::" not in t}
+    nodes = {t for m in mutants for t in m.tests if "::" in t and t.split("::")[0] not in files}
+    return tuple(sorted(files) + sorted(nodes))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def machine() -> str:
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import cpu_name
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu_name()}, {os.cpu_count()} cores (load average {load:.1f} at the end); Python " \
+           f"{platform.python_version()}"
+
+
+def kill_rate(rows: list[tuple[Mutation, Outcome]], known: bool) -> str:
+    part = [o for m, o in rows if m.known == known]
+    return f"{sum(o.result == 'killed' for o in part)}/{len(part)}"
+
+
+def report(rows: list[tuple[Mutation, Outcome]], baseline: Outcome, wall: float, command: str) -> str:
+    lines = [
+        "# Mutation check: one-line bugs planted in a copy, caught by the tests? (issue 12)",
+        "",
+        f"Commit {commit()}; {machine()}.",
+        "",
+        "    " + command,
+        "",
+        f"Killed: the four bugs the issue found uncaught {kill_rate(rows, True)}, new mutants "
+        f"{kill_rate(rows, False)}, all {sum(o.result == 'killed' for _, o in rows)}/{len(rows)}. "
+        f"Unmutated selection: {baseline.result} in {baseline.seconds:.0f} s; whole run {wall / 60:.1f} min.",
+        "",
+        "| mutation | file | what it breaks | caught by | result | s |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for m, o in rows:
+        name = f"{m.name} (known)" if m.known else m.name
+        caught = f"`{o.caught_by}`" if o.caught_by else "-"
+        result = o.result + (f": {o.detail}" if o.detail else "")
+        lines.append(f"| {name} | {m.file} | {m.description} | {caught} | {result} | {o.seconds:.0f} |")
+    lines += ["", "Each mutant ran `python -m pytest -q -x -p no:cacheprovider` on its selection (the entries of "
+              "`MUTATIONS` in bench/mutate.py) in a copy of the tracked tree, with the copy's modules checked to be "
+              "the ones imported.", ""]
+    return "\n".join(lines)
+
+
+def list_table() -> int:
+    bad = 0
+    for m in MUTATIONS:
+        why = problem(m)
+        bad += why is not None
+        state = f"REFUSED: {why}" if why else "applies"
+        print(f"{m.name:34s} {m.file:26s} {'known ' if m.known else ''}{state}\n    {m.description}\n"
+              f"    tests: {' '.join(m.tests)}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the table and whether each entry applies")
+    parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)} for a full run)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
+    opts = parser.parse_args(argv)
+    if opts.list:
+        return list_table()
+    names = {m.name for m in MUTATIONS}
+    unknown = sorted(set(opts.only or ()) - names)
+    if unknown:
+        parser.error(f"no mutant named {', '.join(unknown)}; see --list")
+    mutants = [m for m in MUTATIONS if not opts.only or m.name in opts.only]
+    refused = [why for m in mutants if (why := problem(m))]
+    if refused:
+        sys.exit("mutate: refusing to run: " + "; ".join(refused))
+    out = opts.out or (None if opts.only else RESULTS)
+    command = "python bench/mutate.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sapser-mutate-") as tmp:
+        copy, guard_dir = Path(tmp) / "tree", Path(tmp) / "guard"
+        guard_dir.mkdir()
+        (guard_dir / "mutate_guard.py").write_text(GUARD.format(packages=PACKAGES, exit=GUARD_EXIT))
+        tracked_copy(copy)
+        env = environment(copy, guard_dir)
+        check_imports(copy, env)
+        tests = selection(mutants)
+        print(f"unmutated: {' '.join(tests)}", flush=True)
+        baseline = run_pytest(copy, env, tests, opts.timeout * max(1, len(mutants)))
+        if baseline.result != "survived":
+            sys.exit(f"mutate: the unmutated selection does not pass ({baseline.result}: "
+                     f"{baseline.caught_by or baseline.detail}); fix that first")
+        baseline.result = "passed"
+        print(f"unmutated: passed in {baseline.seconds:.0f} s", flush=True)
+        rows = []
+        for m in mutants:
+            outcome = run_mutant(m, copy, env, opts.timeout)
+            rows.append((m, outcome))
+            print(f"{m.name}: {outcome.result} in {outcome.seconds:.0f} s {outcome.caught_by or outcome.detail}",
+                  flush=True)
+    wall = time.perf_counter() - start
+    text = report(rows, baseline, wall, command)
+    print(f"killed: known {kill_rate(rows, True)}, new {kill_rate(rows, False)}; {wall / 60:.1f} min")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
