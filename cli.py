@@ -31,6 +31,7 @@ from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4
 from extract.corpora import DATASETS
 from extract.models import DEFAULT_MODEL
+from heads.demo import DemoConfig
 from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
                           TrainConfig, finetune_config)
 
@@ -230,6 +231,7 @@ def extract(
 
 # Options of the training commands: defaults from heads.config (README "Training heads"), help from its tables.
 TRAIN = TrainConfig()
+DEMO = DemoConfig()  # heads.demo imports nothing heavy at module level
 FINETUNE, FT = finetune_config(), FinetuneSettings()
 BASELINE = BaselineConfig()
 CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
@@ -443,14 +445,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the synthetic corpus, the tiny WavLM and training")] = 0,
     sessions: Annotated[int, typer.Option(help="synthetic sessions (2 speakers each, one fold per speaker)")] = 3,
     utts_per_speaker: Annotated[int, typer.Option(help="synthetic utterances per speaker")] = 24,
-    epochs: Annotated[int, typer.Option(help="maximum training epochs per fold")] = 30,
-    batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = 16,
+    epochs: Annotated[int, typer.Option(help="training epochs per fold before the step plan (heads/steps.py) "
+                                             "triples them on this tiny corpus")] = DEMO.epochs,
+    batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = DEMO.batch_size,
     backends: Annotated[str, typer.Option(help="comma-separated: fbank, tiny-wavlm")] = "fbank,tiny-wavlm",
     jobs: Annotated[int, typer.Option(help="folds trained in parallel processes (1 torch thread each on 2 cores)")] = 2,
 ) -> None:
     """The whole pipeline offline on CPU: synthetic corpus -> features + VAD -> GAP/SAP/SR heads over all
     folds -> the paper-style table and plots. The numbers check the pipeline, not real SER accuracy."""
-    from heads.demo import DemoConfig, run_demo
+    from heads.demo import run_demo
 
     config = DemoConfig(seed=seed, n_sessions=sessions, utts_per_speaker=utts_per_speaker, epochs=epochs,
                         batch_size=batch_size, jobs=jobs,

@@ -52,7 +52,7 @@ def scaling_case(path: str, case: str, pooling: str, memory_gb: float, epochs: i
     with FeatureCache(path) as cache:
         layers = [cache.layers[-1]] if one else list(cache.layers)
         config = TrainConfig(pooling=pooling, layer=layers[0] if one else None, layer_weights=weights,
-                             memory_gb=memory_gb, device=device)
+                             memory_gb=memory_gb, device=device, min_steps=0)  # the epoch at the configured batch
         drop_pages(Path(path))
         io0, start = io_bytes(), time.perf_counter()
         in_ram = preload(cache, layers, memory_gb)

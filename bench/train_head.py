@@ -162,11 +162,11 @@ def main() -> None:
         warm, warm_cpu, _ = plain_read(path, train_ids, layers, cold=False)
         reads[name] = (cold, warm, warm_cpu, nbytes)
 
-    configs = [
-        ("SR + mix of all layers (default)", TrainConfig(pooling="sr", device=device), all_layers, "all layers"),
-        ("GAP + mix of all layers", TrainConfig(pooling="gap", device=device), all_layers, "all layers"),
-        ("SR, one fixed layer", TrainConfig(pooling="sr", layer=fixed[0], device=device), fixed, "one layer"),
-        ("GAP, one fixed layer", TrainConfig(pooling="gap", layer=fixed[0], device=device), fixed, "one layer"),
+    configs = [  # min_steps 0: an epoch at the paper's batch 64 (the step plan would shrink it on this small cache)
+        ("SR + mix of all layers (default)", TrainConfig(pooling="sr", device=device, min_steps=0), all_layers, "all layers"),
+        ("GAP + mix of all layers", TrainConfig(pooling="gap", device=device, min_steps=0), all_layers, "all layers"),
+        ("SR, one fixed layer", TrainConfig(pooling="sr", layer=fixed[0], device=device, min_steps=0), fixed, "one layer"),
+        ("GAP, one fixed layer", TrainConfig(pooling="gap", layer=fixed[0], device=device, min_steps=0), fixed, "one layer"),
     ]
     preload_s = {}
     for label, config, layers, read_key in configs:

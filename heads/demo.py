@@ -37,7 +37,7 @@ class DemoConfig:
     seed: int = 0
     n_sessions: int = 3  # 2 speakers each -> 2 x n_sessions folds
     utts_per_speaker: int = 24
-    epochs: int = 30
+    epochs: int = 10  # x3 by the step plan (heads/steps.py): ~100 training utterances per fold, 6 steps an epoch
     # The demo corpus has ~100 training utterances per fold: batch 64 would give 2 optimizer
     # steps per epoch and an under-trained head, so the demo uses 16 (real corpora keep 64).
     batch_size: int = 16

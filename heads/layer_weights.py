@@ -45,10 +45,10 @@ from heads.norm import RunningMoments
 from heads.pooling import masked_mean, speech_frames
 from heads.trainer import TrainConfig, Trainer, TrainingError
 
-# The layer logits move ~lr per AdamW step: at the head's 1e-3 and the few hundred steps of a
-# small corpus they barely leave uniform (the weights of a jointly learned mix on Whisper base
-# stayed at 0.13-0.16 against 1/7). Stage 1 is cheap, so its logits get a larger step.
-MIX_LR_FACTOR = 30.0
+# The layer logits' rate, as a multiple of the head's. 30x was chosen when a small corpus got ~150
+# steps at 1e-3 and the logits barely left uniform; at 3e-3 and >= 1,000 steps (heads/steps.py) 30x
+# collapsed stage 1 onto one or two layers and cost 5 UA points on Whisper base (README "Defaults").
+MIX_LR_FACTOR = 1.0
 STAGE_EPOCHS: int | None = None  # None: the head's --epochs
 # float32 values per slice of a batch in the two passes (256 MiB): a batch of 64 utterances x 25
 # layers x 1024 is ~3 GB in float32, and the passes need a few temporaries of that size

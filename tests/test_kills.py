@@ -30,7 +30,7 @@ def finished(run):
 def test_killed_parallel_train_head_leaves_no_fold_process_and_a_rerun_trains_only_missing_folds(cache, tmp_path):
     run = tmp_path / "run"
     args = ["train-head", "--cache", cache, "--all-folds", "--jobs", "2", "--epochs", "8", "--patience", "8",
-            "--out", run, "--quiet"]
+            "--min-steps", "0", "--out", run, "--quiet"]
     proc = start_cli(*args)
     try:
         workers: set[int] = set()
@@ -101,7 +101,7 @@ def test_a_kill_at_every_step_of_a_serial_run_keeps_what_was_finished_and_reruns
     from kill_points import KillAt, Killed
 
     cache = make_cache(tmp_path / "c.h5", per_class=2)
-    config = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu", min_steps=0)
     reference = tmp_path / "reference"
     train_folds(cache, config, folds=[1, 2], out=reference, progress=False)
     with _pytest.MonkeyPatch.context() as mp:
@@ -128,7 +128,7 @@ def test_a_kill_at_every_step_of_a_serial_run_keeps_what_was_finished_and_reruns
 def test_a_fold_process_killed_under_a_running_command_is_one_line_and_takes_nothing_with_it(cache, tmp_path):
     run = tmp_path / "run"
     proc = start_cli("train-head", "--cache", cache, "--all-folds", "--jobs", "2", "--epochs", "8", "--patience", "8",
-                     "--out", run, "--quiet")
+                     "--min-steps", "0", "--out", run, "--quiet")
     try:
         workers: set[int] = set()
 

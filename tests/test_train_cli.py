@@ -26,7 +26,7 @@ def metrics(run, k):
 
 def test_all_folds_through_the_cli_learn_and_write_the_run_folder(cache, tmp_path):
     run = tmp_path / "run"
-    code, out = cli("train-head", "--cache", cache, "--all-folds", "--out", run, "--quiet")
+    code, out = cli("train-head", "--cache", cache, "--all-folds", "--epochs", 10, "--out", run, "--quiet")  # x3: the step plan
     assert code == 0, out
     assert "fold 06" in out
     config = json.loads((run / "config.json").read_text())
@@ -60,7 +60,7 @@ def test_all_folds_through_the_cli_learn_and_write_the_run_folder(cache, tmp_pat
 
 
 def test_same_seed_same_metrics_and_parallel_jobs_match(cache, tmp_path):
-    args = ("--cache", cache, "--epochs", 4, "--quiet")
+    args = ("--cache", cache, "--epochs", 4, "--min-steps", 0, "--quiet")
     assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "a")[0] == 0
     assert cli("train-head", *args, "--fold", 2, "--out", tmp_path / "b")[0] == 0
     assert metrics(tmp_path / "a", 2) == metrics(tmp_path / "b", 2)
@@ -124,7 +124,7 @@ def test_corpora_with_only_one_kind_of_label(tmp_path):
 
 
 def test_ablate_runs_gap_sap_and_sr_and_prints_them_side_by_side(cache, tmp_path):
-    code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--epochs", 2, "--quiet")
+    code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--epochs", 2, "--min-steps", 0, "--quiet")
     assert code == 0, out
     for pooling in ("gap", "sap", "sr"):
         assert json.loads((tmp_path / "abl" / pooling / "config.json").read_text())["settings"]["pooling"] == pooling
