@@ -175,7 +175,7 @@ def test_extract_then_train_head_end_to_end(whisper_dir, backend, tmp_path):
             assert np.abs(feats.astype(np.float32) - expected).max() <= 2e-3 * (1 + np.abs(expected).max())
     run = tmp_path / "run"
     result = runner.invoke(app, ["train-head", "--cache", str(cache), "--fold", "1", "--out", str(run),
-                                 "--epochs", "2", "--batch-size", "8", "--quiet"])
+                                 "--epochs", "2", "--batch-size", "8", "--min-steps", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "fold-01" / "metrics.json").read_text())
     assert metrics["n_test"] == 8 and metrics["epochs_run"] == 2
