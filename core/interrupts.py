@@ -6,7 +6,9 @@ DataLoader forks its workers, a `__del__`, a weakref callback), it prints "Excep
 and the command would run on. So the handler also arms a short timer that raises the same
 interrupt again, unless the first one is already unwinding the stack (then cleanup runs in peace).
 Once interrupted, the "Exception ignored" reports (the swallowed interrupt, and the `__del__` of
-objects it cut short mid-construction) are not printed: the command ends with its one line.
+objects it cut short mid-construction) and the errors of helper threads whose peers just ended
+(multiprocessing's fd-sharing thread for DataLoader workers) are not printed: the command ends
+with its one line.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ def signals_interrupt() -> Iterator[None]:
     _owner[0] = os.getpid()
     handlers = {signal.SIGINT: _raise, signal.SIGTERM: _raise, signal.SIGALRM: _redeliver}
     previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
-    unraisable = sys.unraisablehook
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = _quiet_once_interrupted(unraisable)
+    threading.excepthook = _quiet_once_interrupted(thread_hook)  # e.g. multiprocessing's fd-sharing thread
     try:
         yield
     finally:
@@ -100,4 +103,4 @@ def signals_interrupt() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if not _interrupted:  # an interrupted process is ending: half-built objects may still report at exit
-            sys.unraisablehook = unraisable
+            sys.unraisablehook, threading.excepthook = unraisable, thread_hook
