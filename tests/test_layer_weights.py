@@ -45,10 +45,7 @@ def test_stage_one_puts_the_weight_on_the_informative_layer_and_training_keeps_i
         assert not mix.logits.requires_grad
         assert all(mix.logits is not p for g in t.optimizer.param_groups for p in g["params"])
         w = mix.weights()
-        # uniform would be 1/3 each; the logits learn at the head's rate (MIX_LR_FACTOR 1: a faster
-        # rate collapsed real Whisper mixes onto one or two layers and cost 4 UA points), so they lean
-        # toward the informative layer rather than pick it outright
-        assert int(w.argmax()) == 2 and w[2] > 0.36 and w[0] < 0.32, w
+        assert w[2] > 0.6 and w[0] < 0.2, w  # uniform would be 1/3 each
         t.fit()
         assert torch.equal(t.model.mix.logits.detach(), before)
 
