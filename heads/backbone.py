@@ -36,6 +36,7 @@ single process without gradient checkpointing, and forced to 0 otherwise:
 
 from __future__ import annotations
 
+import abc
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ class BackboneSettings:
         return asdict(self)
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, metaclass=abc.ABCMeta):
     """Waveforms (B, N) -> last hidden state (B, T, D) and its (B, T) frame mask; what each family shares."""
 
     grid: FrameGrid
@@ -100,16 +101,17 @@ class Backbone(nn.Module):
         """(U,) samples -> (U,) the padded samples an utterance costs in a forward (micro-batch budgets)."""
         return np.asarray(n_samples)
 
+    @abc.abstractmethod
     def transformer_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The transformer blocks, in order (top-K fine-tuning unfreezes the last K)."""
 
+    @abc.abstractmethod
     def final_norm(self) -> nn.Module | None:
         """The layer norm applied after the last transformer layer, if the model has one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def freeze_front_end(self) -> None:
         """Freeze what turns the input into the transformer's input (conv feature encoder)."""
-        raise NotImplementedError
 
 
 class Wav2Vec2Backbone(Backbone):

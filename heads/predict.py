@@ -33,6 +33,7 @@ reported with its reason and the others go on.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -144,7 +145,7 @@ def _first_line(err: BaseException) -> str:
     return " ".join(lines[:2])[:200]
 
 
-class _Predicts:
+class _Predicts(abc.ABC):
     """What a fold's Predictor and a run's Ensemble share: files and arrays read and truncated as the
     run's training read its audio, scored by `_predict`, flagged when a fold trained on them."""
 
@@ -153,11 +154,13 @@ class _Predicts:
     seen: TrainingSets
 
     @property
+    @abc.abstractmethod
     def max_seconds(self) -> float:
-        raise NotImplementedError
+        """The longest audio the run trained on (longer input is truncated the same way)."""
 
+    @abc.abstractmethod
     def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
-        raise NotImplementedError
+        """One utterance's prediction from its 16 kHz samples."""
 
     def predict(self, paths: Sequence[str | Path]) -> list[Prediction]:
         return [self.predict_one(p) for p in paths]
