@@ -12,7 +12,10 @@ same files and the same saved model, best of --repeats each:
   the model at batch 1 with all hidden states, one float16 .npy per file);
 - ours: `python cli.py extract --dataset manifest --root CSV --model DIR --out F.h5 --json`
   at its DEFAULT settings (plus --device/--amp when given), which also computes the
-  four VAD masks and writes the resumable HDF5 cache.
+  four VAD masks and writes the resumable HDF5 cache. Its default precision is
+  `--amp auto` (bf16 on a GPU and on a CPU with native bfloat16, else float32); the
+  plain loop computes in float32 unless --amp says otherwise. Each table says which
+  precision each command ran in.
 
 Reported per corpus: whole-process wall time (start-up, imports, model loading,
 finishing the file: what a user waits for), the steady-state rate (audio seconds per
@@ -189,7 +192,8 @@ def run_plain(manifest: Path, model: Path, out: Path, opts) -> dict:
            "--device", opts.device, "--amp", opts.amp]
     r = timed(cmd)
     res = r.pop("result")
-    return {**r, "audio_seconds": res["audio_seconds"], "loop_seconds": res["loop_seconds"]}
+    compute = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}[opts.amp]
+    return {**r, "audio_seconds": res["audio_seconds"], "loop_seconds": res["loop_seconds"], "compute": compute}
 
 
 def run_ours(manifest: Path, model: Path, out: Path, opts, extra: list[str]) -> dict:
@@ -204,7 +208,8 @@ def run_ours(manifest: Path, model: Path, out: Path, opts, extra: list[str]) -> 
     r = timed(cmd)
     res = r.pop("result")
     audio = res["audio_hours"] * 3600
-    return {**r, "audio_seconds": audio, "loop_seconds": audio / res["x_real_time"], "policy": res["policy"]}
+    return {**r, "audio_seconds": audio, "loop_seconds": audio / res["x_real_time"], "policy": res["policy"],
+            "compute": res.get("compute_dtype", "float32")}
 
 
 # --------------------------------------------------------------------------- the report
@@ -229,15 +234,15 @@ def corpus_table(name: str, desc: str, n: int, seconds: float, runs: dict[str, l
         "",
         f"Audio: {desc}.",
         "",
-        "| command | whole process, best (s) | x real time, whole | steady state, best (x real time) | "
+        "| command | compute | whole process, best (s) | x real time, whole | steady state, best (x real time) | "
         "outside the loop (s) | peak RSS MiB | peak GPU MiB | every run: wall s (steady x) @ load |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for k, b in best.items():
         every = ", ".join(f"{r['wall']:.1f} ({r['audio_seconds'] / r['loop_seconds']:.2f}x) @ {r['load']:.1f}"
                           for r in runs[k])
         gpu = f"{b['gpu_peak_mb']:.0f}" if b.get("gpu_peak_mb") else "-"
-        lines.append(f"| {k} | {b['wall']:.1f} | {seconds / b['wall']:.2f} | {steady[k]:.2f} | "
+        lines.append(f"| {k} | {b.get('compute', '?')} | {b['wall']:.1f} | {seconds / b['wall']:.2f} | {steady[k]:.2f} | "
                      f"{b['wall'] - b['loop_seconds']:.1f} | {b['peak_rss_mb']:.0f} | {gpu} | {every} |")
     lines.append("")
     for k in best:
@@ -256,7 +261,9 @@ def main() -> None:
     ap.add_argument("--minutes", default="5,30", help="corpus sizes in minutes, comma-separated")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each command per corpus (alternating)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast, for both commands")
+    ap.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                    help="autocast of the plain loop [default: none, float32], and of ours when not none "
+                         "(without it ours runs at its default, --amp auto)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
                     help="also run `cli extract` with these extra options, e.g. 'old=--batch-seconds 100 --streams 1 --workers 1'")
     ap.add_argument("--work", type=Path, default=None, help="folder for corpora, model and outputs [default: a temp dir]")
@@ -301,7 +308,7 @@ def main() -> None:
         f"- Machine: {machine()}.",
         f"- Model: random-weight WavLM, `{opts.arch}` architecture "
         f"({ARCHS.get(opts.arch, 'tiny: 2 layers, 32 wide')}), layer-norm front end, every hidden state kept; "
-        f"compute {'float32' if opts.amp == 'none' else opts.amp}; stored as float16 by both.",
+        "compute precision per command in the tables (ours: what `--amp auto` chose); stored as float16 by both.",
         "- plain = bench/plain_loop.py; ours = `cli extract` at its defaults (it also computes four VAD masks).",
         "- Whole process: from starting the command to its exit. Steady state: audio seconds per second in "
         "each program's own loop (reading audio to writing features). Best of the runs; the load is the "

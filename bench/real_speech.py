@@ -124,7 +124,8 @@ def last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-def extract(manifest: Path, model: str, work: Path, fresh: bool) -> tuple[Path | None, Row]:
+def extract(manifest: Path, model: str, work: Path, fresh: bool,
+            options: list[str] | None = None) -> tuple[Path | None, Row]:
     label = backend_label(model)
     cache = work / "caches" / f"{label}.h5"
     row = Row(features=label, method="extract")
@@ -135,7 +136,7 @@ def extract(manifest: Path, model: str, work: Path, fresh: bool) -> tuple[Path |
     if fresh and cache.exists():
         cache.unlink()
     code, row.seconds, row.load = run_cli(["extract", "--dataset", "manifest", "--root", str(manifest),
-                                           "--model", model, "--out", str(cache), "--quiet"],
+                                           "--model", model, "--out", str(cache), "--quiet", *(options or [])],
                                           work / "logs" / f"extract-{label}.log")
     if code != 0:
         row.note = f"failed (exit {code}): {last_line(work / 'logs' / f'extract-{label}.log')}"
@@ -353,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reuse-runs", action="store_true",
                     help="keep finished run folders from an earlier invocation instead of training again")
     ap.add_argument("--fresh", action="store_true", help="extract the caches again too")
+    ap.add_argument("--extract-options", default="",
+                    help="options for every `cli extract` run (e.g. '--amp none'); name the model folder "
+                         "differently (a symlink) to keep caches made with other options apart")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real-speech-cpu.md",
                     help="the markdown report")
     args = ap.parse_args(argv)
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     base_options = shlex.split(args.baseline_options)
     for model in backends:
         print(f"features: {model}")
-        cache, ext = extract(manifest, model, work, args.fresh)
+        cache, ext = extract(manifest, model, work, args.fresh, shlex.split(args.extract_options))
         rows.append(ext)
         if cache is None:
             continue

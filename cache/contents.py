@@ -16,7 +16,8 @@ from typing import Any
 import h5py
 
 from cache.format import (FEATURES, FINGERPRINT_ATTR, FORMAT_ATTR, FORMAT_VERSION, CacheError, check_header,
-                          check_rows, damaged, read_tables, short_error)
+                          check_rows, damaged, data_dir, parts_dir, read_tables, short_error)
+from cache.parts import PART_GLOB
 
 # Root attribute of an index file (JSON list of the data files it links, relative to its
 # folder); a self-contained cache file has none.
@@ -64,6 +65,20 @@ def read_contents(path: Path) -> Contents:
         except (KeyError, OSError, ValueError, TypeError, RuntimeError) as err:  # h5py's ways to fail on a torn file
             raise damaged(path, f"it cannot be read ({short_error(err)})") from None
         return Contents(path=path, fingerprint=fingerprint, hidden_size=hidden_size, meta=meta, skipped=skipped)
+
+
+def stored_fingerprint(path: str | Path) -> dict[str, Any] | None:
+    """The fingerprint of the cache being written at `path` (the file, else its first data file or
+    part), or None when there is none yet or it cannot be read (the writer then says why)."""
+    path = Path(path)
+    candidates = [path] + sorted(data_dir(path).glob(PART_GLOB)) + sorted(parts_dir(path).glob(PART_GLOB))
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return read_contents(candidate).fingerprint
+            except CacheError:
+                return None
+    return None
 
 
 def cache_files(path: str | Path) -> list[Path]:

@@ -323,6 +323,7 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
         "x_real_time": tally.audio_seconds / loop_seconds if loop_seconds > 0 else 0.0,
         "float32_fallback": writer.n_fallback,
         "policy": policy.describe(),
+        "compute_dtype": str(contents.fingerprint.get("compute_dtype", "float32")),
         "cache_utterances": len(contents.utt_ids),
         "cache_skipped": dict(sorted(Counter(contents.skipped["reason"]).items())),
     }
@@ -345,6 +346,18 @@ def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None
     return (i - 1, n) if n > 1 else None
 
 
+
+
+def compute_dtype(amp: str, out: Path) -> str:
+    """The backend's `dtype` for `--amp`: as asked, except that `auto` keeps the precision of a cache
+    already begun at `out`, so a resume after a change of default (or of machine) goes on instead of
+    being refused for a different `compute_dtype`."""
+    from cache.contents import stored_fingerprint
+
+    if amp != "auto":
+        return {"none": "float32"}.get(amp, amp)
+    earlier = stored_fingerprint(out)
+    return str(earlier.get("compute_dtype", "auto")) if earlier else "auto"
 
 
 def default_out(corpus: Corpus, model: str) -> Path:
@@ -382,15 +395,23 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
     if max_s < 0:
         raise ExtractError(f"--max-seconds must be >= 0 (0 = no truncation), got {max_s}")
     corpus = read_corpus(dataset, root, classes=tuple(classes or CLASSES_4), strict=strict)
+    out_path = Path(out) if out is not None else default_out(corpus, model)
     backend = load_backend(model, layers=parse_layers(layers), device=device,
-                           dtype={"none": "float32", "auto": "auto"}.get(amp, amp))
+                           dtype=compute_dtype(amp, out_path))
     summary = extract_corpus(
-        corpus, Path(out) if out is not None else default_out(corpus, model), backend,
+        corpus, out_path, backend,
         max_seconds=max_s, batch_seconds=batch_seconds, workers=workers, streams=streams,
         shard=shard_, progress=progress, strict=strict, dtype=dtype, env=env,
     )
     summary["reader_skipped"] = corpus.skip_counts()
     return summary
+
+
+def precision_line(compute_dtype: str) -> str:
+    """The summary's precision row: the compute dtype, and how to change it."""
+    if compute_dtype == "float32":
+        return "float32"
+    return f"{compute_dtype} autocast (--amp none for float32)"
 
 
 def summary_table(summary: dict[str, Any]):
@@ -408,6 +429,7 @@ def summary_table(summary: dict[str, Any]):
         ("already in cache", f"{summary['resumed_from']:,}"),
         ("speed", f"{summary['x_real_time']:.1f}x real time ({summary['seconds']:.1f} s in all)"),
         ("policy", summary["policy"]),
+        ("precision", precision_line(summary.get("compute_dtype", "float32"))),
         ("cache", f"{summary['out']} ({summary['size_bytes'] / 2**20:.1f} MiB, "
                   f"{summary['cache_utterances']:,} utterances)"),
     ]

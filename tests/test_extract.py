@@ -10,17 +10,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import soundfile as sf
 from typer.testing import CliRunner
 
 from cache.format import CacheError
 from cache.reader import FeatureCache
 from cli import app
+from core import devices
+from core.devices import autocast_dtype, cpu_has_native_bf16
 from core.frames import FrameGrid
 from extract.audio import load_audio
 from extract.backends import load_backend
 from extract.corpora import read_corpus
-from extract.pipeline import ExtractError, extract_corpus, parse_shard
+from extract.pipeline import ExtractError, compute_dtype, extract_corpus, parse_shard, run_extract
 from extract.planning import plan_batches, select_shard
 from extract.vad import vad_masks
 from proc_fixtures import signal_when
@@ -140,21 +143,31 @@ def test_batch_size_does_not_change_the_cache(tmp_path, single_run, corpus, tiny
         assert np.array_equal(vads[u], ref_vads[u])
 
 
+class DiesAfterTwoBatches:
+    """A backend that stops the run like Ctrl-C (not an item error) on its third batch."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        for name in ("name", "grid", "layers", "n_layers", "hidden_size", "describe"):
+            setattr(self, name, getattr(inner, name))
+
+    def __call__(self, waves):
+        self.calls += 1
+        if self.calls > 2:
+            raise KeyboardInterrupt
+        return self.inner(waves)
+
+    @property
+    def one_per_forward(self):  # the policy sets it; the inner backend's describe() reports it
+        return self.inner.one_per_forward
+
+    @one_per_forward.setter
+    def one_per_forward(self, value):
+        self.inner.one_per_forward = value
+
+
 def test_an_interrupted_run_resumes_to_the_same_cache(tmp_path, single_run, corpus, tiny):
     out = tmp_path / "r.h5"
-
-    class DiesAfterTwoBatches:
-        def __init__(self, inner):
-            self.inner, self.calls = inner, 0
-            for name in ("name", "grid", "layers", "n_layers", "hidden_size", "describe"):
-                setattr(self, name, getattr(inner, name))
-
-        def __call__(self, waves):
-            self.calls += 1
-            if self.calls > 2:
-                raise KeyboardInterrupt  # like Ctrl-C mid-run: not an item error
-            return self.inner(waves)
-
     with pytest.raises(KeyboardInterrupt):
         run(corpus, out, DiesAfterTwoBatches(tiny), batch_seconds=2.0)
     assert not out.exists() and out.with_suffix(".parts").is_dir()
@@ -168,6 +181,64 @@ def test_an_interrupted_run_resumes_to_the_same_cache(tmp_path, single_run, corp
     assert skipped.to_dict("records") == ref_skipped.to_dict("records")
     again = run(corpus, out, tiny)  # a finished cache: nothing left to do
     assert again["written"] == 0 and again["planned"] == 0
+
+
+# --- compute precision: what --amp auto means, and that a cache keeps the one it began with
+
+
+def cpu_flags():
+    """This CPU's feature flags from /proc/cpuinfo (Linux), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return set(lines[0].split(":", 1)[1].split()) if lines else None
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("no x86 flags in /proc/cpuinfo on this machine")
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_on_cuda_and_on_a_cpu_with_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype("float32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def max_relative_gap(feats, ref):
+    """Largest |a - b| over all utterances, relative to the largest |b|."""
+    gap = max(float(np.abs(feats[u].astype(np.float32) - ref[u].astype(np.float32)).max()) for u in ref)
+    return gap / max(float(np.abs(ref[u].astype(np.float32)).max()) for u in ref)
+
+
+def test_auto_keeps_the_precision_of_a_cache_already_begun(tmp_path, monkeypatch, corpus_csv, corpus,
+                                                           tiny_dir, single_run):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    ref = single_run[2][0]  # float32 compute
+    options = dict(model=str(tiny_dir), workers=0, progress=False)
+
+    fresh = tmp_path / "fresh.h5"
+    summary = run_extract("manifest", corpus_csv, out=fresh, **options)
+    assert summary["compute_dtype"] == "bfloat16" and compute_dtype("auto", fresh) == "bfloat16"
+    assert 1e-3 < max_relative_gap(cache_arrays(fresh)[0], ref) < 0.05  # bf16 really ran, and stayed close
+
+    begun = tmp_path / "begun.h5"  # begun in float32 (by an older default, or --amp none), then interrupted
+    with pytest.raises(KeyboardInterrupt):
+        own = load_backend(str(tiny_dir), layers=None, device="cpu", dtype="float32")
+        run(corpus, begun, DiesAfterTwoBatches(own), batch_seconds=0)  # the CPU default: one per forward
+    assert compute_dtype("auto", begun) == "float32" and compute_dtype("none", begun) == "float32"
+    with pytest.raises(CacheError, match="compute_dtype"):  # asked for explicitly: refused, as any other change
+        run_extract("manifest", corpus_csv, out=begun, amp="bf16", **options)
+    summary = run_extract("manifest", corpus_csv, out=begun, **options)  # auto goes on in float32
+    assert summary["compute_dtype"] == "float32" and summary["resumed_from"] > 0
+    assert max_relative_gap(cache_arrays(begun)[0], ref) < 1e-3
 
 
 def test_shards_together_equal_a_single_run(tmp_path, single_run, corpus, tiny):
@@ -313,7 +384,8 @@ def test_cli_extract_end_to_end(tmp_path, corpus_csv, tiny_dir, single_run):
 
     sharded = tmp_path / "sh.h5"
     for i in (1, 2):
-        r = runner.invoke(app, cli_args(corpus_csv, tiny_dir, sharded, "--shard", f"{i}/2", "--layers", "0,2"))
+        r = runner.invoke(app, cli_args(corpus_csv, tiny_dir, sharded, "--shard", f"{i}/2", "--layers", "0,2",
+                                        "--amp", "none"))
         assert r.exit_code == 0, r.output
         assert "extraction" in r.stdout and sharded.with_name(f"sh.shard-{i}-of-2.h5").exists()
     with h5py.File(sharded.with_name("sh.shard-1-of-2.h5"), "r") as f:  # plain h5py reads a shard
