@@ -273,7 +273,8 @@ def load_backend(model: str, *, layers: Sequence[int] | None = None, device: str
     """`fbank`, `egemaps`, or a Hugging Face hub id / local folder (wav2vec2 family or Whisper).
 
     `dtype` is the compute precision of SSL models: float32, bfloat16 or
-    float16 (autocast), or auto = bfloat16 on CUDA and float32 on CPU.
+    float16 (autocast), or auto = bfloat16 on CUDA and on CPUs with native bfloat16, else float32
+    (core.devices.autocast_dtype).
     `layers` (hidden-state indices) applies to SSL models only.
     """
     if model in ("fbank", "egemaps"):
