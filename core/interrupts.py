@@ -69,10 +69,13 @@ def _redeliver(signum: int, frame: object) -> None:
     _raise(_pending[0], frame)
 
 
-def _quiet_once_interrupted(previous):
-    def hook(unraisable) -> None:
-        if not _interrupted:
-            previous(unraisable)
+def _quiet_once_interrupted(previous, *, threads_only: bool = False):
+    """`previous` (an exception hook), silent once the command was interrupted; with `threads_only`,
+    silent only when another thread than the main one calls it (the main thread's errors still show)."""
+    def hook(*args) -> None:
+        if _interrupted and (not threads_only or threading.current_thread() is not threading.main_thread()):
+            return
+        previous(*args)
 
     return hook
 
@@ -93,9 +96,12 @@ def signals_interrupt() -> Iterator[None]:
     _owner[0] = os.getpid()
     handlers = {signal.SIGINT: _raise, signal.SIGTERM: _raise, signal.SIGALRM: _redeliver}
     previous = {s: signal.signal(s, handler) for s, handler in handlers.items()}
-    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+    unraisable, thread_hook, excepthook = sys.unraisablehook, threading.excepthook, sys.excepthook
     sys.unraisablehook = _quiet_once_interrupted(unraisable)
-    threading.excepthook = _quiet_once_interrupted(thread_hook)  # e.g. multiprocessing's fd-sharing thread
+    threading.excepthook = _quiet_once_interrupted(thread_hook)
+    # multiprocessing's fd-sharing thread (resource_sharer._serve, DataLoader workers) reports its
+    # errors through sys.excepthook directly, not threading.excepthook
+    sys.excepthook = _quiet_once_interrupted(excepthook, threads_only=True)
     try:
         yield
     finally:
@@ -103,4 +109,4 @@ def signals_interrupt() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if not _interrupted:  # an interrupted process is ending: half-built objects may still report at exit
-            sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+            sys.unraisablehook, threading.excepthook, sys.excepthook = unraisable, thread_hook, excepthook

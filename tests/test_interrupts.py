@@ -127,3 +127,43 @@ def test_an_interrupt_python_swallows_is_raised_again(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "interrupted 2 after quiet", done.stdout + done.stderr
+
+
+THREAD_REPORTS = """
+import os, signal, sys, threading, time
+from core.interrupts import Interrupted, signals_interrupt
+
+try:
+    with signals_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)
+except Interrupted:
+    print("interrupted")
+
+def report():  # as multiprocessing's fd-sharing thread (resource_sharer._serve) reports its errors
+    try:
+        raise RuntimeError("a helper thread whose peer was ended")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+
+helper = threading.Thread(target=report)
+helper.start()
+helper.join()
+try:
+    raise ValueError("the main thread's own error")
+except ValueError:
+    sys.excepthook(*sys.exc_info())
+"""
+
+
+def test_after_an_interrupt_helper_threads_reporting_through_sys_excepthook_stay_quiet(tmp_path):
+    """The one-line message stays the last line: a helper thread's report through sys.excepthook is
+    dropped once the command was interrupted, while the main thread's own errors still show."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", THREAD_REPORTS], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
+    assert "RuntimeError" not in done.stderr and "ValueError: the main thread's own error" in done.stderr, done.stderr
