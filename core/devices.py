@@ -60,7 +60,7 @@ def autocast_dtype(name: str, device: torch.device, *, error: type[UserError] = 
 
     Why bf16 on such a CPU: on the 2-core Zen 4 development machine it runs WavLM 1.8x faster than
     float32, and the heads trained on its features score as those on float32 features (README
-    "Extraction speed"); a GPU's default is bf16 for the same reason."""
+    "Benchmarks", Extraction); a GPU's default is bf16 for the same reason."""
     import torch
 
     if name == "auto":
