@@ -375,7 +375,7 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
                 classes: Sequence[str] | None = None, progress: bool = True,
                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
-    from cache.format import DTYPES
+    from cache.format import DTYPES, shard_path
     from core.records import CLASSES_4
     from extract.backends import load_backend
     from extract.corpora import default_max_seconds, read_corpus
@@ -396,8 +396,9 @@ def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None
         raise ExtractError(f"--max-seconds must be >= 0 (0 = no truncation), got {max_s}")
     corpus = read_corpus(dataset, root, classes=tuple(classes or CLASSES_4), strict=strict)
     out_path = Path(out) if out is not None else default_out(corpus, model)
+    written = shard_path(out_path, shard_) if shard_ else out_path  # the file CacheWriter resumes
     backend = load_backend(model, layers=parse_layers(layers), device=device,
-                           dtype=compute_dtype(amp, out_path))
+                           dtype=compute_dtype(amp, written))
     summary = extract_corpus(
         corpus, out_path, backend,
         max_seconds=max_s, batch_seconds=batch_seconds, workers=workers, streams=streams,

@@ -240,6 +240,11 @@ def test_auto_keeps_the_precision_of_a_cache_already_begun(tmp_path, monkeypatch
     assert summary["compute_dtype"] == "float32" and summary["resumed_from"] > 0
     assert max_relative_gap(cache_arrays(begun)[0], ref) < 1e-3
 
+    sharded = tmp_path / "sharded.h5"  # a shard keeps its own file's precision too
+    run_extract("manifest", corpus_csv, out=sharded, amp="none", shard="1/2", **options)
+    again = run_extract("manifest", corpus_csv, out=sharded, shard="1/2", **options)
+    assert again["compute_dtype"] == "float32" and again["planned"] == 0
+
 
 def test_shards_together_equal_a_single_run(tmp_path, single_run, corpus, tiny):
     out = tmp_path / "s.h5"
