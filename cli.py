@@ -32,7 +32,7 @@ from core.records import CLASSES_4
 from extract.corpora import DATASETS
 from extract.models import DEFAULT_MODEL
 from heads.demo import DemoConfig
-from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
+from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLED_NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
                           TrainConfig, finetune_config)
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
@@ -238,6 +238,9 @@ CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (fro
 PoolingOpt = Annotated[str, typer.Option("--pooling", help=POOLINGS.help())]
 LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]
 NormOpt = Annotated[str, typer.Option("--norm", help=f"input normalization before the layer mix: {NORMS.help()}")]
+SpreadOpt = Annotated[bool, typer.Option("--spread/--no-spread", help="append each dimension's std over the utterance's "
+                                                                      "frames to the pooled vector (not in the paper)")]
+PooledNormOpt = Annotated[str, typer.Option("--pooled-norm", help=f"before the projection: {POOLED_NORMS.help()}")]
 LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help=f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")]
 VadOpt = Annotated[int, typer.Option("--vad-mode", help=f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} "
                                                           "whose mask SAP uses")]
@@ -275,6 +278,7 @@ def train_head(
     pooling: PoolingOpt = TRAIN.pooling,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
+    spread: SpreadOpt = TRAIN.spread, pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
@@ -303,6 +307,7 @@ def ablate(
     cache: CacheOpt,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
+    spread: SpreadOpt = TRAIN.spread, pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,

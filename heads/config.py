@@ -43,6 +43,10 @@ NORMS: Choices[Choice] = Choices("--norm", {
     "frame": Choice("parameter-free LayerNorm per frame"),
     "none": Choice(),
 })
+POOLED_NORMS: Choices[Choice] = Choices("--pooled-norm", {
+    "train": Choice("standardize the utterance statistics (GAP mean, --spread) with training-utterance statistics"),
+    "none": Choice(),
+})
 LAYER_WEIGHTS: Choices[Choice] = Choices("--layer-weights", {
     "pooled": Choice("first, from per-utterance layer means, then fixed: one layer's cost per epoch"),
     "joint": Choice("with the head at every step: reads every layer every epoch"),
@@ -56,6 +60,8 @@ class TrainConfig:
     pooling: str = "sr"  # POOLINGS
     layer: int | None = None  # None: learnable softmax mix of every cached layer
     norm: str = "train"  # NORMS (heads/norm.py)
+    spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/pooling.py)
+    pooled_norm: str = "train"  # POOLED_NORMS (heads/pooled_norm.py)
     layer_weights: str = "pooled"  # LAYER_WEIGHTS: how the mix is learned (heads/layer_weights.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
@@ -78,7 +84,8 @@ class TrainConfig:
     protocol: str = "speaker"  # fold plan: core.folds.PROTOCOLS
 
     def validate(self) -> None:
-        for choices, value in ((POOLINGS, self.pooling), (NORMS, self.norm), (LAYER_WEIGHTS, self.layer_weights)):
+        for choices, value in ((POOLINGS, self.pooling), (NORMS, self.norm), (LAYER_WEIGHTS, self.layer_weights),
+                               (POOLED_NORMS, self.pooled_norm)):
             choices.check(value)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
@@ -143,14 +150,17 @@ class FinetuneSettings:
 
 
 def finetune_config(**overrides: Any) -> TrainConfig:
-    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden, and no input normalization.
+    """TrainConfig with the paper's fine-tuning rate (3e-5) unless overridden, no input normalization, the paper's SR.
 
     The head sees the live backbone's last hidden state, which WavLM/HuBERT
     (and Whisper) put through a final LayerNorm; statistics fitted before
-    training would go stale as soon as the backbone moves. No step minimum
+    training would go stale as soon as the backbone moves (so no
+    `--pooled-norm` either), and the pooled vector is the paper's eq. 6
+    (no `--spread`). No step minimum
     (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
-    return TrainConfig(**{"lr": 3e-5, "norm": "none", "min_steps": 0, **overrides})
+    return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "pooled_norm": "none", "min_steps": 0,
+                          **overrides})
 
 
 # --- the classical baseline (heads/baseline.py) -------------------------------------------

@@ -1,5 +1,15 @@
 """The SR/MTL head: input normalization -> layer mix -> pooling -> 32-d projection -> classifier + regressors.
 
+Pooled vector: the pooling's output (GAP, SAP or SR = [GAP | SAP]), then,
+with `spread` (`--spread`, the default for heads on cached features), each
+dimension's standard deviation over the utterance's real frames
+(`[... | std]`): mean-like poolings cannot see how much a dimension moves
+within an utterance, the prosodic range a classical baseline reads from its
+std. `pooled_norm` (`--pooled-norm train`, heads/pooled_norm.py) then puts
+the fixed statistics (GAP's mean, the std) at unit scale with
+training-utterance statistics. Neither is in the paper; `--no-spread
+--pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
+
 Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
 says "projected into 32 dimensions"; the non-linearity lets the three tasks
 share a non-linear bottleneck (without it proj + classifier is just a
@@ -29,7 +39,8 @@ from torch import nn
 
 from heads.layers import LayerMix
 from heads.norm import InputNorm
-from heads.pooling import GAP, make_pooling, speech_frames
+from heads.pooled_norm import PooledNorm
+from heads.pooling import GAP, make_pooling, masked_std, speech_frames
 
 
 @dataclass
@@ -43,12 +54,19 @@ class SERHead(nn.Module):
     """Layer mix + pooling + shared projection + 4-way classifier + two regressors."""
 
     def __init__(self, hidden_size: int, n_layers: int, n_classes: int, *, pooling: str = "sr",
-                 proj_dim: int = 32, heads: int = 8, dropout: float = 0.1, norm: str = "none") -> None:
+                 proj_dim: int = 32, heads: int = 8, dropout: float = 0.1, norm: str = "none",
+                 spread: bool = False, pooled_norm: str = "none") -> None:
         super().__init__()
         self.norm = InputNorm(norm, n_layers, hidden_size)
         self.mix = LayerMix(n_layers, hidden_size)
         self.pool = make_pooling(pooling, hidden_size, heads=heads)
-        self.proj = nn.Sequential(nn.Linear(self.pool.output_size, proj_dim), nn.GELU(), nn.Dropout(dropout))
+        self.spread = spread
+        pooled_size = self.pool.output_size + (hidden_size if spread else 0)
+        statistics = torch.zeros(pooled_size, dtype=torch.bool)  # (P,) the dims that are fixed frame statistics
+        statistics[: self.pool.statistic_dims] = True
+        statistics[self.pool.output_size :] = True
+        self.pooled_norm = PooledNorm(pooled_norm, pooled_size, statistics)
+        self.proj = nn.Sequential(nn.Linear(pooled_size, proj_dim), nn.GELU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(proj_dim, n_classes)
         self.regressor = nn.Linear(proj_dim, 2)  # two regressors (valence, arousal) as one 2-output layer
         self.register_buffer("va_mean", torch.zeros(2))
@@ -58,7 +76,7 @@ class SERHead(nn.Module):
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
-        if isinstance(self.pool, GAP) and self.norm.per_frame_affine:
+        if isinstance(self.pool, GAP) and self.norm.per_frame_affine and not self.spread:
             # GAP, the normalization and the mix are all linear: pool each layer, then normalize and
             # mix (B, L, D), so neither touches every frame (one pass over the features).
             x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
@@ -77,10 +95,17 @@ class SERHead(nn.Module):
 
     def from_mixed(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         """Pooling and the task layers on already normalized and mixed frames `x (B, T, D)`."""
-        return self.outputs(self.pool(x, padding_mask, vad_mask), padding_mask, vad_mask)
+        return self.outputs(self.pooled(x, padding_mask, vad_mask), padding_mask, vad_mask)
+
+    def pooled(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled vector of mixed frames `x (B, T, D)`: `(B, P)`, before `pooled_norm`."""
+        pooled = self.pool(x, padding_mask, vad_mask)  # (B, pool.output_size)
+        if self.spread:
+            pooled = torch.cat([pooled, masked_std(x, padding_mask)], dim=-1)  # (B, P)
+        return pooled
 
     def outputs(self, pooled: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
-        z = self.proj(pooled)  # (B, proj_dim)
+        z = self.proj(self.pooled_norm(pooled))  # (B, proj_dim)
         _, no_speech = speech_frames(padding_mask, vad_mask)
         return HeadOutput(self.classifier(z), self.regressor(z), no_speech)
 

@@ -52,6 +52,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+SPREAD_EPS = 1e-6  # added to the variance: the std's gradient stays finite on a dimension constant in an utterance
+
+
+def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population std over T of `x (B, T, D)` where `mask (B, T)` is True: `(B, D)`, sqrt(var + SPREAD_EPS).
+
+    Centred before squaring (no E[x^2] - E[x]^2 cancellation); an all-False row gives sqrt(SPREAD_EPS).
+    """
+    centred = x - masked_mean(x, mask)[:, None, :]  # (B, T, D)
+    return (masked_mean(centred.square(), mask) + SPREAD_EPS).sqrt()  # (B, D)
+
+
 def compact(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the selected frames of each row to the front and cut the batch to the longest row.
 
@@ -83,6 +95,7 @@ class GAP(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.output_size = input_size
+        self.statistic_dims = input_size  # output dims [0, n) are fixed statistics of the frames (--pooled-norm)
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(features, padding_mask)  # (B, D)
@@ -105,6 +118,7 @@ class SAP(nn.Module):
         self.output_size = input_size
         self.heads = attention_heads(input_size, heads)
         self.mhsa = nn.MultiheadAttention(input_size, self.heads, batch_first=True)
+        self.statistic_dims = 0  # learned, so --pooled-norm leaves it alone
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
         mask, _ = speech_frames(padding_mask, vad_mask)  # (B, T)
@@ -248,6 +262,7 @@ class SR(nn.Module):
         self.sap = SAP(input_size, heads=heads)
         self.input_size = input_size
         self.output_size = self.gap.output_size + self.sap.output_size
+        self.statistic_dims = self.gap.output_size  # GAP comes first
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
         gap = self.gap(features, padding_mask, vad_mask)  # (B, D)

@@ -54,6 +54,7 @@ from extract.vad import speech_ratio, vad_masks
 from heads.checkpoint import load_weights
 from heads.head import SERHead
 from heads.outputs import OUTPUTS, fold_outputs
+from heads.run import LEGACY_SETTINGS
 from heads.utterances import read_run_utterances
 
 
@@ -208,7 +209,9 @@ class Predictor(_Predicts):
         self.head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
                             pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
                             heads=int(settings["heads"]), dropout=float(settings["dropout"]),
-                            norm=str(settings.get("norm", "none")))  # runs before --norm stored no statistics
+                            norm=str(settings.get("norm", "none")),  # runs before --norm stored no statistics
+                            spread=bool(settings.get("spread", LEGACY_SETTINGS["spread"])),
+                            pooled_norm=str(settings.get("pooled_norm", LEGACY_SETTINGS["pooled_norm"])))
         state = load_head(self.head, self.fold_dir / "head.safetensors")
         self.head.to(self.device).eval()
         self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))

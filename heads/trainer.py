@@ -38,6 +38,7 @@ import copy
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -175,7 +176,7 @@ class Trainer:
         n_layers, hidden = self.feature_shape()
         c = self.config
         return SERHead(hidden, n_layers, len(self.classes), pooling=c.pooling, proj_dim=c.proj_dim,
-                       heads=c.heads, dropout=c.dropout, norm=c.norm)
+                       heads=c.heads, dropout=c.dropout, norm=c.norm, spread=c.spread, pooled_norm=c.pooled_norm)
 
     def head(self, model: torch.nn.Module) -> SERHead:
         return model  # type: ignore[return-value]
@@ -200,11 +201,19 @@ class Trainer:
         `--norm train`: the normalization statistics; `--layer-weights pooled`
         (more than one layer): the layer weights, then the train and
         validation loaders are replaced by batches of frames normalized and
-        mixed once. Fine-tuning has nothing to fit (norm none, one layer).
+        mixed once. Then `--pooled-norm train`: the pooled statistics' scale
+        (heads/pooled_norm.py). Fine-tuning has nothing to fit (norm none, one
+        layer, no pooled norm).
         """
         from heads.layer_weights import prepare_inputs
+        from heads.pooled_norm import fit_pooled_norm
 
         prepare_inputs(self)
+        head = self.head(self.model)
+        if head.pooled_norm.mode == "train":  # after the above: it pools what the head will see
+            start = time.perf_counter()
+            fit_pooled_norm(self, head)
+            self.input_seconds["pooled_norm"] = time.perf_counter() - start
 
     def pass_loader(self, split: str) -> Iterable[dict]:
         """Batches for prepare_inputs' one-off passes over a split, in order.

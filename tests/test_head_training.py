@@ -217,7 +217,15 @@ def test_a_nan_loss_names_the_epoch_and_batch():
     bad = data.train[20]
     feats[bad][0][0, 0, 0] = float("inf")
     with pytest.raises(TrainingError, match=rf"epoch 1, batch 2 \(utterances .*{bad}"):
-        InMemoryTrainer(config(norm="none", layer_weights="joint"), data, feats).fit()
+        InMemoryTrainer(config(norm="none", pooled_norm="none", layer_weights="joint"), data, feats).fit()
+
+
+def test_a_nan_frame_is_named_before_the_pooled_statistics_are_fitted():
+    data, feats = toy()
+    bad = data.train[20]
+    feats[bad][0][0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=rf"utterance\(s\) {bad} have NaN/inf features"):
+        InMemoryTrainer(config(norm="none", pooled_norm="train", layer_weights="joint"), data, feats)
 
 
 def test_an_inf_feature_is_named_before_it_poisons_the_normalization_statistics():
