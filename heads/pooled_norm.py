@@ -75,6 +75,8 @@ def fit_pooled_norm(trainer: Trainer, head: SERHead) -> int:
     cache's frames through the fitted normalization and the mix. The head is
     in eval mode for the pass (no dropout; nothing here has any).
     """
+    from heads.layer_weights import check_finite
+
     mode = head.training
     head.eval()
     loader = trainer.loaders["train"]
@@ -84,13 +86,7 @@ def fit_pooled_norm(trainer: Trainer, head: SERHead) -> int:
         features, padding, vad = trainer.encode(batch)
         x = features if batch.get("mixed") else head.mixed(features, padding)  # (B, T, D)
         pooled = head.pooled(x, padding, vad).float()  # (B, P)
-        bad = ~torch.isfinite(pooled).all(dim=1)  # (B,)
-        if bool(bad.any()):  # one NaN/inf frame would poison every utterance's standardized statistics
-            from heads.trainer import TrainingError
-
-            names = [u for u, b in zip(batch["utt_id"], bad.tolist()) if b]
-            raise TrainingError(f"utterance(s) {', '.join(names[:5])} have NaN/inf features in the cache; "
-                                "re-extract them or leave them out")
+        check_finite(pooled, x, padding, batch["utt_id"])  # one NaN/inf frame would poison every row's statistics
         rows.append(pooled)
     head.train(mode)
     pooled = torch.cat(rows)  # (N, P)
