@@ -6,24 +6,27 @@ it favours the layers that fit the training speakers. On Whisper base
 the layer that is best alone for the held-out speaker (GAP 73.9 UA against
 69.4 with the pooled mix). A leave-one-speaker-out linear probe per layer,
 inside the fold's training and validation speakers, ranked the layers as
-the outer test speakers did.
+GAP per single layer did on the test speakers; with its weights GAP
+reached 77.2 UA on those folds (SR did not gain: README "Input
+normalization and layer weights, measured").
 
 Per layer l, on the utterance means that `pooled` also uses, `(N, L, 2D)`
 [mean of all frames | mean of speech frames], normalized the same way:
-a ridge classifier (scikit-learn's `RidgeClassifier(class_weight="balanced")`
-on `StandardScaler`'d features, in closed form) is trained on all but one
-group of speakers and scored by UA on the group left out; the score is the
-mean over groups. The groups are the fold's training and validation
-speakers, dealt into at most PROBE_MAX_GROUPS groups; the test speaker's
-utterances are never scanned. Utterances without an emotion label take no
-part. The weights are softmax((score - best) / PROBE_TEMPERATURE).
+a ridge classifier (scikit-learn's `RidgeClassifier` on `StandardScaler`'d
+features, class weights "balanced" over all N, in closed form) is trained
+on all but one group of speakers and scored by UA on the group left out;
+the score is the mean over groups. The groups are the fold's training and
+validation speakers, dealt into at most PROBE_MAX_GROUPS groups; the test
+speaker's utterances are never scanned. Utterances without an emotion
+label take no part. The weights are softmax((score - best) / PROBE_TEMPERATURE).
 
-The closed form shares the work of the inner folds: per class c, the
-scatter S_c = X_c^T X_c of all utterances is computed once per layer, and
-an inner fold subtracts its held-out rows, so a layer costs two passes of
-(N x F) x (F x F) products plus one F x F Cholesky per inner fold. Measured
-cost at WavLM Large's shape in the README ("Input normalization and layer
-weights, measured").
+Why ridge: on 3 Whisper base folds, logistic regression ranked the top layers
+the same way but took about 4 minutes per outer fold on 360 utterances; the ridge
+closed form shares the work of the inner folds. Each utterance enters one
+weighted scatter, its group's (G, F, F); inner fold g solves with the total
+less group g's, so a layer costs one N x F x F pass plus one F x F Cholesky
+factorization per inner fold. Measured cost at WavLM Large's shape in the
+README ("Input normalization and layer weights, measured").
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ PROBE_MAX_GROUPS = 10
 # The ridge penalty on standardized features per training row: alpha = PROBE_RIDGE * n_train, so that
 # directions carrying less variance than one standardized feature are shrunk by half or more, at any N.
 PROBE_RIDGE = 1.0
-# float32 halves the CPU time of float64 at WavLM Large's shape; on Whisper base's real-speech folds the
-# two gave the same scores to 1e-7 (the features are standardized first, so the sums lose no digits)
+# float32: 21 s against float64's 49 s at WavLM Large's shape on 2 cores; on 6 of Whisper base's real-speech
+# folds the two gave the same scores to 1e-7 (the features are standardized first, so the sums keep their digits)
 PROBE_DTYPE = torch.float32
 
 
@@ -113,14 +116,11 @@ class GroupScatter:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> None:
         n_groups, n_classes = int(groups.max()) + 1, int(y.max()) + 1
-        cell = groups * n_classes + y  # (N,)
-
-        def per_cell(v: torch.Tensor) -> torch.Tensor:  # (N, ...) summed per (group, class): (G, K, ...)
-            out = torch.zeros(n_groups * n_classes, *v.shape[1:], dtype=x.dtype, device=x.device)
-            return out.index_add_(0, cell, v).view(n_groups, n_classes, *v.shape[1:])
-
-        self.counts = per_cell(torch.ones(len(y), dtype=x.dtype, device=x.device))  # (G, K)
-        self.sums, self.squares = per_cell(x), per_cell(x.square())  # (G, K, F)
+        # a product with the one-hot cells, not index_add_ (atomic adds on CUDA): the same sums every run
+        cells = torch.nn.functional.one_hot(groups * n_classes + y, n_groups * n_classes).to(x.dtype).T  # (GK, N)
+        self.counts = cells.sum(1).view(n_groups, n_classes)  # (G, K)
+        self.sums = (cells @ x).view(n_groups, n_classes, -1)  # (G, K, F)
+        self.squares = (cells @ x.square()).view(n_groups, n_classes, -1)  # (G, K, F)
         n = self.counts.sum(0)  # (K,)
         self.class_weight = len(y) / (n_classes * n)  # (K,) "balanced" over all rows
         w = self.class_weight[y]  # (N,)
