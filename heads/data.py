@@ -44,7 +44,11 @@ BUCKET_BATCHES = 50  # batches per length-sorted chunk: enough to group lengths,
 
 @dataclass(frozen=True)
 class FoldData:
-    """The utterances of one fold and their labels (`labels` index utt_id: emotion (int, -1 = none), valence, arousal)."""
+    """The utterances of one fold and their labels.
+
+    `labels` index utt_id: emotion (int, -1 = none), valence, arousal (NaN = none), speaker (str; the
+    probe of `--layer-weights probe` holds speakers out).
+    """
 
     fold: Fold
     train: list[str]
@@ -110,7 +114,7 @@ def fold_split(meta: pd.DataFrame, classes: Sequence[str], k: int, protocol: str
             raise UserError(f"fold {k} cannot be trained: its {name} {fold.column} {who} has no labelled utterances")
     if not train:
         raise UserError(f"fold {k} cannot be trained: its training {fold.column}s have no labelled utterances")
-    return FoldData(fold, train, val, test, labels.drop(columns="speaker"), tuple(classes))
+    return FoldData(fold, train, val, test, labels, tuple(classes))
 
 
 def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:

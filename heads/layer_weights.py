@@ -28,6 +28,13 @@ predict, not by what helps SAP's attention over frames, and they do not
 co-adapt with the pooling during training. The README reports what that
 costs or gains on the corpora at hand. `--layer-weights joint` keeps the
 mix learnable at every step.
+
+`--layer-weights probe` shares steps 1 and 3 and replaces step 2: the
+weights come from per-layer linear probes scored leave-one-speaker-out on
+the same normalized means (heads/layer_probe.py), i.e. from how well each
+layer predicts speakers it was not fitted on rather than from the training
+loss. With fewer than two labelled speakers outside the test, step 2 runs
+as for `pooled` and `metrics.json` says so under "inputs".
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 from core.errors import UserError
 from heads.data import FoldData, ResidentBatches, resident_tensor
 from heads.head import SERHead
+from heads.layer_probe import probe_layer_logits
 from heads.norm import RunningMoments
 from heads.pooling import masked_mean, speech_frames
 from heads.trainer import TrainConfig, Trainer, TrainingError
@@ -66,26 +74,26 @@ class Scan:
 
 
 def prepare_inputs(trainer: Trainer) -> None:
-    """Fit `--norm train` statistics and, for `--layer-weights pooled` with several layers, the layer weights."""
+    """Fit `--norm train` statistics and, for `--layer-weights pooled|probe` with several layers, the layer weights."""
     head = trainer.head(trainer.model)
     config = trainer.config
     fit_norm = head.norm.mode == "train"
-    pooled = config.layer_weights == "pooled" and head.mix.n_layers > 1
-    if not (fit_norm or pooled):
+    fixed = config.layer_weights in ("pooled", "probe") and head.mix.n_layers > 1  # weights found first, then fixed
+    if not (fit_norm or fixed):
         return
     start = time.perf_counter()
-    scan = scan_splits(trainer, head, ("train", "val") if pooled else ("train",), fit_norm=fit_norm, pool=pooled)
+    scan = scan_splits(trainer, head, ("train", "val") if fixed else ("train",), fit_norm=fit_norm, pool=fixed)
     if fit_norm:
         head.norm.set_stats(scan.moments)
     info: dict[str, Any] = {}
     seconds = {"scan": time.perf_counter() - start}  # for benchmarks; metrics.json stays deterministic
-    if pooled:
+    if fixed:
         affine = head.norm.affine()
         if affine is not None:  # a mean of affinely normalized frames = the normalized mean
             scale, shift = (torch.cat([a, a], dim=-1).to(scan.pooled["train"].device) for a in affine)  # (L, 2D)
             scan.pooled = {k: v * scale + shift for k, v in scan.pooled.items()}
         mark = time.perf_counter()
-        logits, info = learn_layer_weights(trainer, scan.pooled)
+        logits, info = find_layer_weights(trainer, scan.pooled)
         head.mix.fix(logits.to(head.mix.logits.device))
         seconds["weights"], mark = time.perf_counter() - mark, time.perf_counter()
         where = set()
@@ -159,6 +167,19 @@ def check_finite(means: torch.Tensor, x: torch.Tensor, padding: torch.Tensor, ut
     names = [u for u, b in zip(utt_ids, bad.tolist()) if b] or utt_ids  # else: non-finite padding, blame the batch
     raise TrainingError(f"utterance(s) {', '.join(names[:5])} have NaN/inf features in the cache; "
                         "re-extract them or leave them out")
+
+
+def find_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The layer logits (L,) by `--layer-weights` (pooled or probe), and what was done to find them."""
+    info: dict[str, Any] = {}
+    if trainer.config.layer_weights == "probe":
+        data = trainer.data
+        logits, info = probe_layer_logits(torch.cat([pooled["train"], pooled["val"]]),
+                                          data.labels.loc[data.train + data.val])
+        if logits is not None:
+            return logits, info
+    logits, learned = learn_layer_weights(trainer, pooled)
+    return logits, {**info, **learned}
 
 
 def learn_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
