@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCALING_SECTION = "## All layers vs one layer, cache larger than the memory budget"
 SCALING_CASES = {  # name -> (layer_weights, one layer?)
-    "one": ("pooled", True),
+    "one": ("probe", True),
+    "probe": ("probe", False),
     "pooled": ("pooled", False),
     "joint": ("joint", False),
 }
@@ -130,7 +131,7 @@ def scaling_report(args, path: Path, results: list[dict]) -> list[str]:
         ratio = epoch / min(base["epoch_s"]) if base else float("nan")
         total = (r["setup_s"] + 30 * epoch) / (base["setup_s"] + 30 * min(base["epoch_s"])) if base else float("nan")
         rchar, stor = r["epoch_read"][-1]
-        label = {"one": "one layer", "pooled": "all layers, default (pooled weights)",
+        label = {"one": "one layer", "probe": "all layers, default (probe weights)", "pooled": "all layers, pooled weights",
                  "joint": "all layers, joint weights"}[r["case"]]
         lines.append(
             f"| {r['pooling'].upper()} | {label} | {r['layers']} | {r['setup_s']:.1f} | {phases(r['prepare_s'])} | "

@@ -41,7 +41,7 @@ the default (`--layer-weights pooled`, all layers) and the jointly learned
 mix (`--layer-weights joint`, all layers, read from disk every epoch).
 
     python bench/train_head.py --layer-scaling [--utts 300] [--layers 25] [--dim 512] [--memory-gb 0.5]
-                               [--epochs 2] [--poolings gap,sr] [--cases one,pooled,joint] [--device cpu|cuda]
+                               [--epochs 2] [--poolings gap,sr] [--cases one,probe,pooled,joint] [--device cpu|cuda]
                                [--threads N]
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--memory-gb", type=float, default=0.5, help="--layer-scaling: the trainer's RAM budget")
     ap.add_argument("--epochs", type=int, default=2, help="--layer-scaling: epochs timed per case; the fastest counts")
     ap.add_argument("--poolings", default="gap,sr", help="--layer-scaling: heads to time")
-    ap.add_argument("--cases", default="one,pooled,joint", help="--layer-scaling: one, pooled, joint")
+    ap.add_argument("--cases", default="one,probe,pooled,joint", help="--layer-scaling: one, probe, pooled, joint")
     ap.add_argument("--device", default="cpu", help="--layer-scaling: cpu or cuda")
     ap.add_argument("--threads", type=int, default=0,
                     help="--layer-scaling: torch threads per case (0: torch's default; 1 is steadier on a busy machine)")

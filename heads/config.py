@@ -64,7 +64,7 @@ class TrainConfig:
     norm: str = "train"  # NORMS (heads/norm.py)
     spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/pooling.py)
     pooled_norm: str = "train"  # POOLED_NORMS (heads/pooled_norm.py)
-    layer_weights: str = "pooled"  # LAYER_WEIGHTS: how the mix is learned (heads/layer_weights.py)
+    layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/layer_weights.py, heads/layer_probe.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
     batch_size: int = 64

@@ -3,8 +3,8 @@
 Why: a mix of all L cached layers learned jointly with the head touches
 every layer of every frame in every epoch (IEMOCAP, 25 WavLM layers: ~52 GB
 per epoch, from disk when it does not fit RAM), while the head's own
-arithmetic works on one layer's worth. `--layer-weights pooled` (the
-default) splits the learning in two stages:
+arithmetic works on one layer's worth. `--layer-weights probe` (the
+default) and `pooled` split the learning in stages:
 
 1. One pass over the fold's training and validation utterances (all
    layers) collects, per utterance, the mean of every layer over its real
@@ -29,12 +29,14 @@ co-adapt with the pooling during training. The README reports what that
 costs or gains on the corpora at hand. `--layer-weights joint` keeps the
 mix learnable at every step.
 
-`--layer-weights probe` shares steps 1 and 3 and replaces step 2: the
-weights come from per-layer linear probes scored leave-one-speaker-out on
-the same normalized means (heads/layer_probe.py), i.e. from how well each
-layer predicts speakers it was not fitted on rather than from the training
-loss. With fewer than two labelled speakers outside the test, step 2 runs
-as for `pooled` and `metrics.json` says so under "inputs".
+`--layer-weights probe` (the default) shares steps 1 and 3 and replaces
+step 2: the weights come from per-layer linear probes scored
+leave-one-speaker-out on the same normalized means (heads/layer_probe.py),
+i.e. from how well each layer predicts speakers it was not fitted on rather
+than from the training loss, which on Whisper base starved the layer that
+generalizes best (README "Input normalization and layer weights,
+measured"). With fewer than two labelled speakers outside the test, step 2
+runs as for `pooled` and `metrics.json` says so under "inputs".
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ it is folded into the mix: sum_l w_l (x_l - m_l) / s_l = sum_l x_l (w_l / s_l)
 - sum_l w_l m_l / s_l, one pass over the frames and no normalized copy.
 
 How the weights are learned (`--layer-weights`, heads/layer_weights.py):
-`pooled` (default) learns them first from per-utterance means of every layer
-and then freezes them (`fix`), so the head trains on one materialized layer's
-worth of frames; `joint` learns them with the head at every step (every
-layer of every frame is read in every epoch).
+`probe` (default) scores a linear probe per layer, leave-one-speaker-out on
+per-utterance means of every layer, and `pooled` learns them by a small head
+on those means; both then freeze them (`fix`), so the head trains on one
+materialized layer's worth of frames. `joint` learns them with the head at
+every step (every layer of every frame is read in every epoch).
 """
 
 from __future__ import annotations

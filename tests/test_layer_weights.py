@@ -44,7 +44,7 @@ def trainer(cache_path: Path, fc: FeatureCache, **kw) -> Trainer:
 def test_stage_one_puts_the_weight_on_the_informative_layer_and_training_keeps_it(loud):
     with FeatureCache(loud) as fc:
         preload(fc, fc.layers, 1.0)
-        t = trainer(loud, fc)
+        t = trainer(loud, fc, layer_weights="pooled")  # stage 1 of pooled; probe: its own tests below
         mix = t.model.mix
         before = mix.logits.detach().clone()
         assert not mix.logits.requires_grad
@@ -90,13 +90,13 @@ def test_after_preparation_an_epoch_reads_nothing_from_the_cache(loud, monkeypat
         assert len(reads) == len(t.data.test)
 
 
-def test_pooled_and_joint_mixes_both_learn_and_the_run_records_its_method(loud, tmp_path):
+def test_probe_pooled_and_joint_mixes_all_learn_and_the_run_records_its_method(loud, tmp_path):
     ua = {}
-    for method in ("pooled", "joint"):
+    for method in ("probe", "pooled", "joint"):
         _, (m,) = train_folds(loud, config(epochs=12, layer_weights=method), folds=[1], out=tmp_path / method,
                               progress=False)
         ua[method] = m["ua"]
-        assert ("inputs" in m) == (method == "pooled")
+        assert ("inputs" in m) == (method != "joint")
     assert min(ua.values()) > 0.8, ua
 
 
