@@ -95,7 +95,8 @@ def write_audio(folder: Path, n: int, seconds: float, speaker: str, seed: int = 
 def fold_of(train: list[Utterance], held: list[Utterance]) -> FoldData:
     everyone = train + held
     labels = pd.DataFrame({"emotion": [CLASSES_4.index(u.emotion) for u in everyone],
-                           "valence": [u.valence for u in everyone], "arousal": [u.arousal for u in everyone]},
+                           "valence": [u.valence for u in everyone], "arousal": [u.arousal for u in everyone],
+                           "speaker": [u.speaker for u in everyone]},
                           index=[u.utt_id for u in everyone])
     ids = [u.utt_id for u in held]
     return FoldData(Fold(1, "S1M", "S2F", ("S1F",)), [u.utt_id for u in train], ids, ids, labels, CLASSES_4)

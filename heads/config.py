@@ -68,7 +68,7 @@ class TrainConfig:
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 3e-3  # head on frozen features (README "Defaults the paper left open"); the paper's 3e-5 is for 316M fine-tuned parameters
+    lr: float = 1e-3  # head on frozen features (README "Defaults the paper left open"); the paper's 3e-5 is for 316M fine-tuned parameters
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     patience: int = 5

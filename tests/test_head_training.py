@@ -58,7 +58,7 @@ def toy(counts=(10, 20, 30, 40), n_other=8, seed=0):
             t = int(torch.randint(4, 12, (1,), generator=g))
             x = torch.randn(t, L, D, generator=g) + means[c]
             feats[u] = (x, torch.rand(t, generator=g) < 0.7)
-            rows[u] = {"emotion": c, "valence": 1.0 + c, "arousal": 5.0 - c}
+            rows[u] = {"emotion": c, "valence": 1.0 + c, "arousal": 5.0 - c, "speaker": split}  # one per split
             split_ids[split].append(u)
     labels = pd.DataFrame.from_dict(rows, orient="index")
     fold = Fold(1, "test", "val", ("train",))

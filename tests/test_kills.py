@@ -75,7 +75,7 @@ def test_a_changed_setting_is_still_refused_and_named(cache, tmp_path):
     assert result.exit_code == 2
     line = " ".join(result.output.split())
     assert "already holds a run with other settings" in line
-    assert "lr 0.003 (run) vs 0.01 (now)" in line and "seed 0 (run) vs 3 (now)" in line
+    assert "lr 0.001 (run) vs 0.01 (now)" in line and "seed 0 (run) vs 3 (now)" in line
     # Settings that change speed, not results, never refuse.
     again = runner.invoke(app, [*base, "--memory-gb", "0", "--device", "cpu"])
     assert again.exit_code == 0, again.output
