@@ -48,10 +48,11 @@ POOLED_NORMS: Choices[Choice] = Choices("--pooled-norm", {
     "none": Choice(),
 })
 LAYER_WEIGHTS: Choices[Choice] = Choices("--layer-weights", {
-    "pooled": Choice("first, from per-utterance layer means, then fixed: one layer's cost per epoch"),
-    "joint": Choice("with the head at every step: reads every layer every epoch"),
     "probe": Choice("from per-layer linear probes, leave-one-speaker-out on the training and validation speakers' "
-                    "utterance means (never the test speaker's), then fixed"),
+                    "utterance means (never the test speaker's), then fixed: one layer's cost per epoch"),
+    "pooled": Choice("first, learned by a small head on per-utterance layer means, then fixed: one layer's cost "
+                     "per epoch"),
+    "joint": Choice("with the head at every step: reads every layer every epoch"),
 })
 
 
