@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -85,6 +86,7 @@ class Row:
 def make_corpus(work: Path, sessions: int, per_class: int, seed: int) -> Path:
     manifest = work / "corpus" / "manifest.csv"
     if manifest.is_file():
+        check_corpus_options(work / "corpus", {"sessions": sessions, "per_class": per_class, "seed": seed})
         print(f"reusing the corpus {manifest}")
         return manifest
     if shutil.which("espeak-ng") is None:
@@ -93,6 +95,24 @@ def make_corpus(work: Path, sessions: int, per_class: int, seed: int) -> Path:
     subprocess.run([sys.executable, str(_HERE / "speech_corpus.py"), str(work / "corpus"), "--sessions",
                     str(sessions), "--per-class", str(per_class), "--seed", str(seed)], check=True)
     return manifest
+
+
+def check_corpus_options(corpus: Path, asked: dict[str, int]) -> None:
+    """Refuse a corpus that bench/speech_corpus.py made with other options than these (its corpus.json).
+
+    A corpus without corpus.json (made before it was written, or not by speech_corpus.py) is reused as is.
+    """
+    saved = corpus / "corpus.json"
+    if not saved.is_file():
+        return
+    made = json.loads(saved.read_text())
+    differ = [k for k in asked if made.get(k) != asked[k]]
+    if differ:
+        def options(values: dict) -> str:
+            return " ".join(f"--{k.replace('_', '-')} {values.get(k)}" for k in differ)
+
+        raise SystemExit(f"{corpus} was made with {options(made)}, not {options(asked)}: give another --work, "
+                         f"or delete {corpus} to make it anew")
 
 
 def backend_label(model: str) -> str:

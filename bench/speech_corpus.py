@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -170,6 +171,8 @@ def make_corpus(out: str | Path, *, sessions: int = 5, per_class: int = 10, seed
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    # what made it: bench/real_speech.py refuses to reuse a corpus made with other options
+    (out / "corpus.json").write_text(json.dumps({"sessions": sessions, "per_class": per_class, "seed": seed}) + "\n")
     return manifest
 
 

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from extract.synthetic import generate
 from heads.report import load_run, summarize
 
@@ -51,3 +53,15 @@ def test_harness_runs_the_baseline_and_heads_through_the_cli(tmp_path):
     assert bad[-1].startswith("failed (exit 2)") and bad[4] == "–"
     assert "| no-such-model | – | – | – | skipped: no model folder" in text
     assert "python bench/real_speech.py --work" in text and "Machine:" in text
+
+
+def test_a_corpus_made_with_other_options_is_refused_not_reused(tmp_path):
+    harness = load_harness()
+    corpus = tmp_path / "work" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "manifest.csv").write_text("path,speaker,emotion,session,utt_id\n")
+    assert harness.make_corpus(tmp_path / "work", 10, 9, 1) == corpus / "manifest.csv"  # no corpus.json: as is
+    (corpus / "corpus.json").write_text(json.dumps({"sessions": 5, "per_class": 9, "seed": 0}))
+    assert harness.make_corpus(tmp_path / "work", 5, 9, 0) == corpus / "manifest.csv"
+    with pytest.raises(SystemExit, match=r"made with --sessions 5 --seed 0, not --sessions 10 --seed 1: give another"):
+        harness.make_corpus(tmp_path / "work", 10, 9, 1)
