@@ -240,6 +240,8 @@ LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cach
 NormOpt = Annotated[str, typer.Option("--norm", help=f"input normalization before the layer mix: {NORMS.help()}")]
 SpreadOpt = Annotated[bool, typer.Option("--spread/--no-spread", help="append each dimension's std over the utterance's "
                                                                       "frames to the pooled vector (not in the paper)")]
+SpeechStatsOpt = Annotated[bool, typer.Option("--speech-stats/--no-speech-stats", help="append each dimension's mean "
+                                               "and std over the utterance's speech (VAD) frames to the pooled vector (not in the paper)")]
 PooledNormOpt = Annotated[str, typer.Option("--pooled-norm", help=f"before the projection: {POOLED_NORMS.help()}")]
 LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help=f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")]
 VadOpt = Annotated[int, typer.Option("--vad-mode", help=f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} "
@@ -278,7 +280,8 @@ def train_head(
     pooling: PoolingOpt = TRAIN.pooling,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
-    spread: SpreadOpt = TRAIN.spread, pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
+    spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
+    pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
@@ -307,7 +310,8 @@ def ablate(
     cache: CacheOpt,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
-    spread: SpreadOpt = TRAIN.spread, pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
+    spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
+    pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,

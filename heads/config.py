@@ -44,7 +44,7 @@ NORMS: Choices[Choice] = Choices("--norm", {
     "none": Choice(),
 })
 POOLED_NORMS: Choices[Choice] = Choices("--pooled-norm", {
-    "train": Choice("standardize the utterance statistics (GAP mean, --spread) with training-utterance statistics"),
+    "train": Choice("standardize the utterance statistics (GAP mean, --spread, --speech-stats) with training-utterance statistics"),
     "none": Choice(),
 })
 LAYER_WEIGHTS: Choices[Choice] = Choices("--layer-weights", {
@@ -64,6 +64,7 @@ class TrainConfig:
     layer: int | None = None  # None: learnable softmax mix of every cached layer
     norm: str = "train"  # NORMS (heads/norm.py)
     spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/pooling.py)
+    speech_stats: bool = True  # append each dimension's mean and std over the speech (VAD) frames (heads/head.py)
     pooled_norm: str = "train"  # POOLED_NORMS (heads/pooled_norm.py)
     layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/layer_weights.py, heads/layer_probe.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
@@ -159,10 +160,11 @@ def finetune_config(**overrides: Any) -> TrainConfig:
     (and Whisper) put through a final LayerNorm; statistics fitted before
     training would go stale as soon as the backbone moves (so no
     `--pooled-norm` either), and the pooled vector is the paper's eq. 6
-    (no `--spread`). No step minimum
+    (no `--spread`, no `--speech-stats`). No step minimum
     (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
-    return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "pooled_norm": "none", "min_steps": 0,
+    return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "speech_stats": False, "pooled_norm": "none",
+                          "min_steps": 0,
                           **overrides})
 
 

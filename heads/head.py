@@ -5,10 +5,16 @@ with `spread` (`--spread`, the default for heads on cached features), each
 dimension's standard deviation over the utterance's real frames
 (`[... | std]`): mean-like poolings cannot see how much a dimension moves
 within an utterance, the prosodic range a classical baseline reads from its
-std. `pooled_norm` (`--pooled-norm train`, heads/pooled_norm.py) then puts
-the fixed statistics (GAP's mean, the std) at unit scale with
+std. With `speech_stats` (`--speech-stats`, also the default on cached
+features), each dimension's mean and std over the utterance's speech frames
+(the VAD mask SAP uses; all real frames when the VAD found none):
+`[... | speech mean | speech std]`. GAP averages pauses and background into
+its mean, and SAP's speech-frame summary is learned and never standardized;
+on log-mel frames the speech-frame statistics are what a linear baseline
+wins with (README "Pooled statistics, measured"). `pooled_norm` (`--pooled-norm train`, heads/pooled_norm.py) then puts
+the fixed statistics (GAP's mean, the stds, the speech mean) at unit scale with
 training-utterance statistics. Neither is in the paper; `--no-spread
---pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
+--no-speech-stats --pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
 
 Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
 says "projected into 32 dimensions"; the non-linearity lets the three tasks
@@ -40,7 +46,7 @@ from torch import nn
 from heads.layers import LayerMix
 from heads.norm import InputNorm
 from heads.pooled_norm import PooledNorm
-from heads.pooling import GAP, make_pooling, masked_std, speech_frames
+from heads.pooling import GAP, make_pooling, masked_mean, masked_std, speech_frames
 
 
 @dataclass
@@ -55,13 +61,14 @@ class SERHead(nn.Module):
 
     def __init__(self, hidden_size: int, n_layers: int, n_classes: int, *, pooling: str = "sr",
                  proj_dim: int = 32, heads: int = 8, dropout: float = 0.1, norm: str = "none",
-                 spread: bool = False, pooled_norm: str = "none") -> None:
+                 spread: bool = False, speech_stats: bool = False, pooled_norm: str = "none") -> None:
         super().__init__()
         self.norm = InputNorm(norm, n_layers, hidden_size)
         self.mix = LayerMix(n_layers, hidden_size)
         self.pool = make_pooling(pooling, hidden_size, heads=heads)
         self.spread = spread
-        pooled_size = self.pool.output_size + (hidden_size if spread else 0)
+        self.speech_stats = speech_stats
+        pooled_size = self.pool.output_size + (hidden_size if spread else 0) + (2 * hidden_size if speech_stats else 0)
         statistics = torch.zeros(pooled_size, dtype=torch.bool)  # (P,) the dims that are fixed frame statistics
         statistics[: self.pool.statistic_dims] = True
         statistics[self.pool.output_size :] = True
@@ -76,7 +83,7 @@ class SERHead(nn.Module):
 
     def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
-        if isinstance(self.pool, GAP) and self.norm.per_frame_affine and not self.spread:
+        if isinstance(self.pool, GAP) and self.norm.per_frame_affine and not (self.spread or self.speech_stats):
             # GAP, the normalization and the mix are all linear: pool each layer, then normalize and
             # mix (B, L, D), so neither touches every frame (one pass over the features).
             x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
@@ -99,10 +106,13 @@ class SERHead(nn.Module):
 
     def pooled(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
         """The pooled vector of mixed frames `x (B, T, D)`: `(B, P)`, before `pooled_norm`."""
-        pooled = self.pool(x, padding_mask, vad_mask)  # (B, pool.output_size)
+        parts = [self.pool(x, padding_mask, vad_mask)]  # (B, pool.output_size)
         if self.spread:
-            pooled = torch.cat([pooled, masked_std(x, padding_mask)], dim=-1)  # (B, P)
-        return pooled
+            parts.append(masked_std(x, padding_mask))  # (B, D)
+        if self.speech_stats:
+            speech, _ = speech_frames(padding_mask, vad_mask)  # (B, T)
+            parts += [masked_mean(x, speech), masked_std(x, speech)]  # (B, D) each
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, P)
 
     def outputs(self, pooled: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
         z = self.proj(self.pooled_norm(pooled))  # (B, proj_dim)

@@ -9,7 +9,8 @@ ripple on a constant. scikit-learn's StandardScaler fixes this for a linear
 model; here `PooledNorm` does the same inside the head:
 
     train  (p - mean) / std per dimension of the pooled vector's fixed statistics
-           (GAP's mean of all frames and the `--spread` std), with the mean and
+           (GAP's mean of all frames, the `--spread` std, the `--speech-stats` mean and
+           std of speech frames), with the mean and
            std over the fold's TRAINING utterances, fitted once after the input
            normalization and the layer weights (`fit_pooled_norm`); buffers
            `pooled_norm.mean`/`pooled_norm.std` (P,) in head.safetensors, so

@@ -211,6 +211,7 @@ class Predictor(_Predicts):
                             heads=int(settings["heads"]), dropout=float(settings["dropout"]),
                             norm=str(settings.get("norm", "none")),  # runs before --norm stored no statistics
                             spread=bool(settings.get("spread", LEGACY_SETTINGS["spread"])),
+                            speech_stats=bool(settings.get("speech_stats", LEGACY_SETTINGS["speech_stats"])),
                             pooled_norm=str(settings.get("pooled_norm", LEGACY_SETTINGS["pooled_norm"])))
         state = load_head(self.head, self.fold_dir / "head.safetensors")
         self.head.to(self.device).eval()

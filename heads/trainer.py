@@ -176,7 +176,8 @@ class Trainer:
         n_layers, hidden = self.feature_shape()
         c = self.config
         return SERHead(hidden, n_layers, len(self.classes), pooling=c.pooling, proj_dim=c.proj_dim,
-                       heads=c.heads, dropout=c.dropout, norm=c.norm, spread=c.spread, pooled_norm=c.pooled_norm)
+                       heads=c.heads, dropout=c.dropout, norm=c.norm, spread=c.spread,
+                       speech_stats=c.speech_stats, pooled_norm=c.pooled_norm)
 
     def head(self, model: torch.nn.Module) -> SERHead:
         return model  # type: ignore[return-value]
