@@ -11,9 +11,10 @@ features), each dimension's mean and std over the utterance's speech frames
 `[... | speech mean | speech std]`. GAP averages pauses and background into
 its mean, and SAP's speech-frame summary is learned and never standardized;
 on log-mel frames the speech-frame statistics are what a linear baseline
-wins with (README "Pooled statistics, measured"). `pooled_norm` (`--pooled-norm train`, heads/pooled_norm.py) then puts
-the fixed statistics (GAP's mean, the stds, the speech mean) at unit scale with
-training-utterance statistics. Neither is in the paper; `--no-spread
+wins with (README "Pooled statistics, measured"). `pooled_norm`
+(`--pooled-norm train`, heads/pooled_norm.py) then puts the fixed
+statistics (GAP's mean, the stds, the speech mean) at unit scale with
+training-utterance statistics. None of these is in the paper; `--no-spread
 --no-speech-stats --pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
 
 Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
@@ -111,7 +112,8 @@ class SERHead(nn.Module):
             parts.append(masked_std(x, padding_mask))  # (B, D)
         if self.speech_stats:
             speech, _ = speech_frames(padding_mask, vad_mask)  # (B, T)
-            parts += [masked_mean(x, speech), masked_std(x, speech)]  # (B, D) each
+            mean = masked_mean(x, speech)  # (B, D)
+            parts += [mean, masked_std(x, speech, mean)]  # (B, D) each
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, P)
 
     def outputs(self, pooled: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:

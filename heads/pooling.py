@@ -55,12 +55,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 SPREAD_EPS = 1e-6  # added to the variance: the std's gradient stays finite on a dimension constant in an utterance
 
 
-def masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_std(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Population std over T of `x (B, T, D)` where `mask (B, T)` is True: `(B, D)`, sqrt(var + SPREAD_EPS).
 
     Centred before squaring (no E[x^2] - E[x]^2 cancellation); an all-False row gives sqrt(SPREAD_EPS).
+    `mean (B, D)`: `masked_mean(x, mask)` when the caller has it already.
     """
-    centred = x - masked_mean(x, mask)[:, None, :]  # (B, T, D)
+    centred = x - (masked_mean(x, mask) if mean is None else mean)[:, None, :]  # (B, T, D)
     return (masked_mean(centred.square(), mask) + SPREAD_EPS).sqrt()  # (B, D)
 
 
