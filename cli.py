@@ -243,6 +243,8 @@ SpreadOpt = Annotated[bool, typer.Option("--spread/--no-spread", help="append ea
 SpeechStatsOpt = Annotated[bool, typer.Option("--speech-stats/--no-speech-stats", help="append each dimension's mean "
                                                "and std over the utterance's speech (VAD) frames to the pooled vector (not in the paper)")]
 PooledNormOpt = Annotated[str, typer.Option("--pooled-norm", help=f"before the projection: {POOLED_NORMS.help()}")]
+PooledDropoutOpt = Annotated[float, typer.Option("--pooled-dropout", help="dropout on the pooled vector before the projection "
+                                                  "(training only; 0: none, as in the paper)")]
 LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help=f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")]
 VadOpt = Annotated[int, typer.Option("--vad-mode", help=f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} "
                                                           "whose mask SAP uses")]
@@ -281,7 +283,7 @@ def train_head(
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
     spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
-    pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
+    pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
@@ -311,7 +313,7 @@ def ablate(
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
     layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
     spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
-    pooled_norm: PooledNormOpt = TRAIN.pooled_norm,
+    pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
     min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,

@@ -66,6 +66,7 @@ class TrainConfig:
     spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/pooling.py)
     speech_stats: bool = True  # append each dimension's mean and std over the speech (VAD) frames (heads/head.py)
     pooled_norm: str = "train"  # POOLED_NORMS (heads/pooled_norm.py)
+    pooled_dropout: float = 0.0  # dropout on the (standardized) pooled vector before the projection (heads/head.py); off: README
     layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/layer_weights.py, heads/layer_probe.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
@@ -101,6 +102,7 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
             (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
             (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
+            (0 <= self.pooled_dropout < 1, "--pooled-dropout must be in [0, 1)"),
             (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
             (self.memory_gb >= 0, "--memory-gb must not be negative"),
         ]
@@ -164,7 +166,7 @@ def finetune_config(**overrides: Any) -> TrainConfig:
     (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
     return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "speech_stats": False, "pooled_norm": "none",
-                          "min_steps": 0,
+                          "pooled_dropout": 0.0, "min_steps": 0,
                           **overrides})
 
 

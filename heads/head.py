@@ -22,6 +22,11 @@ says "projected into 32 dimensions"; the non-linearity lets the three tasks
 share a non-linear bottleneck (without it proj + classifier is just a
 rank-32 linear map), and dropout because a head on ~4k utterances overfits
 the training speakers quickly.
+`pooled_dropout` (`--pooled-dropout`, default 0) drops entries of the
+standardized pooled vector before the projection, in training only: a
+dropped statistic reads as its training mean (0 after `pooled_norm`).
+Measured in the README ("Pooled statistics, measured"): it helps log-mel
+heads on small corpora and costs the Whisper head, so it is off.
 
 Input normalization (`norm`, heads/norm.py) comes before the layer mix;
 with `--norm train` its statistics are buffers of this module (`norm.mean`,
@@ -62,7 +67,8 @@ class SERHead(nn.Module):
 
     def __init__(self, hidden_size: int, n_layers: int, n_classes: int, *, pooling: str = "sr",
                  proj_dim: int = 32, heads: int = 8, dropout: float = 0.1, norm: str = "none",
-                 spread: bool = False, speech_stats: bool = False, pooled_norm: str = "none") -> None:
+                 spread: bool = False, speech_stats: bool = False, pooled_norm: str = "none",
+                 pooled_dropout: float = 0.0) -> None:
         super().__init__()
         self.norm = InputNorm(norm, n_layers, hidden_size)
         self.mix = LayerMix(n_layers, hidden_size)
@@ -74,6 +80,7 @@ class SERHead(nn.Module):
         statistics[: self.pool.statistic_dims] = True
         statistics[self.pool.output_size :] = True
         self.pooled_norm = PooledNorm(pooled_norm, pooled_size, statistics)
+        self.pooled_dropout = nn.Dropout(pooled_dropout)  # no parameters: head.safetensors keeps its keys
         self.proj = nn.Sequential(nn.Linear(pooled_size, proj_dim), nn.GELU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(proj_dim, n_classes)
         self.regressor = nn.Linear(proj_dim, 2)  # two regressors (valence, arousal) as one 2-output layer
@@ -117,7 +124,7 @@ class SERHead(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, P)
 
     def outputs(self, pooled: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
-        z = self.proj(self.pooled_norm(pooled))  # (B, proj_dim)
+        z = self.proj(self.pooled_dropout(self.pooled_norm(pooled)))  # (B, proj_dim)
         _, no_speech = speech_frames(padding_mask, vad_mask)
         return HeadOutput(self.classifier(z), self.regressor(z), no_speech)
 

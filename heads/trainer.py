@@ -177,7 +177,7 @@ class Trainer:
         c = self.config
         return SERHead(hidden, n_layers, len(self.classes), pooling=c.pooling, proj_dim=c.proj_dim,
                        heads=c.heads, dropout=c.dropout, norm=c.norm, spread=c.spread,
-                       speech_stats=c.speech_stats, pooled_norm=c.pooled_norm)
+                       speech_stats=c.speech_stats, pooled_norm=c.pooled_norm, pooled_dropout=c.pooled_dropout)
 
     def head(self, model: torch.nn.Module) -> SERHead:
         return model  # type: ignore[return-value]
