@@ -25,8 +25,8 @@ the training speakers quickly.
 `pooled_dropout` (`--pooled-dropout`, default 0) drops entries of the
 standardized pooled vector before the projection, in training only: a
 dropped statistic reads as its training mean (0 after `pooled_norm`).
-Measured in the README ("Pooled statistics, measured"): it helps log-mel
-heads on small corpora and costs the Whisper head, so it is off.
+Measured in the README ("Pooled statistics, measured"): no consistent
+effect on either real-speech corpus (its sign flips with the seed), so it is off.
 
 Input normalization (`norm`, heads/norm.py) comes before the layer mix;
 with `--norm train` its statistics are buffers of this module (`norm.mean`,
