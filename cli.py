@@ -253,6 +253,8 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batc
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (head on frozen features)")]
 WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay")]
 PatienceOpt = Annotated[int, typer.Option("--patience", help="early stopping: epochs without a better validation loss")]
+EmaOpt = Annotated[float, typer.Option("--ema", help="validate, keep and save a moving average of the head's weights with this "
+                                        "decay per optimizer step (0: the weights themselves, as in the paper)")]
 MinStepsOpt = Annotated[int, typer.Option("--min-steps", help="optimizer steps every fold gets at least: on a small corpus the batch shrinks "
                                                               "(not below 16), then epochs and patience grow; 0: exactly as given")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
@@ -286,7 +288,7 @@ def train_head(
     pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1, protocol: ProtocolOpt = TRAIN.protocol,
     quiet: QuietOpt = False,
@@ -316,7 +318,7 @@ def ablate(
     pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,

@@ -75,6 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     patience: int = 5
+    ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/ema.py); off: README
     min_steps: int = 1000  # at least this many optimizer steps per fold (heads/steps.py); 0: exactly as configured
     seed: int = 0
     alpha: float = 0.5
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must not be negative"),
             (self.patience >= 1, "--patience must be at least 1"),
+            (0 <= self.ema < 1, "--ema must be in [0, 1) (0: no weight averaging)"),
             (self.min_steps >= 0, "--min-steps must not be negative"),
             (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
             (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
@@ -162,11 +164,12 @@ def finetune_config(**overrides: Any) -> TrainConfig:
     (and Whisper) put through a final LayerNorm; statistics fitted before
     training would go stale as soon as the backbone moves (so no
     `--pooled-norm` either), and the pooled vector is the paper's eq. 6
-    (no `--spread`, no `--speech-stats`). No step minimum
+    (no `--spread`, no `--speech-stats`), without `--ema` (the paper's weights; an
+    average of 316M parameters would also cost another copy of them). No step minimum
     (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
     return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "speech_stats": False, "pooled_norm": "none",
-                          "pooled_dropout": 0.0, "min_steps": 0,
+                          "pooled_dropout": 0.0, "ema": 0.0, "min_steps": 0,
                           **overrides})
 
 

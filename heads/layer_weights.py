@@ -187,7 +187,7 @@ def find_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tup
 def learn_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Stage 1: the layer logits (L,) of a GAP-style head trained on the pooled layers, and what it did."""
     config = replace(trainer.config, pooling="gap", norm="none", layer_weights="joint", layer=None,
-                     spread=False, speech_stats=False, pooled_norm="none", pooled_dropout=0.0,
+                     spread=False, speech_stats=False, pooled_norm="none", pooled_dropout=0.0, ema=0.0,
                      epochs=STAGE_EPOCHS or trainer.config.epochs)
     stage = PooledTrainer(config, trainer.data, pooled, layers=trainer.layers)
     stage.fit()

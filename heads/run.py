@@ -103,7 +103,7 @@ def cache_content(cache: FeatureCache) -> dict[str, Any]:
 # Settings added after runs were first written, with the value that reproduces what those runs did.
 LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint", "min_steps": 0,
                    "spread": False, "speech_stats": False, "pooled_norm": "none",
-                   "pooled_dropout": 0.0}
+                   "pooled_dropout": 0.0, "ema": 0.0}
 
 
 def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

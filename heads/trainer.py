@@ -25,7 +25,7 @@ counts optimizer steps. Fine-tuning overrides `steps_per_epoch`, `ends_step`,
 
 Checkpoints for --resume: `state_dict()` returns plain tensors, numbers,
 strings, lists and dicts only (model, optimizer, scheduler, epoch, early
-stopping state incl. the best weights, history, torch RNG states), so
+stopping state incl. the best weights, the `--ema` average, history, torch RNG states), so
 `torch.save(trainer.state_dict(), p)` and
 `trainer.load_state_dict(torch.load(p, weights_only=True))` resume the run
 where it stopped. Batch order depends only on `seed + epoch`, not on RNG
@@ -39,6 +39,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -49,6 +50,7 @@ from core.devices import resolve_device
 from core.errors import UserError
 from heads.config import TrainConfig
 from heads.data import FoldData
+from heads.ema import WeightAverage
 from heads.head import HeadOutput, SERHead
 from heads.loss import LossParts, MTLLoss, class_weights, target_scale
 from heads.metrics import classification_metrics, fold_scores
@@ -161,6 +163,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, self.plan.epochs * self.steps_per_epoch(),
                                       config.warmup_ratio)
+        self.average = WeightAverage(config.ema) if config.ema > 0 else None  # --ema (heads/ema.py)
         self.epoch = 0
         self.early = EarlyStop()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -305,6 +308,8 @@ class Trainer:
             self.backward(parts.total, batch)
             if self.ends_step(i, n, batch):
                 self.optimizer_step()
+                if self.average is not None:
+                    self.average.update(self.model)
             total += parts.total.item()
             count += 1
         return total / max(count, 1)
@@ -344,20 +349,25 @@ class Trainer:
             epoch = self.epoch + 1
             lr = self.optimizer.param_groups[-1]["lr"]
             train_loss = self.train_epoch(epoch)
-            val = self.predict("val")
-            if not math.isfinite(val.loss):
-                raise TrainingError(f"the validation loss became {val.loss} at epoch {epoch}; stopping this fold")
-            scores = classification_metrics(val.emotion, val.probs.argmax(1), self.classes)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": scores["ua"],
-                   "val_wa": scores["wa"], "lr": lr}
-            self.history.append(row)
-            if self.early.update(epoch, val.loss, self.plan.patience):
-                self.best_state = self.snapshot()
+            with self.evaluated_weights():  # validated, and kept when best: the averaged weights under --ema
+                val = self.predict("val")
+                if not math.isfinite(val.loss):
+                    raise TrainingError(f"the validation loss became {val.loss} at epoch {epoch}; stopping this fold")
+                scores = classification_metrics(val.emotion, val.probs.argmax(1), self.classes)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": scores["ua"],
+                       "val_wa": scores["wa"], "lr": lr}
+                self.history.append(row)
+                if self.early.update(epoch, val.loss, self.plan.patience):
+                    self.best_state = self.snapshot()
             self.epoch = epoch
             if self.on_epoch:
                 self.on_epoch({**row, "epochs": self.plan.epochs})
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+
+    def evaluated_weights(self):
+        """Inside it the model holds the weights that are validated and kept: the moving average (`--ema`), or its own."""
+        return self.average.applied(self.model) if self.average is not None else nullcontext()
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the trainable model's weights (the best checkpoint is kept in RAM)."""
@@ -398,6 +408,7 @@ class Trainer:
             "epoch": self.epoch,
             "early": asdict(self.early),
             "best_state": self.best_state,
+            "ema": self.average.state_dict() if self.average is not None else None,
             "history": copy.deepcopy(self.history),
             "rng": rng,
         }
@@ -409,6 +420,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.early = EarlyStop(**state["early"])
         self.best_state = state["best_state"]
+        if self.average is not None and state.get("ema") is not None:
+            self.average.load_state_dict(state["ema"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():

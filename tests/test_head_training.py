@@ -66,8 +66,9 @@ def toy(counts=(10, 20, 30, 40), n_other=8, seed=0):
 
 
 def config(**kw):
-    # min_steps 0: these tests pin the loop as configured (tests/test_steps.py covers the step plan)
-    base = dict(epochs=4, batch_size=16, lr=3e-3, patience=10, heads=2, device="cpu", pooling="sr", min_steps=0)
+    # min_steps 0, ema 0: these tests pin the loop as configured and its own weights
+    # (tests/test_steps.py covers the step plan, tests/test_ema.py the weight average)
+    base = dict(epochs=4, batch_size=16, lr=3e-3, patience=10, heads=2, device="cpu", pooling="sr", min_steps=0, ema=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
