@@ -257,6 +257,8 @@ EmaOpt = Annotated[float, typer.Option("--ema", help="validate, keep and save a 
                                         "decay per optimizer step (0: the weights themselves, as in the paper)")]
 MinStepsOpt = Annotated[int, typer.Option("--min-steps", help="optimizer steps every fold gets at least: on a small corpus the batch shrinks "
                                                               "(not below 16), then epochs and patience grow; 0: exactly as given")]
+EnsembleOpt = Annotated[int, typer.Option("--ensemble", help="heads trained per fold, with seeds SEED, SEED+1, ...; their "
+                                                            "probabilities and valence/arousal are averaged (1: one head, as in the paper)")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="weight of the weighted cross-entropy")]
 BetaOpt = Annotated[float, typer.Option("--beta", help="weight of the valence MAE")]
@@ -288,7 +290,8 @@ def train_head(
     pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed,
+    ensemble: EnsembleOpt = TRAIN.ensemble, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1, protocol: ProtocolOpt = TRAIN.protocol,
     quiet: QuietOpt = False,
@@ -318,7 +321,8 @@ def ablate(
     pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
     vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
     lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
+    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed,
+    ensemble: EnsembleOpt = TRAIN.ensemble, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
     proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
     device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,

@@ -78,6 +78,7 @@ class TrainConfig:
     ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/ema.py); off: README
     min_steps: int = 1000  # at least this many optimizer steps per fold (heads/steps.py); 0: exactly as configured
     seed: int = 0
+    ensemble: int = 1  # heads per fold, seeds seed .. seed + ensemble - 1, outputs averaged (heads/run.py); 1: the paper's one
     alpha: float = 0.5
     beta: float = 0.25
     gamma: float = 0.25
@@ -101,6 +102,7 @@ class TrainConfig:
             (self.patience >= 1, "--patience must be at least 1"),
             (0 <= self.ema < 1, "--ema must be in [0, 1) (0: no weight averaging)"),
             (self.min_steps >= 0, "--min-steps must not be negative"),
+            (self.ensemble >= 1, "--ensemble must be at least 1 (heads per fold)"),
             (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
             (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
             (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
@@ -169,7 +171,7 @@ def finetune_config(**overrides: Any) -> TrainConfig:
     (`min_steps` 0): fine-tuning's steps are the paper's audio-budget batches.
     """
     return TrainConfig(**{"lr": 3e-5, "norm": "none", "spread": False, "speech_stats": False, "pooled_norm": "none",
-                          "pooled_dropout": 0.0, "ema": 0.0, "min_steps": 0,
+                          "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1, "min_steps": 0,
                           **overrides})
 
 

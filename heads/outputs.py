@@ -17,7 +17,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -57,26 +57,35 @@ def fold_outputs(fold_dir: str | Path, head_state: Mapping[str, torch.Tensor] | 
 # --- the fold folder: RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json} ---
 
 
-def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...], model: torch.nn.Module,
-               config: dict[str, Any]) -> Path:
+def write_fold(out_dir: str | Path, result: FoldResult, classes: tuple[str, ...],
+               model: torch.nn.Module | Sequence[torch.nn.Module], config: dict[str, Any],
+               histories: Sequence[list[dict[str, float]]] | None = None) -> Path:
     """RUN/fold-KK/{predictions.csv, history.csv, head.safetensors, metrics.json}; returns the folder.
 
+    `model` may be an `--ensemble`'s members, with `histories` theirs: member i > 1
+    adds head-i.safetensors and history-i.csv (heads/fold_ensemble.py).
     Each file is written under a temporary name and renamed, and metrics.json goes last:
     a fold folder with metrics.json is complete (a kill or a full disk mid-way leaves none,
     so a rerun trains that fold again instead of keeping half of it).
     """
+    from heads.fold_ensemble import head_file, history_file
+
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
+    histories = list(histories) if histories is not None else [result.history]
     fold_dir = Path(out_dir) / f"fold-{result.metrics['fold']:02d}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     with replacing(fold_dir / "predictions.csv") as tmp:
         write_predictions(tmp, result.test, classes, result.metrics.get("outputs", OUTPUTS))
-    with replacing(fold_dir / "history.csv") as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
-        writer.writeheader()
-        writer.writerows(result.history)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with replacing(fold_dir / "head.safetensors") as tmp:
-        write_safetensors(tensors, tmp,
-                          metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
+    for i, history in enumerate(histories, start=1):
+        with replacing(fold_dir / history_file(i)) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr"])
+            writer.writeheader()
+            writer.writerows(history)
+    for i, member in enumerate(models, start=1):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
+        with replacing(fold_dir / head_file(i)) as tmp:
+            write_safetensors(tensors, tmp,
+                              metadata={"config": json.dumps(json_safe(config)), "classes": json.dumps(list(classes))})
     with replacing(fold_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
     return fold_dir

@@ -4,7 +4,8 @@ Only what the head learned is reported (heads.outputs): a fold trained without
 valence/arousal labels gives no valence/arousal, in lines, JSON and
 predictions.csv alike.
 
-`--run RUN/fold-KK` predicts with that fold; `--run RUN` with every trained
+`--run RUN/fold-KK` predicts with that fold (the mean of its heads when it was
+trained with `--ensemble N`); `--run RUN` with every trained
 fold of the run (`Ensemble`): class probabilities and valence/arousal are the
 mean over folds, the emotion the argmax of the mean. A file that is one of
 the run's corpus utterances (same resolved path; or, failing that, a file
@@ -141,6 +142,22 @@ def load_head(head: SERHead, path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def fold_head_files(fold_dir: Path) -> list[str]:
+    """The fold's head files: head.safetensors, plus head-i.safetensors of an --ensemble's other members."""
+    from heads.fold_ensemble import member_files
+
+    try:
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return ["head.safetensors"]  # an older or unfinished fold: its one head
+    names = member_files(metrics) if isinstance(metrics, dict) else ["head.safetensors"]
+    missing = [n for n in names if not (fold_dir / n).is_file()]
+    if missing:
+        raise PredictError(f"{fold_dir} is an ensemble of {len(names)} heads but {', '.join(missing)} is missing; "
+                           "train the fold again")
+    return names
+
+
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return " ".join(lines[:2])[:200]
@@ -206,16 +223,20 @@ class Predictor(_Predicts):
         settings = cfg["settings"]
         self.classes: list[str] = list(cfg["classes"])
         self.vad_mode = int(settings["vad_mode"])
-        self.head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
-                            pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
-                            heads=int(settings["heads"]), dropout=float(settings["dropout"]),
-                            norm=str(settings.get("norm", "none")),  # runs before --norm stored no statistics
-                            spread=bool(settings.get("spread", LEGACY_SETTINGS["spread"])),
-                            speech_stats=bool(settings.get("speech_stats", LEGACY_SETTINGS["speech_stats"])),
-                            pooled_norm=str(settings.get("pooled_norm", LEGACY_SETTINGS["pooled_norm"])))
-        state = load_head(self.head, self.fold_dir / "head.safetensors")
-        self.head.to(self.device).eval()
-        self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
+        self.heads: list[SERHead] = []  # one, or an --ensemble's members (outputs averaged)
+        for name in fold_head_files(self.fold_dir):
+            head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
+                           pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
+                           heads=int(settings["heads"]), dropout=float(settings["dropout"]),
+                           norm=str(settings.get("norm", "none")),  # runs before --norm stored no statistics
+                           spread=bool(settings.get("spread", LEGACY_SETTINGS["spread"])),
+                           speech_stats=bool(settings.get("speech_stats", LEGACY_SETTINGS["speech_stats"])),
+                           pooled_norm=str(settings.get("pooled_norm", LEGACY_SETTINGS["pooled_norm"])))
+            state = load_head(head, self.fold_dir / name)
+            self.heads.append(head.to(self.device).eval())
+            if len(self.heads) == 1:
+                self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
+        self.head = self.heads[0]
         self.fold = int(self.fold_dir.name.removeprefix("fold-")) if self.fold_dir.name.startswith("fold-") else 0
         self.seen = seen or TrainingSets(self.fold_dir.parent, cfg)  # an ensemble's folds share one
         try:
@@ -247,10 +268,12 @@ class Predictor(_Predicts):
             raise RuntimeError(f"{t} feature frames but {len(vad)} VAD frames")
         padding = torch.ones(1, t, dtype=torch.bool, device=self.device)  # (1, T)
         vad_t = torch.from_numpy(vad)[None].to(self.device)  # (1, T)
-        out = self.head(feats, padding, vad_t)
-        probs = torch.softmax(out.logits.float(), dim=1)[0].cpu().numpy()  # (C,)
-        va = self.head.to_corpus_scale(out.va.float())[0].cpu().numpy()  # (2,)
-        return probs, va, speech_ratio(vad)
+        probs, va = [], []
+        for head in self.heads:
+            out = head(feats, padding, vad_t)
+            probs.append(torch.softmax(out.logits.float(), dim=1)[0].cpu().numpy())  # (C,)
+            va.append(head.to_corpus_scale(out.va.float())[0].cpu().numpy())  # (2,)
+        return np.mean(probs, axis=0), np.mean(va, axis=0), speech_ratio(vad)
 
 
 class Ensemble(_Predicts):

@@ -267,7 +267,9 @@ def method_label(summary: dict) -> str:
     if method in METHOD_LABELS:
         return METHOD_LABELS[method]
     pooling = summary.get("pooling")
-    return POOLINGS.label(str(pooling).lower()) if pooling is not None else "?"
+    label = POOLINGS.label(str(pooling).lower()) if pooling is not None else "?"
+    n = (summary.get("settings") or {}).get("ensemble", 1)
+    return f"{label} x{n}" if isinstance(n, int) and n > 1 else label  # --ensemble: N heads per fold
 
 
 CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "

@@ -41,6 +41,7 @@ from core.folds import plan
 from extract.children import quiet_child
 from heads.config import POOLINGS
 from heads.data import fold_count, fold_data, preload, select_layers
+from heads.fold_ensemble import combine, member_files
 from heads.metrics import json_safe
 from heads.outputs import write_fold
 from heads.trainer import TrainConfig, Trainer
@@ -103,7 +104,7 @@ def cache_content(cache: FeatureCache) -> dict[str, Any]:
 # Settings added after runs were first written, with the value that reproduces what those runs did.
 LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint", "min_steps": 0,
                    "spread": False, "speech_stats": False, "pooled_norm": "none",
-                   "pooled_dropout": 0.0, "ema": 0.0}
+                   "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1}
 
 
 def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -152,7 +153,7 @@ def prepare_run_dir(out: Path, config: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(json_safe(config), indent=2) + "\n")
 
 
-FOLD_FILES = ("predictions.csv", "history.csv", "head.safetensors")
+FOLD_FILES = ("predictions.csv", "history.csv")  # + every member's head file (heads/fold_ensemble.py)
 
 
 def finished_fold(out: Path, k: int) -> dict[str, Any] | None:
@@ -164,7 +165,7 @@ def finished_fold(out: Path, k: int) -> dict[str, Any] | None:
         return None  # absent, or garbage: train it again
     if not isinstance(metrics, dict) or metrics.get("fold") != k:
         return None
-    if not all((fold_dir / name).is_file() for name in FOLD_FILES):
+    if not all((fold_dir / name).is_file() for name in (*FOLD_FILES, *member_files(metrics))):
         return None
     return metrics
 
@@ -175,22 +176,42 @@ def fold_line(m: dict[str, Any], seconds: float | None) -> str:
 
     took = "" if seconds is None else f"  {seconds:.0f} s"
     return (f"fold {m.get('fold', 0):02d} {m.get('test_speaker')} (val {m.get('val_speaker')})  UA {pct(m.get('ua'))}%  "
-            f"WA {pct(m.get('wa'))}%  best {m.get('best_epoch')}/{m.get('epochs_run')}  "
+            f"WA {pct(m.get('wa'))}%  best {m.get('best_epoch')}/{m.get('epochs_run')}{_members(m)}  "
             f"no-speech {m.get('no_speech')}/{m.get('n_test')}{took}")
+
+
+def _members(m: dict[str, Any]) -> str:
+    """' (+2 heads: best 12, 30)' for an --ensemble fold (the line's best/epochs are member 1's)."""
+    members = m.get("members")
+    if not isinstance(members, list) or len(members) < 2:
+        return ""
+    return f" (+{len(members) - 1} heads: best " + ", ".join(str(x.get("best_epoch")) for x in members[1:]) + ")"
 
 
 def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layers: list[int], run_cfg: dict[str, Any],
               on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics."""
+    """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics.
+
+    `config.ensemble` heads, seeds `config.seed` upwards, averaged (heads/fold_ensemble.py).
+    """
     data = fold_data(cache, k, config.protocol)
-    try:
-        trainer = Trainer(config, data, cache=cache, layers=layers, on_epoch=on_epoch)
-        result = trainer.run()
-    except OSError as err:  # h5py reports unreadable chunks as OSError
-        raise UserError(f"the cache {cache.path} could not be read during training of fold {k} ({err}); "
-                        "it may be corrupted") from None
+    seeds = [config.seed + i for i in range(config.ensemble)]
+    results, models, done = [], [], 0
+    for i, seed in enumerate(seeds):
+        # the progress bar's total: epochs run by the members before, planned epochs for the rest
+        tell = None if on_epoch is None else (
+            lambda row, before=done, left=len(seeds) - i: on_epoch({**row, "epochs": before + row["epochs"] * left}))
+        try:
+            trainer = Trainer(replace(config, seed=seed), data, cache=cache, layers=layers, on_epoch=tell)
+            results.append(trainer.run())
+        except OSError as err:  # h5py reports unreadable chunks as OSError
+            raise UserError(f"the cache {cache.path} could not be read during training of fold {k} ({err}); "
+                            "it may be corrupted") from None
+        models.append(trainer.model)
+        done += trainer.epoch
+    result = combine(results, seeds, data.classes)
     _check_scored(result.test.utt_id, result.test.probs, cache, k)
-    write_fold(out, result, data.classes, trainer.model, run_cfg)
+    write_fold(out, result, data.classes, models, run_cfg, [r.history for r in results])
     return result.metrics
 
 

@@ -76,6 +76,17 @@ def head_run(cache, tmp_path_factory) -> Path:
     return run
 
 
+def test_an_ensemble_fold_predicts_what_its_predictions_csv_says(cache, corpus, head_run, tmp_path):
+    run, _ = train_folds(cache, TrainConfig(epochs=2, batch_size=8, device="cpu", ensemble=2), folds=[1],
+                         out=tmp_path / "ensemble", progress=False)
+    assert (run / "fold-01" / "head-2.safetensors").is_file()
+    assert_matches_fold(run / "fold-01", corpus, atol=2e-3)
+    # member 1 alone (head_run: the same settings at seed 0) is far from the mean: predict must average both
+    one, both = predictions(head_run / "fold-01"), predictions(run / "fold-01")
+    gap = max(abs(float(one[u][k]) - float(both[u][k])) for u in both for k in both[u] if k.startswith("prob_"))
+    assert gap > 2e-2, gap
+
+
 def test_head_only_fold_predicts_what_its_predictions_csv_says(head_run, corpus):
     run = head_run
     # Re-extraction runs one file alone where the cache batched it; fp16 rounding of the

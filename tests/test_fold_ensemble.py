@@ -1,0 +1,115 @@
+"""--ensemble N: a fold's N heads are the single-head runs with seeds SEED.. SEED+N-1, averaged, written, kept, predicted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import recall_score
+
+from core.errors import UserError
+from head_fixtures import make_cache
+from heads.checkpoint import load_weights
+from heads.config import TrainConfig, finetune_config
+from heads.predict import PredictError, Predictor
+from heads.run import finished_fold, run_differences, train_folds
+
+SETTINGS = dict(epochs=2, batch_size=16, heads=2, device="cpu", min_steps=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    cache = make_cache(root / "c.h5", seed=1)
+    out = {"cache": cache}
+    out["ensemble"], _ = train_folds(cache, TrainConfig(**SETTINGS, seed=3, ensemble=2), folds=[1],
+                                     out=root / "ensemble", progress=False)
+    for seed in (3, 4):
+        out[seed], _ = train_folds(cache, TrainConfig(**SETTINGS, seed=seed), folds=[1], out=root / f"seed{seed}",
+                                   progress=False)
+    return out
+
+
+def test_an_ensemble_fold_is_the_average_of_the_single_head_runs_with_consecutive_seeds(runs):
+    fold = runs["ensemble"] / "fold-01"
+    got = pd.read_csv(fold / "predictions.csv").set_index("utt_id")
+    singles = [pd.read_csv(runs[s] / "fold-01" / "predictions.csv").set_index("utt_id").loc[got.index] for s in (3, 4)]
+    probs = [c for c in got.columns if c.startswith("prob_")]
+    mean = (singles[0][probs].to_numpy() + singles[1][probs].to_numpy()) / 2
+    np.testing.assert_allclose(got[probs].to_numpy(), mean, atol=2e-6)  # the CSVs keep 6 decimals
+    for dim in ("valence", "arousal"):
+        np.testing.assert_allclose(got[dim], (singles[0][dim] + singles[1][dim]) / 2, atol=2e-6)
+    classes = [c.removeprefix("prob_") for c in probs]
+    assert list(got["pred"]) == [classes[i] for i in got[probs].to_numpy().argmax(1)]
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["ua"] == pytest.approx(recall_score(got["true"], got["pred"], average="macro"))
+    # member i is the run with seed 3 + i - 1: same weights, same history, its own UA recorded
+    assert [m["seed"] for m in metrics["members"]] == [3, 4]
+    for i, seed in enumerate((3, 4), start=1):
+        single = runs[seed] / "fold-01"
+        name, history = ("head.safetensors", "history.csv") if i == 1 else (f"head-{i}.safetensors", f"history-{i}.csv")
+        a, b = load_weights(fold / name), load_weights(single / "head.safetensors")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+        assert (fold / history).read_bytes() == (single / "history.csv").read_bytes()
+        assert metrics["members"][i - 1]["ua"] == json.loads((single / "metrics.json").read_text())["ua"]
+    assert not all(torch.equal(load_weights(fold / "head.safetensors")[k], v)
+                   for k, v in load_weights(fold / "head-2.safetensors").items())
+
+
+def test_predict_averages_the_members_heads(runs):
+    fold = runs["ensemble"] / "fold-01"
+    unused = object()  # the heads are fed features directly: no encoder is built (the cache's model is synthetic)
+    members = [Predictor(runs[s] / "fold-01", encoder=unused) for s in (3, 4)]
+    ensemble = Predictor(fold, encoder=unused)
+    assert len(ensemble.heads) == 2
+    feats = torch.randn(1, 40, 3, 16)  # (1, T, L, D) as the cache's encoder would give
+    vad = torch.ones(1, 40, dtype=torch.bool)
+    vad[:, :5] = False
+    pad = torch.ones(1, 40, dtype=torch.bool)
+
+    def scores(p):
+        with torch.no_grad():
+            outs = [h(feats, pad, vad) for h in p.heads]
+        return (np.mean([torch.softmax(o.logits, 1)[0].numpy() for o in outs], axis=0),
+                np.mean([h.to_corpus_scale(o.va)[0].numpy() for h, o in zip(p.heads, outs)], axis=0))
+
+    got, want = scores(ensemble), [scores(m) for m in members]
+    np.testing.assert_allclose(got[0], (want[0][0] + want[1][0]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(got[1], (want[0][1] + want[1][1]) / 2, rtol=1e-6)
+
+
+def test_a_fold_missing_a_members_head_is_trained_again_and_predict_names_it(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["ensemble"], run)
+    before = (run / "fold-01" / "predictions.csv").read_bytes()
+    (run / "fold-01" / "head-2.safetensors").unlink()
+    with pytest.raises(PredictError, match="ensemble of 2 heads but head-2.safetensors is missing"):
+        Predictor(run / "fold-01", encoder=object())
+    assert finished_fold(run, 1) is None
+    train_folds(runs["cache"], TrainConfig(**SETTINGS, seed=3, ensemble=2), folds=[1], out=run, progress=False)
+    assert (run / "fold-01" / "head-2.safetensors").is_file()
+    assert (run / "fold-01" / "predictions.csv").read_bytes() == before
+
+
+def test_ensemble_settings_are_checked_and_old_runs_read_as_one_head():
+    with pytest.raises(UserError, match="--ensemble must be at least 1"):
+        TrainConfig(ensemble=0).validate()
+    assert finetune_config().ensemble == 1
+    old = {"settings": {k: v for k, v in vars(TrainConfig()).items() if k != "ensemble"}}
+    assert run_differences(old, {"settings": vars(TrainConfig(ensemble=1))}) == []
+    assert run_differences(old, {"settings": vars(TrainConfig(ensemble=3))}) == ["ensemble 1 (run) vs 3 (now)"]
+
+
+def test_the_report_and_the_fold_line_say_how_many_heads(runs):
+    from heads.report import method_label, summarize
+    from heads.run import fold_line
+
+    assert method_label(summarize(runs["ensemble"])) == "SR x2"
+    assert method_label(summarize(runs[3])) == "SR"
+    metrics = json.loads((runs["ensemble"] / "fold-01" / "metrics.json").read_text())
+    assert f"(+1 heads: best {metrics['members'][1]['best_epoch']})" in fold_line(metrics, None)
