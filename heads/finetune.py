@@ -113,6 +113,9 @@ def run_finetune(dataset: str, root: str | Path, config: TrainConfig, settings: 
     """Fine-tune the given folds (None = all) of a corpus into RUN; torchrun-aware."""
     config.validate()
     settings.validate()
+    if config.ensemble != 1 or config.ema:
+        raise UserError("fine-tuning trains one model per fold with its own weights: --ensemble and --ema are "
+                        "for heads on a cache (cli train-head)")
     if max_epochs_this_run is not None and max_epochs_this_run < 1:
         raise UserError("--max-epochs-this-run must be at least 1")
     training_autocast(settings.amp, resolve_device(config.device))  # a bad --amp fails before the VAD pass

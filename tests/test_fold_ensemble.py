@@ -113,3 +113,12 @@ def test_the_report_and_the_fold_line_say_how_many_heads(runs):
     assert method_label(summarize(runs[3])) == "SR"
     metrics = json.loads((runs["ensemble"] / "fold-01" / "metrics.json").read_text())
     assert f"(+1 heads: best {metrics['members'][1]['best_epoch']})" in fold_line(metrics, None)
+
+
+@pytest.mark.parametrize("override", [{"ensemble": 2}, {"ema": 0.99}])
+def test_fine_tuning_refuses_an_ensemble_or_a_weight_average_in_one_line(override, tmp_path):
+    from heads.config import FinetuneSettings
+    from heads.finetune import run_finetune
+
+    with pytest.raises(UserError, match="fine-tuning trains one model per fold"):
+        run_finetune("manifest", tmp_path, finetune_config(**override), FinetuneSettings(), out=tmp_path / "run")
