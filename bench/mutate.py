@@ -173,7 +173,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_metrics.py",)),
     # --- heads: predict, baseline, report
     Mutation("predict-standardized-va", "heads/predict.py",
-             "va = self.head.to_corpus_scale(out.va.float())[0]", "va = out.va.float()[0]",
+             "va.append(head.to_corpus_scale(out.va.float())[0].cpu().numpy())", "va.append(out.va.float()[0].cpu().numpy())",
              "cli predict reports valence/arousal in standardized units, not the corpus scale",
              ("tests/test_predict.py::test_head_only_fold_predicts_what_its_predictions_csv_says",)),
     Mutation("baseline-scaler-sees-test", "heads/baseline.py",
