@@ -1,4 +1,5 @@
-"""--ema: a bias-corrected moving average of the head's weights is validated, kept, restored, saved and resumed."""
+"""--ema: a bias-corrected moving average of the head's weights is validated, kept, restored and saved
+(resumed: tests/test_head_training.py::test_resume_from_state_dict_continues_exactly)."""
 
 from __future__ import annotations
 
@@ -113,31 +114,6 @@ def test_validation_runs_on_the_averaged_weights():
     trainer.fit()  # one epoch: the kept weights are the average after its last step
     kept = trainer.predict("val").loss
     assert trainer.history[0]["val_loss"] == pytest.approx(kept, rel=1e-6)
-
-
-def test_resume_with_ema_continues_exactly(tmp_path):
-    data, feats = toy()
-    full = InMemoryTrainer(config(epochs=4, ema=0.9), data, feats)
-    full.fit()
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(row):
-        if row["epoch"] == 2:
-            torch.save(first.state_dict(), tmp_path / "state.pt")
-            raise Killed
-
-    first = InMemoryTrainer(config(epochs=4, ema=0.9), data, feats, on_epoch=save_then_die)
-    with pytest.raises(Killed):
-        first.fit()
-    resumed = InMemoryTrainer(config(epochs=4, ema=0.9), data, feats)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    assert resumed.average.steps == first.average.steps > 0
-    resumed.fit()
-    assert resumed.history == full.history
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
 
 
 @pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])

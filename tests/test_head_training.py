@@ -181,9 +181,10 @@ def test_training_learns_and_is_deterministic():
     np.testing.assert_array_equal(a.test.probs, b.test.probs)
 
 
-def test_resume_from_state_dict_continues_exactly(tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9])  # 0.9: the weight average (tests/test_ema.py) is resumed too
+def test_resume_from_state_dict_continues_exactly(tmp_path, ema):
     data, feats = toy()
-    full = InMemoryTrainer(config(epochs=4), data, feats)
+    full = InMemoryTrainer(config(epochs=4, ema=ema), data, feats)
     full.fit()
 
     class Killed(Exception):
@@ -194,11 +195,13 @@ def test_resume_from_state_dict_continues_exactly(tmp_path):
             torch.save(first.state_dict(), tmp_path / "state.pt")
             raise Killed
 
-    first = InMemoryTrainer(config(epochs=4), data, feats, on_epoch=save_then_die)
+    first = InMemoryTrainer(config(epochs=4, ema=ema), data, feats, on_epoch=save_then_die)
     with pytest.raises(Killed):
         first.fit()
-    resumed = InMemoryTrainer(config(epochs=4), data, feats)
+    resumed = InMemoryTrainer(config(epochs=4, ema=ema), data, feats)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    if ema:
+        assert resumed.average.steps == first.average.steps > 0
     resumed.fit()
     assert resumed.history == full.history
     for k, v in full.model.state_dict().items():
