@@ -236,7 +236,7 @@ class Predictor(_Predicts):
             self.heads.append(head.to(self.device).eval())
             if len(self.heads) == 1:
                 self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
-        self.head = self.heads[0]
+        self.head = self.heads[0]  # member 1: the fold's only head without --ensemble
         self.fold = int(self.fold_dir.name.removeprefix("fold-")) if self.fold_dir.name.startswith("fold-") else 0
         self.seen = seen or TrainingSets(self.fold_dir.parent, cfg)  # an ensemble's folds share one
         try:
