@@ -209,6 +209,7 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
                             "it may be corrupted") from None
         models.append(trainer.model)
         done += trainer.epoch
+        del trainer  # its loaders and any GPU copy of the features go before the next member makes its own
     result = combine(results, seeds, data.classes)
     _check_scored(result.test.utt_id, result.test.probs, cache, k)
     write_fold(out, result, data.classes, models, run_cfg, [r.history for r in results])
