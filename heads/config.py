@@ -78,7 +78,7 @@ class TrainConfig:
     ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/ema.py); off: README
     min_steps: int = 1000  # at least this many optimizer steps per fold (heads/steps.py); 0: exactly as configured
     seed: int = 0
-    ensemble: int = 1  # heads per fold, seeds seed .. seed + ensemble - 1, outputs averaged (heads/run.py); 1: the paper's one
+    ensemble: int | str = "auto"  # heads per fold, seeds seed, seed + 1, ..., outputs averaged; auto: 3 on small folds, 1 (the paper's) at scale (heads/fold_ensemble.py)
     alpha: float = 0.5
     beta: float = 0.25
     gamma: float = 0.25
@@ -102,7 +102,6 @@ class TrainConfig:
             (self.patience >= 1, "--patience must be at least 1"),
             (0 <= self.ema < 1, "--ema must be in [0, 1) (0: no weight averaging)"),
             (self.min_steps >= 0, "--min-steps must not be negative"),
-            (self.ensemble >= 1, "--ensemble must be at least 1 (heads per fold)"),
             (0 <= self.warmup_ratio < 1, "the warm-up ratio must be in [0, 1)"),
             (min(self.alpha, self.beta, self.gamma) >= 0, "--alpha, --beta and --gamma must not be negative"),
             (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
@@ -113,6 +112,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        from heads.fold_ensemble import parse_ensemble
+
+        parse_ensemble(self.ensemble)  # "auto" or a count of at least 1
         for choices, value in ((DEVICES, self.device), (PROTOCOLS, self.protocol), (VAD_MODES, self.vad_mode)):
             choices.check(value)
 

@@ -37,6 +37,7 @@ from heads.config import FinetuneSettings
 from heads.data import FoldData, fold_split
 from heads.distributed import DistContext, barrier, init_distributed, shutdown
 from heads.finetune_trainer import FineTuneTrainer, FoldInterrupted, from_checkpoint, unwrap
+from heads.fold_ensemble import AUTO, parse_ensemble
 from heads.outputs import write_fold
 from heads.run import fold_line, prepare_run_dir
 from heads.trainer import TrainConfig
@@ -113,7 +114,7 @@ def run_finetune(dataset: str, root: str | Path, config: TrainConfig, settings: 
     """Fine-tune the given folds (None = all) of a corpus into RUN; torchrun-aware."""
     config.validate()
     settings.validate()
-    if config.ensemble != 1 or config.ema:
+    if parse_ensemble(config.ensemble) not in (1, AUTO) or config.ema:  # auto: one model, the corpus's size aside
         raise UserError("fine-tuning trains one model per fold with its own weights: --ensemble and --ema are "
                         "for heads on a cache (cli train-head)")
     if max_epochs_this_run is not None and max_epochs_this_run < 1:

@@ -16,7 +16,9 @@ Per-class recall exists in two forms that differ on unbalanced folds, and
 every output names which one it shows: `recall` is the mean over folds of each
 fold's recall (what UA, the mean over folds of per-fold UA, is built from; the
 tables show it), `recall_pooled` is the recall of the confusion counts summed
-over folds (what confusion.png shows on its diagonal).
+over folds (what confusion.png shows on its diagonal). `heads_per_fold` lists
+how many heads were averaged per fold (`--ensemble`; [1]: one head, [1, 3]:
+`auto` gave some folds one and others three); labels read "SR x3" then.
 """
 
 from __future__ import annotations
@@ -222,7 +224,13 @@ def summarize(run: Run | str | Path) -> dict:
     settings = run.config.get("settings")
     summary["settings"] = settings if isinstance(settings, dict) else run.config
     summary["method"] = summary["settings"].get("method")  # "baseline" for heads/baseline.py runs
+    summary["heads_per_fold"] = sorted({_heads(m) for m in folds})  # [1]; [3] under --ensemble 3 or auto on small folds
     return summary
+
+
+def _heads(fold_metrics: dict) -> int:
+    members = fold_metrics.get("members")  # written by --ensemble folds of more than one head
+    return len(members) if isinstance(members, list) and members else 1
 
 
 def pooled_recall(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> dict[str, float | None]:
@@ -268,8 +276,8 @@ def method_label(summary: dict) -> str:
         return METHOD_LABELS[method]
     pooling = summary.get("pooling")
     label = POOLINGS.label(str(pooling).lower()) if pooling is not None else "?"
-    n = (summary.get("settings") or {}).get("ensemble", 1)
-    return f"{label} x{n}" if isinstance(n, int) and n > 1 else label  # --ensemble: N heads per fold
+    n = summary.get("heads_per_fold") or [1]  # --ensemble: heads averaged per fold
+    return label if max(n) == 1 else f"{label} x{n[0]}" if len(n) == 1 else f"{label} x{min(n)}-{max(n)}"
 
 
 CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "

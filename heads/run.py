@@ -41,7 +41,7 @@ from core.folds import plan
 from extract.children import quiet_child
 from heads.config import POOLINGS
 from heads.data import fold_count, fold_data, preload, select_layers
-from heads.fold_ensemble import combine, member_files
+from heads.fold_ensemble import combine, heads_for, member_files
 from heads.metrics import json_safe
 from heads.outputs import write_fold
 from heads.trainer import TrainConfig, Trainer
@@ -192,10 +192,11 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
               on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics.
 
-    `config.ensemble` heads, seeds `config.seed` upwards, averaged (heads/fold_ensemble.py).
+    `config.ensemble` heads (`auto`: by the size of the fold's training split), seeds `config.seed`
+    upwards, averaged (heads/fold_ensemble.py).
     """
     data = fold_data(cache, k, config.protocol)
-    seeds = [config.seed + i for i in range(config.ensemble)]
+    seeds = [config.seed + i for i in range(heads_for(config.ensemble, len(data.train)))]
     results, models, done = [], [], 0
     for i, seed in enumerate(seeds):
         # the progress bar's total: epochs run by the members before, planned epochs for the rest

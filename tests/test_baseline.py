@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from heads.baseline import MODEL_FILE, LinearModel, cache_statistics, fit_fold, 
 from heads.compare import end_of_run_lines, find_baselines
 from heads.config import ALPHA_GRID, C_GRID, BaselineConfig
 from heads.data import fold_data
-from heads.report import load_run, summarize
+from heads.report import load_run, method_label, summarize
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +204,12 @@ def test_cli_report_shows_the_baseline_beside_a_head(cache, run, tmp_path):
     # train-head --all-folds ends with its mean and the sibling baseline's on the same folds
     head = load_run(run.parent / "synth-sr")
     base = summarize(run)
-    assert "SR (" in out and f"UA {100 * summarize(head)['ua']['mean']:.2f}%" in out
+    label = method_label(summarize(head))
+    assert label == "SR x3"  # the default --ensemble auto on folds this small
+    assert f"{label} (" in out and f"UA {100 * summarize(head)['ua']['mean']:.2f}%" in out
     assert f"Baseline ({run}), the same 6 folds: UA {100 * base['ua']['mean']:.2f}%" in out
     diff = np.mean([h["ua"] - b["ua"] for h, b in zip(head.folds, load_run(run).folds)])
-    assert f"SR minus Baseline, paired over folds: UA {100 * diff:+.2f} points" in out
+    assert f"{label} minus Baseline, paired over folds: UA {100 * diff:+.2f} points" in out
     code, out = cli("report", run, run.parent / "synth-sr", "--no-plots")
     assert code == 0, out
     lines = out.splitlines()
@@ -239,10 +242,9 @@ def test_ablate_adds_the_baseline_row(tmp_path):
     code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--epochs", 1, "--quiet")
     assert code == 0, out
     assert len(load_run(tmp_path / "abl" / "baseline").folds) == 6
-    rows = [line.split()[:2] for line in out.splitlines() if len(line.split()) > 2
-            and line.split()[1] in ("baseline", "gap", "sap", "sr")]
-    assert rows == [["Baseline", "baseline"], ["GAP", "gap"], ["SAP", "sap"], ["SR", "sr"]]
-    for head in ("GAP", "SAP", "SR"):
+    rows = re.findall(r"^\W*(Baseline|GAP x3|SAP x3|SR x3)\s+(baseline|gap|sap|sr)\b", out, flags=re.M)
+    assert rows == [("Baseline", "baseline"), ("GAP x3", "gap"), ("SAP x3", "sap"), ("SR x3", "sr")]  # --ensemble auto
+    for head in ("GAP x3", "SAP x3", "SR x3"):
         assert f"{head} minus Baseline, paired over folds: UA " in out
     code, out = cli("ablate", "--cache", cache, "--out", tmp_path / "abl2", "--epochs", 1, "--quiet", "--no-baseline")
     assert code == 0 and not (tmp_path / "abl2" / "baseline").exists()

@@ -23,6 +23,7 @@ def test_demo_runs_the_whole_pipeline_and_the_head_learns(tmp_path):
     assert set(by_run) == {"fbank-gap", "fbank-sap", "fbank-sr", "tiny-wavlm-sr"}
     for s in by_run.values():
         assert s["folds"] == 4  # 2 sessions x 2 speakers, leave-one-speaker-out
+        assert s["heads_per_fold"] == [1]  # the demo's --ensemble 1
     # Chance is 25% for 4 balanced classes; the fbank SR head must clearly beat it.
     assert by_run["fbank-sr"]["ua"]["mean"] >= 0.40
     for run in summary["runs"]:
@@ -35,10 +36,11 @@ def test_demo_runs_the_whole_pipeline_and_the_head_learns(tmp_path):
     assert (out / "tiny-wavlm" / "config.json").exists()
 
     # A previous demo folder may be replaced ...
-    again = runner.invoke(app, args[:-2] + ["--epochs", "1", "--backends", "fbank"])
+    again = runner.invoke(app, args[:-2] + ["--epochs", "1", "--backends", "fbank", "--ensemble", "2"])
     assert again.exit_code == 0, again.output
-    assert {s["run"] for s in json.loads((out / "demo.json").read_text())["summaries"]} == {
-        "fbank-gap", "fbank-sap", "fbank-sr"}
+    summaries = json.loads((out / "demo.json").read_text())["summaries"]
+    assert {s["run"] for s in summaries} == {"fbank-gap", "fbank-sap", "fbank-sr"}
+    assert all(s["heads_per_fold"] == [2] for s in summaries) and "SR x2" in again.output
 
 
 def test_demo_refuses_a_folder_that_is_not_a_previous_demo(tmp_path):
@@ -53,3 +55,9 @@ def test_demo_rejects_unknown_backends(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--backends", "mfcc"])
     assert result.exit_code == 2
     assert "--backends takes a comma-separated subset of" in result.output
+
+
+def test_demo_rejects_a_bad_ensemble_before_any_work(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--ensemble", "0"])
+    assert result.exit_code == 2 and "--ensemble must be auto or a whole number" in result.output
+    assert not (tmp_path / "d").exists()

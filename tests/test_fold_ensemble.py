@@ -1,4 +1,5 @@
-"""--ensemble N: a fold's N heads are the single-head runs with seeds SEED.. SEED+N-1, averaged, written, kept, predicted."""
+"""--ensemble N|auto: a fold's N heads are the single-head runs with seeds SEED.. SEED+N-1, averaged, written, kept,
+predicted; auto picks N by the size of the fold's training split."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from core.errors import UserError
 from head_fixtures import make_cache
 from heads.checkpoint import load_weights
 from heads.config import TrainConfig, finetune_config
+from heads.fold_ensemble import AUTO, AUTO_BELOW, AUTO_HEADS, heads_for, parse_ensemble
 from heads.predict import PredictError, Predictor
 from heads.run import finished_fold, run_differences, train_folds
 
-SETTINGS = dict(epochs=2, batch_size=16, heads=2, device="cpu", min_steps=0)
+SETTINGS = dict(epochs=2, batch_size=16, heads=2, device="cpu", min_steps=0)  # + ensemble, given by every run
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,8 @@ def runs(tmp_path_factory):
     out["ensemble"], _ = train_folds(cache, TrainConfig(**SETTINGS, seed=3, ensemble=2), folds=[1],
                                      out=root / "ensemble", progress=False)
     for seed in (3, 4):
-        out[seed], _ = train_folds(cache, TrainConfig(**SETTINGS, seed=seed), folds=[1], out=root / f"seed{seed}",
-                                   progress=False)
+        out[seed], _ = train_folds(cache, TrainConfig(**SETTINGS, seed=seed, ensemble=1), folds=[1],
+                                   out=root / f"seed{seed}", progress=False)
     return out
 
 
@@ -96,13 +98,52 @@ def test_a_fold_missing_a_members_head_is_trained_again_and_predict_names_it(run
     assert (run / "fold-01" / "predictions.csv").read_bytes() == before
 
 
-def test_ensemble_settings_are_checked_and_old_runs_read_as_one_head():
-    with pytest.raises(UserError, match="--ensemble must be at least 1"):
-        TrainConfig(ensemble=0).validate()
+@pytest.mark.parametrize("bad", [0, "0", "-1", "2.5", "two", "", "auto3", True])
+def test_ensemble_values_other_than_auto_or_a_count_are_refused_in_one_line(bad):
+    with pytest.raises(UserError, match="--ensemble must be auto or a whole number of heads per fold of at least 1"):
+        TrainConfig(ensemble=bad).validate()
+
+
+def test_ensemble_settings_parse_and_old_runs_read_as_one_head():
+    assert [parse_ensemble(v) for v in ("auto", " AUTO ", "3", 3, "1")] == ["auto", "auto", 3, 3, 1]
+    assert TrainConfig().ensemble == "auto"
     assert finetune_config().ensemble == 1
     old = {"settings": {k: v for k, v in vars(TrainConfig()).items() if k != "ensemble"}}
     assert run_differences(old, {"settings": vars(TrainConfig(ensemble=1))}) == []
     assert run_differences(old, {"settings": vars(TrainConfig(ensemble=3))}) == ["ensemble 1 (run) vs 3 (now)"]
+    assert run_differences(old, {"settings": vars(TrainConfig())}) == ["ensemble 1 (run) vs 'auto' (now)"]
+
+
+def test_auto_trains_three_heads_below_the_threshold_and_one_from_it():
+    assert (AUTO, AUTO_HEADS, AUTO_BELOW) == ("auto", 3, 2000)
+    assert [heads_for("auto", n) for n in (1, 288, 576, 1999, 2000, 4400)] == [3, 3, 3, 3, 1, 1]
+    assert [heads_for(n, 10 ** 6) for n in (1, 2, 5)] == [1, 2, 5]  # a count is taken as given at any size
+
+
+def test_auto_is_the_ensemble_of_three_on_a_small_fold_and_the_single_head_from_the_threshold(runs, tmp_path,
+                                                                                                monkeypatch):
+    from heads import fold_ensemble
+    from heads.data import fold_data
+    from heads.run import open_cache
+
+    with open_cache(runs["cache"]) as cache:
+        n_train = len(fold_data(cache, 1).train)
+    assert n_train < AUTO_BELOW  # the test cache is small
+    auto, _ = train_folds(runs["cache"], TrainConfig(**SETTINGS, seed=3), folds=[1], out=tmp_path / "auto",
+                          progress=False)
+    metrics = json.loads((auto / "fold-01" / "metrics.json").read_text())
+    assert [m["seed"] for m in metrics["members"]] == [3, 4, 5]
+    assert json.loads((auto / "config.json").read_text())["settings"]["ensemble"] == "auto"
+    pair = pd.read_csv(runs["ensemble"] / "fold-01" / "predictions.csv")  # seeds 3, 4
+    three = pd.read_csv(auto / "fold-01" / "predictions.csv")
+    assert not np.allclose(three.filter(like="prob_"), pair.filter(like="prob_"))  # a third head was averaged in
+    monkeypatch.setattr(fold_ensemble, "AUTO_BELOW", n_train)  # this fold is now "large": one head
+    one, _ = train_folds(runs["cache"], TrainConfig(**SETTINGS, seed=3), folds=[1], out=tmp_path / "one",
+                         progress=False)
+    assert "members" not in json.loads((one / "fold-01" / "metrics.json").read_text())
+    assert not (one / "fold-01" / "head-2.safetensors").exists()
+    for name in ("predictions.csv", "history.csv"):
+        assert (one / "fold-01" / name).read_bytes() == (runs[3] / "fold-01" / name).read_bytes()
 
 
 def test_the_report_and_the_fold_line_say_how_many_heads(runs):
@@ -111,8 +152,19 @@ def test_the_report_and_the_fold_line_say_how_many_heads(runs):
 
     assert method_label(summarize(runs["ensemble"])) == "SR x2"
     assert method_label(summarize(runs[3])) == "SR"
+    assert summarize(runs["ensemble"])["heads_per_fold"] == [2] and summarize(runs[3])["heads_per_fold"] == [1]
+    assert method_label({"pooling": "gap", "heads_per_fold": [1, 3]}) == "GAP x1-3"  # auto near its threshold
     metrics = json.loads((runs["ensemble"] / "fold-01" / "metrics.json").read_text())
     assert f"(+1 heads: best {metrics['members'][1]['best_epoch']})" in fold_line(metrics, None)
+
+
+def test_fine_tuning_takes_auto_as_its_one_model(tmp_path):
+    from heads.config import FinetuneSettings
+    from heads.finetune import run_finetune
+
+    with pytest.raises(UserError) as err:  # fails later, on the missing corpus, not on the ensemble
+        run_finetune("manifest", tmp_path, finetune_config(ensemble="auto"), FinetuneSettings(), out=tmp_path / "run")
+    assert "fine-tuning trains one model per fold" not in str(err.value)
 
 
 @pytest.mark.parametrize("override", [{"ensemble": 2}, {"ema": 0.99}])
@@ -122,3 +174,13 @@ def test_fine_tuning_refuses_an_ensemble_or_a_weight_average_in_one_line(overrid
 
     with pytest.raises(UserError, match="fine-tuning trains one model per fold"):
         run_finetune("manifest", tmp_path, finetune_config(**override), FinetuneSettings(), out=tmp_path / "run")
+
+
+def test_the_cli_stores_a_count_as_a_number_and_auto_as_auto(runs, tmp_path):
+    from cli_runner import cli
+
+    for given, stored in (("2", 2), ("auto", "auto")):
+        code, out = cli("train-head", "--cache", runs["cache"], "--fold", 1, "--epochs", 1, "--heads", 2,
+                        "--min-steps", 0, "--ensemble", given, "--out", tmp_path / given, "--quiet")
+        assert code == 0, out
+        assert json.loads((tmp_path / given / "config.json").read_text())["settings"]["ensemble"] == stored

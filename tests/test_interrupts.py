@@ -59,7 +59,7 @@ def test_sigterm_stops_train_head_keeping_its_finished_folds(tmp_path):
     cache = make_cache(tmp_path / "c.h5", per_class=6)
     run = tmp_path / "run"
     args = ["train-head", "--cache", cache, "--all-folds", "--epochs", "30", "--patience", "30", "--batch-size", "8",
-            "--heads", "2", "--device", "cpu", "--out", run, "--quiet"]
+            "--heads", "2", "--device", "cpu", "--ensemble", "1", "--out", run, "--quiet"]  # one head: time
     proc = start_cli(*args)
     try:
         signal_when(proc, lambda: (run / "fold-01" / "metrics.json").exists(), signal.SIGTERM, timeout=180)

@@ -101,7 +101,7 @@ def test_a_kill_at_every_step_of_a_serial_run_keeps_what_was_finished_and_reruns
     from kill_points import KillAt, Killed
 
     cache = make_cache(tmp_path / "c.h5", per_class=2)
-    config = TrainConfig(epochs=1, batch_size=8, device="cpu", min_steps=0)
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu", min_steps=0, ensemble=2)  # kills among member files too
     reference = tmp_path / "reference"
     train_folds(cache, config, folds=[1, 2], out=reference, progress=False)
     with _pytest.MonkeyPatch.context() as mp:

@@ -21,7 +21,7 @@ from heads.trainer import TrainConfig, Trainer
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(epochs=3, batch_size=16, lr=3e-3, heads=2, device="cpu", pooling="sr")
+    base = dict(epochs=3, batch_size=16, lr=3e-3, heads=2, device="cpu", pooling="sr", ensemble=1)  # the mix, not seeds
     return TrainConfig(**{**base, **kw})
 
 

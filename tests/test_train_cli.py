@@ -13,6 +13,7 @@ from heads.data import RamBatches, make_loader, preload
 from heads.report import load_run
 
 FOLD_FILES = {"metrics.json", "predictions.csv", "head.safetensors", "history.csv"}
+MEMBER_FILES = {"head-2.safetensors", "history-2.csv", "head-3.safetensors", "history-3.csv"}  # --ensemble auto, small folds
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,10 @@ def test_all_folds_through_the_cli_learn_and_write_the_run_folder(cache, tmp_pat
     config = json.loads((run / "config.json").read_text())
     assert config["settings"]["pooling"] == "sr" and config["settings"]["lr"] == 1e-3 and config["settings"]["min_steps"] == 1000
     assert config["fingerprint"]["model"] == "synthetic-test" and config["layers"] == [0, 1, 2]
+    assert config["settings"]["ensemble"] == "auto"
     for k in range(1, 7):
-        assert {p.name for p in (run / f"fold-{k:02d}").iterdir()} == FOLD_FILES
+        assert {p.name for p in (run / f"fold-{k:02d}").iterdir()} == FOLD_FILES | MEMBER_FILES
+        assert [m["seed"] for m in metrics(run, k)["members"]] == [0, 1, 2]
     loaded = load_run(run)  # the report's own contract check of every metrics.json
     assert len(loaded.folds) == 6
     ua = [m["ua"] for m in loaded.folds]
@@ -151,6 +154,7 @@ def unlabelled_speaker_cache(path, speaker="S1F"):
 @pytest.mark.parametrize("case, expected", [
     ("layer", "the cache holds layers 0, 1, 2; layer 24 is not among them"),
     ("vad", "--vad-mode must be one of 0, 1, 2, 3"),
+    ("ensemble", "--ensemble must be auto or a whole number of heads per fold of at least 1, not 'three'"),
     ("fold", "fold 7 is out of range: this corpus has folds 1 to 6"),
     ("neither", "give exactly one of --fold K or --all-folds"),
     ("missing", "does not exist"),
@@ -167,6 +171,8 @@ def test_bad_input_is_one_sentence(cache, tmp_path, case, expected):
         extra = ["--layer", 24]
     elif case == "vad":
         extra = ["--vad-mode", 4]
+    elif case == "ensemble":
+        extra = ["--ensemble", "three"]
     elif case == "fold":
         extra = ["--fold", 7]
     elif case == "missing":
