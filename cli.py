@@ -34,6 +34,7 @@ from extract.models import DEFAULT_MODEL
 from heads.demo import DemoConfig
 from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLED_NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
                           TrainConfig, finetune_config)
+from heads.fold_ensemble import AUTO, AUTO_BELOW, AUTO_HEADS, parse_ensemble
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -257,9 +258,9 @@ EmaOpt = Annotated[float, typer.Option("--ema", help="validate, keep and save a 
                                         "decay per optimizer step (0: the weights themselves, as in the paper)")]
 MinStepsOpt = Annotated[int, typer.Option("--min-steps", help="optimizer steps every fold gets at least: on a small corpus the batch shrinks "
                                                               "(not below 16), then epochs and patience grow; 0: exactly as given")]
-EnsembleOpt = Annotated[str, typer.Option("--ensemble", help="heads trained per fold, with seeds SEED, SEED+1, ...; their "
-                                                            "probabilities and valence/arousal are averaged (1: one head, as in the paper; "
-                                                            "auto: 3 on folds with fewer than 2000 training utterances, else 1)")]
+EnsembleOpt = Annotated[str, typer.Option("--ensemble", metavar="N|auto", help=(
+    "heads trained per fold, with seeds SEED, SEED+1, ...; their probabilities and valence/arousal are averaged "
+    f"(1: one head, as in the paper; {AUTO}: {AUTO_HEADS} on folds with fewer than {AUTO_BELOW} training utterances, else 1)"))]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", help="weight of the weighted cross-entropy")]
 BetaOpt = Annotated[float, typer.Option("--beta", help="weight of the valence MAE")]
@@ -300,8 +301,6 @@ def train_head(
     """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out by default)."""
     from heads.run import train_folds
 
-    from heads.fold_ensemble import parse_ensemble
-
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
     ensemble = parse_ensemble(ensemble)  # noqa: F841 (read by settings_of through locals())
@@ -334,7 +333,6 @@ def ablate(
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, plus the classical baseline, then side by side
     (the paper's Tables 1 and 3)."""
-    from heads.fold_ensemble import parse_ensemble
     from heads.report import render_runs, table_width
     from heads.run import ablate as run_ablation
 
@@ -471,15 +469,14 @@ def demo(
     epochs: Annotated[int, typer.Option(help="training epochs per fold before the step plan (heads/steps.py) "
                                              "triples them on this tiny corpus")] = DEMO.epochs,
     batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = DEMO.batch_size,
-    ensemble: Annotated[str, typer.Option(help="heads per fold, averaged: a count or auto (train-head's default; "
-                                               "3 here, ~2.4x the demo's time)")] = str(DEMO.ensemble),
+    ensemble: Annotated[str, typer.Option(metavar="N|auto", help=f"heads per fold, averaged: a count or {AUTO} "
+                                               f"(train-head's default; {AUTO_HEADS} here, ~2.4x the demo's time)")] = str(DEMO.ensemble),
     backends: Annotated[str, typer.Option(help="comma-separated: fbank, tiny-wavlm")] = "fbank,tiny-wavlm",
     jobs: Annotated[int, typer.Option(help="folds trained in parallel processes (1 torch thread each on 2 cores)")] = 2,
 ) -> None:
     """The whole pipeline offline on CPU: synthetic corpus -> features + VAD -> GAP/SAP/SR heads over all
     folds -> the paper-style table and plots. The numbers check the pipeline, not real SER accuracy."""
     from heads.demo import run_demo
-    from heads.fold_ensemble import parse_ensemble
 
     config = DemoConfig(seed=seed, n_sessions=sessions, utts_per_speaker=utts_per_speaker, epochs=epochs,
                         batch_size=batch_size, ensemble=parse_ensemble(ensemble), jobs=jobs,
