@@ -5,7 +5,7 @@ fewer than AUTO_BELOW utterances and one head otherwise (`heads_for`). On the
 real-speech corpora (288 and 576 training utterances per fold) the seed alone
 moved a single head's UA by up to 3 points and three averaged heads were above
 their seeds' mean for every cache and both corpora, while three heads of that
-size cost about what one head costs at paper scale (IEMOCAP: ~4,400 training
+size cost far less than one head at paper scale (IEMOCAP: ~4,400 training
 utterances per fold, one head, as in the paper). README, "Seeds and ensembles".
 
 Member i (1-based) trains exactly as a run with `--seed SEED + i - 1` would
