@@ -55,9 +55,10 @@ def parse_ensemble(value: int | str) -> int | str:
 
 def heads_for(ensemble: int | str, n_train: int) -> int:
     """Heads trained on a fold with `n_train` training utterances under `--ensemble ensemble`."""
-    if ensemble == AUTO:
+    n = parse_ensemble(ensemble)  # API callers may pass "AUTO" or "3" as the CLI does
+    if n == AUTO:
         return AUTO_HEADS if n_train < AUTO_BELOW else 1
-    return int(ensemble)
+    return int(n)
 
 
 def head_file(member: int) -> str:

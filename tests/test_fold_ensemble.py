@@ -118,6 +118,7 @@ def test_auto_trains_three_heads_below_the_threshold_and_one_from_it():
     assert (AUTO, AUTO_HEADS, AUTO_BELOW) == ("auto", 3, 2000)
     assert [heads_for("auto", n) for n in (1, 288, 576, 1999, 2000, 4400)] == [3, 3, 3, 3, 1, 1]
     assert [heads_for(n, 10 ** 6) for n in (1, 2, 5)] == [1, 2, 5]  # a count is taken as given at any size
+    assert (heads_for("AUTO", 10), heads_for("2", 10)) == (3, 2)  # as the CLI would parse them
 
 
 def test_auto_is_the_ensemble_of_three_on_a_small_fold_and_the_single_head_from_the_threshold(runs, tmp_path,
