@@ -120,7 +120,7 @@ def manifest(
     from core.folds import PROTOCOLS
     from core.records import write_manifest
     from extract.corpora import read_corpus
-    from extract.summary import summarize, summary_tables
+    from extract.corpus_summary import summarize, summary_tables
 
     options = {}
     if ties is not None:

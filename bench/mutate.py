@@ -115,7 +115,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "cols = [self._ram.positions.index(p) for p in pos]", "cols = pos",
              "a preloaded subset of layers is indexed by stored position, not by its column in RAM",
              ("tests/test_cache.py",)),
-    Mutation("dataset-ignores-vad-mode", "cache/dataset.py",
+    Mutation("dataset-ignores-vad-mode", "cache/torch_dataset.py",
              '"vad": self.cache.vad(utt_id, self.vad_mode)', '"vad": self.cache.vad(utt_id, 0)',
              "the dataset always reads the VAD mask of mode 0, whatever --vad-mode says",
              ("tests/test_cache.py",)),

@@ -6,7 +6,7 @@ Four kinds, chosen by one string (`load_backend`):
   with remote code: all hidden states (L = num_hidden_layers + 1) or a subset
   (`HFBackend`; which models, and how they are named and hashed: extract/models.py);
 - a Whisper encoder (extract/whisper.py);
-- `fbank`: 80 log-mel energies, torch only, 25 ms window / 10 ms hop (extract/classic.py);
+- `fbank`: 80 log-mel energies, torch only, 25 ms window / 10 ms hop (extract/classic_features.py);
 - `egemaps`: the 25 eGeMAPSv02 low-level descriptors from openSMILE (optional extra).
 
 Every backend returns float32; the cache writer decides the stored dtype. The
@@ -24,7 +24,7 @@ import torch
 
 from core.devices import autocast_dtype, resolve_device
 from core.frames import SAMPLE_RATE, FrameGrid, conv_grid
-from extract.classic import EgemapsBackend, FbankBackend
+from extract.classic_features import EgemapsBackend, FbankBackend
 from extract.frontend import use_fast_front_end
 from extract.models import (BackendError, check_layers, first_line, is_whisper, model_config, model_family,
                             quiet_from_pretrained, state_dict_sha256)

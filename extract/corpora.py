@@ -28,7 +28,7 @@ DATASETS: Choices[Dataset] = Choices("--dataset", {
     "iemocap": Dataset(module="extract.iemocap", max_seconds=19.0, named=True),
     "kemdy19": Dataset(module="extract.kemdy19", max_seconds=16.0, named=True, ties=True),
     "kemdy20": Dataset(module="extract.kemdy20", max_seconds=16.0, named=True, ties=True),
-    "manifest": Dataset(module="extract.manifest"),
+    "manifest": Dataset(module="extract.csv_manifest"),
     "synthetic": Dataset(module="extract.synthetic"),
 }, error=CorpusError)
 

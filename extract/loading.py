@@ -20,7 +20,7 @@ import numpy as np
 from core.frames import SAMPLE_RATE, FrameGrid
 from core.records import SKIP_REASONS, Utterance
 from extract.audio import AudioError, load_audio
-from extract.children import quiet_child
+from core.processes import quiet_child
 from extract.vad import vad_masks
 
 PREFETCH_BATCHES = 3  # batches of audio decoded ahead of each model stream

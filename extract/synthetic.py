@@ -152,7 +152,7 @@ def read(root: Path, *, classes: tuple[str, ...], strict: bool, seed: int = 0, *
 
     A folder generated with other options is refused rather than silently reused.
     """
-    from extract import manifest as manifest_reader  # another corpus module; imported on use
+    from extract import csv_manifest as manifest_reader  # another corpus module; imported on use
 
     unknown = sorted(set(gen_options) - set(DEFAULTS))
     if unknown:

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from cache.dataset import CacheDataset, collate
+from cache.torch_dataset import CacheDataset, collate
 from cache.reader import FeatureCache
 from core.errors import UserError
 from core.folds import Fold, pick, plan
@@ -250,7 +250,7 @@ class RamBatches(ResidentBatches):
 
 def make_loader(cache: FeatureCache, utt_ids: Sequence[str], *, layers: Sequence[int], vad_mode: int,
                 batch_size: int, shuffle: bool, seed: int, resident: torch.Tensor | None = None) -> Iterable[dict]:
-    """RAM batches when the cache holds exactly these layers preloaded, else `cache.dataset` reads from disk.
+    """RAM batches when the cache holds exactly these layers preloaded, else `cache.torch_dataset` reads from disk.
 
     `resident`: the preloaded array already copied to the training device (see `resident_copy`).
     No worker processes: deterministic, and the RAM path has nothing to overlap.

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from core.devices import resolve_device, training_autocast
 from core.frames import SAMPLE_RATE
 from core.records import Utterance
-from extract.children import worker_init
+from core.processes import worker_init
 from heads.backbone import Backbone, load_backbone
 from heads.checkpoint import Checkpoint, rng_state, save_checkpoint, set_rng_state
 from heads.config import FinetuneSettings

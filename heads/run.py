@@ -11,7 +11,7 @@ again: rerunning a killed `--all-folds` trains only the missing folds.
 Parallel folds (`jobs > 1`): each process opens the cache itself, preloads
 within `memory_gb / jobs` and uses `cpu_count // jobs` torch threads, so N
 jobs neither oversubscribe the cores nor the RAM budget. Fold processes die
-with the command (extract.children), so a killed run leaves none behind
+with the command (core.processes), so a killed run leaves none behind
 writing folds.
 """
 
@@ -38,7 +38,7 @@ from cache.reader import FeatureCache
 from core.errors import UserError
 from core.files import replacing
 from core.folds import plan
-from extract.children import quiet_child
+from core.processes import quiet_child
 from heads.config import POOLINGS
 from heads.data import fold_count, fold_data, preload, select_layers
 from heads.fold_ensemble import combine, heads_for, member_files

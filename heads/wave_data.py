@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cache.dataset import label_tensors, padded
+from cache.torch_dataset import label_tensors, padded
 from core.errors import UserError
 from core.frames import SAMPLE_RATE, VAD_MODES, FrameGrid
 from core.records import Corpus, Utterance
@@ -312,7 +312,7 @@ class WaveDataset(Dataset):
 
 
 def collate_waves(items: list[dict], grid: FrameGrid) -> dict:
-    """Pad to the longest utterance; keys as cache.dataset.collate, `waves` instead of `features`.
+    """Pad to the longest utterance; keys as cache.torch_dataset.collate, `waves` instead of `features`.
 
     "waves" (B, N) float32 zero-padded, "wave_mask" (B, N) bool, "padding_mask" (B, T) bool,
     "vad_mask" (B, T) bool (False on padding), "emotion" (B,) long, "valence"/"arousal" (B,)
