@@ -31,10 +31,24 @@ from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4
 from extract.corpora import DATASETS
 from extract.models import DEFAULT_MODEL
+from heads.config import (
+    AUTO,
+    AUTO_BELOW,
+    AUTO_HEADS,
+    FRAMES,
+    LAYER_WEIGHTS,
+    NORMS,
+    POOLED_NORMS,
+    POOLINGS,
+    STATISTICS,
+    BaselineConfig,
+    FinetuneSettings,
+    TrainConfig,
+    finetune_config,
+    parse_ensemble,
+)
 from heads.demo import DemoConfig
-from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLED_NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
-                          TrainConfig, finetune_config)
-from heads.fold_ensemble import AUTO, AUTO_BELOW, AUTO_HEADS, parse_ensemble
+from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -147,13 +161,21 @@ def manifest(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="run folder(s) from train-head; several are shown side by side")],
     as_json: Annotated[bool, typer.Option("--json", help="print only JSON: one run's summary, or a list for several")] = False,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="do not write RUN/confusion.png and RUN/curves.png")] = False,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help=f"do not write RUN/{CONFUSION_PLOT} and RUN/{CURVES_PLOT}")] = False,
 ) -> None:
     """UA/WA mean and 95% CI over folds (the paper's Table 1), macro-F1, per-class recall,
     valence/arousal MAE and CCC; writes the confusion-matrix and training-curve plots."""
-    from heads.metrics import json_safe
-    from heads.plots import write_run_plots  # matplotlib only when this command runs
-    from heads.report import load_run, pooled_recall_line, render_folds, render_table, render_tables, summarize, table_width
+    from heads.evaluate.plots import write_run_plots  # matplotlib only when this command runs
+    from heads.evaluate.report import (
+        load_run,
+        pooled_recall_line,
+        render_folds,
+        render_table,
+        render_tables,
+        summarize,
+        table_width,
+    )
+    from heads.runfolder import json_safe
 
     loaded = [load_run(r) for r in runs]
     summaries = [summarize(r) for r in loaded]
@@ -299,7 +321,7 @@ def train_head(
     quiet: QuietOpt = False,
 ) -> None:
     """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out by default)."""
-    from heads.run import train_folds
+    from heads.train.fold_loop import train_folds
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
@@ -307,7 +329,7 @@ def train_head(
     config = settings_of(TrainConfig, locals())
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
     if all_folds:
-        from heads.compare import end_of_run_lines
+        from heads.evaluate.compare import end_of_run_lines
 
         for line in end_of_run_lines(run):  # and a baseline's on the same folds, when one is beside it
             typer.echo(line)
@@ -333,8 +355,8 @@ def ablate(
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, plus the classical baseline, then side by side
     (the paper's Tables 1 and 3)."""
-    from heads.report import render_runs, table_width
-    from heads.run import ablate as run_ablation
+    from heads.evaluate.report import render_runs, table_width
+    from heads.train.fold_loop import ablate as run_ablation
 
     ensemble = parse_ensemble(ensemble)  # noqa: F841 (read by settings_of through locals())
     config = settings_of(TrainConfig, locals())
@@ -342,7 +364,7 @@ def ablate(
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
     if baseline:
-        from heads.compare import baseline_comparisons
+        from heads.evaluate.compare import baseline_comparisons
 
         for run in runs[1:]:  # does each head beat the baseline on the same folds?
             for _, paired in baseline_comparisons(run):
@@ -364,8 +386,8 @@ def baseline(
 ) -> None:
     """A classical baseline on the same folds: mean and std of each utterance's frames + StandardScaler +
     LogisticRegression (class-balanced; C chosen on the validation speaker) and Ridge for valence/arousal."""
-    from heads.baseline import run_baseline
-    from heads.compare import end_of_run_lines
+    from heads.evaluate.compare import end_of_run_lines
+    from heads.train.baseline import run_baseline
 
     config = settings_of(BaselineConfig, locals())
     run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)
@@ -408,7 +430,7 @@ def finetune(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
-    from heads.finetune import run_finetune
+    from heads.finetune.run import run_finetune
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
@@ -437,8 +459,8 @@ def predict(
 ) -> None:
     """Emotion probabilities (and valence/arousal, when the head learned them) and the VAD speech ratio of each
     file; bad files are reported, not fatal; files a fold trained on are flagged."""
-    from heads.metrics import json_safe
     from heads.predict import format_line, load_predictor, seen_warning
+    from heads.runfolder import json_safe
 
     predictor = load_predictor(run, device=device)
     results = []
@@ -466,7 +488,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed of the synthetic corpus, the tiny WavLM and training")] = 0,
     sessions: Annotated[int, typer.Option(help="synthetic sessions (2 speakers each, one fold per speaker)")] = 3,
     utts_per_speaker: Annotated[int, typer.Option(help="synthetic utterances per speaker")] = 24,
-    epochs: Annotated[int, typer.Option(help="training epochs per fold before the step plan (heads/steps.py) "
+    epochs: Annotated[int, typer.Option(help="training epochs per fold before the step plan (heads/train/step_plan.py) "
                                              "triples them on this tiny corpus")] = DEMO.epochs,
     batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = DEMO.batch_size,
     ensemble: Annotated[str, typer.Option(metavar="N|auto", help=f"heads per fold, averaged: a count or {AUTO} "

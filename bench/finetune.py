@@ -48,9 +48,9 @@ from core.folds import Fold
 from core.records import CLASSES_4, Utterance
 from extract.backends import tiny_wavlm
 from heads.config import FinetuneSettings, finetune_config
-from heads.data import FoldData
-from heads.finetune_trainer import FineTuneTrainer
-from heads.wave_data import build_wave_index
+from heads.finetune.trainer import FineTuneTrainer
+from heads.finetune.waves import build_wave_index
+from heads.train.folds import FoldData
 
 SR = 16_000
 
@@ -144,7 +144,7 @@ def measure(model: str, args: argparse.Namespace, checkpointing: bool, work: Pat
 
 
 def grid_of(model: str):
-    from heads.finetune import backbone_shape
+    from heads.finetune.run import backbone_shape
 
     return backbone_shape(model)[0]
 

@@ -17,8 +17,10 @@ import torch
 
 from bench.head_bench import build_cache, drop_pages, peak_rss_gb, phases, write_section
 from cache.reader import FeatureCache
-from heads.data import fold_data, preload
-from heads.trainer import TrainConfig, Trainer
+from heads.config import TrainConfig
+from heads.train.batches import preload
+from heads.train.feature_trainer import FeatureTrainer
+from heads.train.folds import fold_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def scaling_case(path: str, case: str, pooling: str, memory_gb: float, epochs: i
         drop_pages(Path(path))
         io0, start = io_bytes(), time.perf_counter()
         in_ram = preload(cache, layers, memory_gb)
-        trainer = Trainer(config, fold_data(cache, 1), cache=cache, layers=layers)
+        trainer = FeatureTrainer(config, fold_data(cache, 1), cache=cache, layers=layers)
         sync()
         setup_s, io1 = time.perf_counter() - start, io_bytes()
         walls, cpus, reads = [], [], []

@@ -54,8 +54,8 @@ sys.path.insert(0, str(_HERE.parent))
 import numpy as np  # noqa: E402
 
 from core.folds import plan_folds  # noqa: E402
-from heads.metrics import classification_metrics  # noqa: E402
-from heads.report import load_run, mean_ci, summarize  # noqa: E402
+from heads.evaluate.metrics import classification_metrics  # noqa: E402
+from heads.evaluate.report import load_run, mean_ci, summarize  # noqa: E402
 
 REPO = _HERE.parent
 CLI = [sys.executable, str(REPO / "cli.py")]

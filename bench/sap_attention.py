@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from heads.pooling import SAP, flash_pays
+from heads.model.pooling import SAP, flash_pays
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def sap_report(results: list[dict], repeats: int) -> list[str]:
         "**dense (before)** held the (B, heads, S, S) weights; **chunked** averages before V and the output "
         "projection with a query-blocked softmax that recomputes in backward; **flash** runs V per frame and "
         "`scaled_dot_product_attention` (CPU flash kernel). `mean_attention` (auto) picks flash when "
-        "D <= S (`heads/pooling.py: flash_pays`). Load average when it finished: " + load + ".", "",
+        "D <= S (`heads/model/pooling.py: flash_pays`). Load average when it finished: " + load + ".", "",
         "| D | S | threads | " + " | ".join(f"{n} s" for n in names) + " | " + " | ".join(f"{n} GiB" for n in names)
         + " | auto picks | auto / dense, time | auto / dense, peak RSS |",
         "|---:|---:|---:|" + "---:|" * (2 * len(names)) + "---|---:|---:|",

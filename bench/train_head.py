@@ -61,13 +61,14 @@ sys.path.insert(0, str(_HERE.parent))
 
 import torch  # noqa: E402
 
-from bench.head_bench import (FRAMES_PER_SECOND, build_cache, drop_pages, peak_rss_gb, section,  # noqa: E402
-                              write_section)
+from bench.head_bench import FRAMES_PER_SECOND, build_cache, drop_pages, peak_rss_gb, section, write_section  # noqa: E402
 from bench.layer_scaling import SCALING_SECTION, layer_scaling  # noqa: E402
 from bench.sap_attention import SAP_SECTION, sap_report, sap_shapes  # noqa: E402
 from cache.reader import FeatureCache  # noqa: E402
-from heads.data import fold_data, preload  # noqa: E402
-from heads.trainer import TrainConfig, Trainer  # noqa: E402
+from heads.config import TrainConfig  # noqa: E402
+from heads.train.batches import preload  # noqa: E402
+from heads.train.feature_trainer import FeatureTrainer  # noqa: E402
+from heads.train.folds import fold_data
 
 IEMOCAP_UTTS = 5531
 IEMOCAP_SECONDS = 7.0 * 3600  # the 4-class subset, ~4.6 s per utterance
@@ -94,7 +95,7 @@ def epoch_time(cache: FeatureCache, config: TrainConfig, layers: list[int], repe
     other processes competing; the fastest of `repeats` epochs counts.
     """
     data = fold_data(cache, 1)
-    trainer = Trainer(config, data, cache=cache, layers=layers)
+    trainer = FeatureTrainer(config, data, cache=cache, layers=layers)
     walls, cpus = [], []
     for epoch in range(1, repeats + 1):
         start, cpu = time.perf_counter(), time.process_time()
@@ -248,7 +249,7 @@ def gpu_estimate(dim: int) -> list[str]:
     frames = IEMOCAP_SECONDS * FRAMES_PER_SECOND * 0.8
     speech = 0.65
     # SAP: Q and K projections 4 D^2 FLOP per speech frame forward (V and the output projection run once
-    # per utterance, see heads/pooling.py), attention logits and their mean ~4 S D (S ~ 160 speech
+    # per utterance, see heads/model/pooling.py), attention logits and their mean ~4 S D (S ~ 160 speech
     # frames); backward ~2x forward. GAP/mix/projection are negligible next to it.
     flop = frames * speech * 3 * (4 * dim * dim + 4 * 160 * dim)
     tflops = 100e12  # a realistic TF32 rate for these shapes, about a quarter of the dense peak

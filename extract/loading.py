@@ -2,7 +2,7 @@
 ahead of whoever consumes them, in a thread or in worker processes that die with the command.
 
 `cli extract` feeds its model streams from here (extract.pipeline); fine-tuning's once-per-run
-VAD pre-pass reads the corpus through the same loader (heads.wave_data). Nothing here imports
+VAD pre-pass reads the corpus through the same loader (heads.finetune.waves). Nothing here imports
 torch or h5py: spawned workers import only what decoding needs.
 """
 

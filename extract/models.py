@@ -3,7 +3,7 @@
 Two families, told apart by the checkpoint's config (`model_family`): the wav2vec2
 family (WavLM, wav2vec2, HuBERT, data2vec-audio: waveform in, a stack of unpadded
 convolutions) and Whisper encoders (log-mel in). Extraction (extract/backends.py,
-extract/whisper.py) and fine-tuning (heads/backbone.py) ask the same questions here.
+extract/whisper.py) and fine-tuning (heads/finetune/backbone.py) ask the same questions here.
 Models are loaded with the ordinary `from_pretrained`, never with remote code.
 """
 

@@ -11,7 +11,7 @@ an entry here (plus its implementation, which the entry names or which branches 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.choices import Choice, Choices
 from core.devices import AMP_MODES, DEVICES
@@ -19,9 +19,6 @@ from core.errors import UserError
 from core.folds import PROTOCOLS
 from core.frames import VAD_MODES
 from extract.models import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    from heads.backbone import BackboneSettings
 
 
 @dataclass(frozen=True)
@@ -33,9 +30,9 @@ class Pooling(Choice):
 
 # In the order `cli ablate` trains them (the paper's Table 3: GAP, SAP, then their combination SR).
 POOLINGS: Choices[Pooling] = Choices("--pooling", {
-    "gap": Pooling("all frames", "GAP", "heads.pooling:GAP"),  # eq. 2
-    "sap": Pooling("self-attention among speech frames", "SAP", "heads.pooling:SAP"),  # eqs. 3-5
-    "sr": Pooling("GAP+SAP", "SR", "heads.pooling:SR"),  # eq. 6
+    "gap": Pooling("all frames", "GAP", "heads.model.pooling:GAP"),  # eq. 2
+    "sap": Pooling("self-attention among speech frames", "SAP", "heads.model.pooling:SAP"),  # eqs. 3-5
+    "sr": Pooling("GAP+SAP", "SR", "heads.model.pooling:SR"),  # eq. 6
 })
 NORMS: Choices[Choice] = Choices("--norm", {
     "train": Choice("per layer and dimension, training-split statistics"),
@@ -56,18 +53,49 @@ LAYER_WEIGHTS: Choices[Choice] = Choices("--layer-weights", {
 })
 
 
+# --- `--ensemble N|auto`: how many heads a fold trains (heads/train/ensemble.py averages them) ---
+#
+# `auto` trains AUTO_HEADS heads on a fold whose training split has fewer than AUTO_BELOW
+# utterances and one head otherwise. On the real-speech corpora (288 and 576 training
+# utterances per fold) the seed alone moved a single head's UA by up to 3 points and three
+# averaged heads were above their seeds' mean for every cache and both corpora, while three
+# heads of that size cost far less than one head at paper scale (IEMOCAP: ~4,400 training
+# utterances per fold, one head, as in the paper). docs/training.md, "Seeds and ensembles".
+AUTO = "auto"
+AUTO_HEADS = 3  # heads per fold under `auto` when the training split is small
+AUTO_BELOW = 2000  # training utterances per fold from which `auto` trains one head
+
+
+def parse_ensemble(value: int | str) -> int | str:
+    """`--ensemble`'s value: "auto" or a count of heads of at least 1; anything else is refused in one line."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise UserError(f"--ensemble must be {AUTO} or a whole number of heads per fold of at least 1, not {value!r}")
+    return int(text)
+
+
+def heads_for(ensemble: int | str, n_train: int) -> int:
+    """Heads trained on a fold with `n_train` training utterances under `--ensemble ensemble`."""
+    n = parse_ensemble(ensemble)  # API callers may pass "AUTO" or "3" as the CLI does
+    if n == AUTO:
+        return AUTO_HEADS if n_train < AUTO_BELOW else 1
+    return int(n)
+
+
 @dataclass
 class TrainConfig:
     """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices."""
 
     pooling: str = "sr"  # POOLINGS
     layer: int | None = None  # None: learnable softmax mix of every cached layer
-    norm: str = "train"  # NORMS (heads/norm.py)
-    spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/pooling.py)
-    speech_stats: bool = True  # append each dimension's mean and std over the speech (VAD) frames (heads/head.py)
-    pooled_norm: str = "train"  # POOLED_NORMS (heads/pooled_norm.py)
-    pooled_dropout: float = 0.0  # dropout on the (standardized) pooled vector before the projection (heads/head.py); off: README
-    layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/layer_weights.py, heads/layer_probe.py)
+    norm: str = "train"  # NORMS (heads/model/input_norm.py)
+    spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/model/pooling.py)
+    speech_stats: bool = True  # append each dimension's mean and std over the speech (VAD) frames (heads/model/head.py)
+    pooled_norm: str = "train"  # POOLED_NORMS (heads/model/pooled_norm.py)
+    pooled_dropout: float = 0.0  # dropout on the (standardized) pooled vector before the projection (heads/model/head.py); off: README
+    layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/train/layer_weights.py, heads/train/layer_probe.py)
     vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
     epochs: int = 30
     batch_size: int = 64
@@ -75,10 +103,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     patience: int = 5
-    ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/ema.py); off: README
-    min_steps: int = 1000  # at least this many optimizer steps per fold (heads/steps.py); 0: exactly as configured
+    ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/train/weight_average.py); off: README
+    min_steps: int = 1000  # at least this many optimizer steps per fold (heads/train/step_plan.py); 0: exactly as configured
     seed: int = 0
-    ensemble: int | str = "auto"  # heads per fold, seeds seed, seed + 1, ..., outputs averaged; auto: 3 on small folds, 1 (the paper's) at scale (heads/fold_ensemble.py)
+    ensemble: int | str = "auto"  # heads per fold, seeds seed, seed + 1, ..., outputs averaged; auto: 3 on small folds, 1 (the paper's) at scale (heads/train/ensemble.py)
     alpha: float = 0.5
     beta: float = 0.25
     gamma: float = 0.25
@@ -112,8 +140,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        from heads.fold_ensemble import parse_ensemble
-
         parse_ensemble(self.ensemble)  # "auto" or a count of at least 1
         for choices, value in ((DEVICES, self.device), (PROTOCOLS, self.protocol), (VAD_MODES, self.vad_mode)):
             choices.check(value)
@@ -149,13 +175,6 @@ class FinetuneSettings:
             if not ok:
                 raise UserError(message)
 
-    def backbone(self, distributed: bool) -> BackboneSettings:
-        from heads.backbone import BackboneSettings
-
-        return BackboneSettings(model=self.model, full=self.full, top_layers=self.top_layers,
-                                freeze_feature_encoder=self.freeze_feature_encoder,
-                                grad_checkpointing=self.grad_checkpointing, distributed=distributed)
-
     @property
     def mode(self) -> str:
         return "finetune-full" if self.full else f"finetune-top{self.top_layers}"
@@ -177,7 +196,7 @@ def finetune_config(**overrides: Any) -> TrainConfig:
                           **overrides})
 
 
-# --- the classical baseline (heads/baseline.py) -------------------------------------------
+# --- the classical baseline (heads/train/baseline.py) -------------------------------------------
 
 
 @dataclass(frozen=True)

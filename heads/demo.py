@@ -37,7 +37,7 @@ class DemoConfig:
     seed: int = 0
     n_sessions: int = 3  # 2 speakers each -> 2 x n_sessions folds
     utts_per_speaker: int = 24
-    epochs: int = 10  # x3 by the step plan (heads/steps.py): ~100 training utterances per fold, 6 steps an epoch
+    epochs: int = 10  # x3 by the step plan (heads/train/step_plan.py): ~100 training utterances per fold, 6 steps an epoch
     # The demo corpus has ~100 training utterances per fold: batch 64 would give 2 optimizer
     # steps per epoch and an under-trained head, so the demo uses 16 (real corpora keep 64).
     batch_size: int = 16
@@ -51,7 +51,7 @@ class DemoConfig:
     jobs: int = 2
 
     def validate(self) -> None:
-        from heads.fold_ensemble import parse_ensemble
+        from heads.config import parse_ensemble
 
         parse_ensemble(self.ensemble)
         unknown = [b for b in self.backends if b not in BACKENDS]
@@ -81,10 +81,10 @@ def run_demo(out: str | Path, config: DemoConfig, console: Console | None = None
     from extract.backends import tiny_wavlm
     from extract.pipeline import run_extract
     from extract.synthetic import generate
-    from heads.plots import write_run_plots
-    from heads.report import compare, load_run, render_tables
-    from heads.run import train_folds
-    from heads.trainer import TrainConfig
+    from heads.evaluate.plots import write_run_plots
+    from heads.evaluate.report import load_run, render_tables, summarize_runs
+    from heads.train.fold_loop import train_folds
+    from heads.train.trainer import TrainConfig
 
     config.validate()
     console = console or Console(stderr=True)
@@ -122,7 +122,7 @@ def run_demo(out: str | Path, config: DemoConfig, console: Console | None = None
 
     console.print("[bold]4/4[/bold] report")
     plots = [str(p) for run in runs for p in write_run_plots(load_run(run))]
-    summaries = compare(runs)
+    summaries = summarize_runs(runs)
     stdout = Console()
     for table in render_tables(summaries, stdout.width, title="Demo: leave-one-speaker-out, mean over folds (95% CI)"):
         stdout.print(table)

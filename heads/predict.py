@@ -1,6 +1,6 @@
 """`cli predict`: a trained fold (or all folds of a run) on new audio -> emotion probabilities, valence, arousal.
 
-Only what the head learned is reported (heads.outputs): a fold trained without
+Only what the head learned is reported (heads.runfolder): a fold trained without
 valence/arousal labels gives no valence/arousal, in lines, JSON and
 predictions.csv alike.
 
@@ -35,7 +35,6 @@ reported with its reason and the others go on.
 from __future__ import annotations
 
 import abc
-import json
 import math
 import os
 import pickle
@@ -52,11 +51,29 @@ from core.folds import folds_from_config
 from core.frames import SAMPLE_RATE, FrameGrid
 from extract.audio import AudioError, load_audio
 from extract.vad import speech_ratio, vad_masks
-from heads.checkpoint import load_weights
-from heads.head import SERHead
-from heads.outputs import OUTPUTS, fold_outputs
-from heads.run import LEGACY_SETTINGS
-from heads.utterances import read_run_utterances
+from heads.model.head import SERHead
+from heads.runfolder import (
+    BACKBONE_DIR,
+    BACKBONE_FILE,
+    BASELINE_FILE,
+    CONFIG_FILE,
+    OUTPUTS,
+    backbone_config,
+    fold_number,
+    fold_outputs,
+    head_file,
+    head_fold_dirs,
+    is_baseline_fold,
+    is_head_fold,
+    is_run_dir,
+    load_weights,
+    member_files,
+    read_config,
+    read_metrics,
+    read_run_utterances,
+    settings_value,
+)
+from heads.train.baseline import LinearModel, utterance_statistics
 
 
 class PredictError(UserError):
@@ -94,15 +111,15 @@ class Prediction:
 
 def read_run_config(fold_dir: Path) -> dict:
     """RUN/config.json, checked for what prediction reads from it (a one-line PredictError otherwise)."""
-    path = fold_dir.parent / "config.json"
-    if not (fold_dir / "head.safetensors").is_file():
-        raise PredictError(f"{fold_dir} is not a trained fold folder (no head.safetensors); give RUN/fold-KK")
+    path = fold_dir.parent / CONFIG_FILE
+    if not is_head_fold(fold_dir):
+        raise PredictError(f"{fold_dir} is not a trained fold folder (no {head_file(1)}); give RUN/fold-KK")
     if not path.is_file():
         raise PredictError(f"{path} is missing: --run must be a fold folder inside a run folder")
     try:
-        cfg = json.loads(path.read_text())
-    except ValueError:
-        raise PredictError(f"{path} is not valid JSON (empty or cut short?)") from None
+        cfg = read_config(fold_dir.parent)
+    except UserError as err:
+        raise PredictError(str(err)) from None
     problem = _config_problem(cfg)
     if problem:
         raise PredictError(f"{path} is not a usable run configuration: {problem}")
@@ -138,19 +155,14 @@ def load_head(head: SERHead, path: Path) -> dict[str, torch.Tensor]:
     try:
         head.load_state_dict(weights)
     except RuntimeError as err:
-        raise PredictError(f"{path} does not fit the head RUN/config.json describes ({_first_line(err)})") from None
+        raise PredictError(f"{path} does not fit the head RUN/{CONFIG_FILE} describes ({_first_line(err)})") from None
     return weights
 
 
 def fold_head_files(fold_dir: Path) -> list[str]:
-    """The fold's head files: head.safetensors, plus head-i.safetensors of an --ensemble's other members."""
-    from heads.fold_ensemble import member_files
-
-    try:
-        metrics = json.loads((fold_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return ["head.safetensors"]  # an older or unfinished fold: its one head
-    names = member_files(metrics) if isinstance(metrics, dict) else ["head.safetensors"]
+    """The fold's head files: one, plus the other members' of an --ensemble fold."""
+    metrics = read_metrics(fold_dir)
+    names = member_files(metrics) if isinstance(metrics, dict) else [head_file(1)]  # older/unfinished: its one head
     missing = [n for n in names if not (fold_dir / n).is_file()]
     if missing:
         raise PredictError(f"{fold_dir} is an ensemble of {len(names)} heads but {', '.join(missing)} is missing; "
@@ -228,16 +240,16 @@ class Predictor(_Predicts):
             head = SERHead(int(cfg["hidden_size"]), len(cfg["layers"]), len(self.classes),
                            pooling=settings["pooling"], proj_dim=int(settings["proj_dim"]),
                            heads=int(settings["heads"]), dropout=float(settings["dropout"]),
-                           norm=str(settings.get("norm", "none")),  # runs before --norm stored no statistics
-                           spread=bool(settings.get("spread", LEGACY_SETTINGS["spread"])),
-                           speech_stats=bool(settings.get("speech_stats", LEGACY_SETTINGS["speech_stats"])),
-                           pooled_norm=str(settings.get("pooled_norm", LEGACY_SETTINGS["pooled_norm"])))
+                           norm=str(settings_value(settings, "norm")),  # runs before --norm stored no statistics
+                           spread=bool(settings_value(settings, "spread")),
+                           speech_stats=bool(settings_value(settings, "speech_stats")),
+                           pooled_norm=str(settings_value(settings, "pooled_norm")))
             state = load_head(head, self.fold_dir / name)
             self.heads.append(head.to(self.device).eval())
             if len(self.heads) == 1:
                 self.outputs: tuple[str, ...] = tuple(fold_outputs(self.fold_dir, state))
         self.head = self.heads[0]  # member 1: the fold's only head without --ensemble
-        self.fold = int(self.fold_dir.name.removeprefix("fold-")) if self.fold_dir.name.startswith("fold-") else 0
+        self.fold = fold_number(self.fold_dir) or 0
         self.seen = seen or TrainingSets(self.fold_dir.parent, cfg)  # an ensemble's folds share one
         try:
             if encoder is not None:
@@ -286,9 +298,9 @@ class Ensemble(_Predicts):
 
     def __init__(self, run_dir: str | Path, *, device: str = "cpu") -> None:
         self.run_dir = Path(run_dir)
-        folds = sorted(p.parent for p in self.run_dir.glob("fold-*/head.safetensors"))
+        folds = head_fold_dirs(self.run_dir)
         if not folds:
-            raise PredictError(f"{self.run_dir} holds no trained fold (no fold-KK/head.safetensors)")
+            raise PredictError(f"{self.run_dir} holds no trained fold (no fold-KK/{head_file(1)})")
         first = Predictor(folds[0], device=device)
         shared = None if str(first.config.get("mode", "")).startswith("finetune") else first.encoder
         self.members = [first] + [Predictor(f, device=device, encoder=shared, seen=first.seen) for f in folds[1:]]
@@ -311,17 +323,15 @@ class Ensemble(_Predicts):
 def load_predictor(path: str | Path, *, device: str = "cpu") -> Any:
     """A fold folder (RUN/fold-KK) -> its Predictor (a BaselinePredictor for a `cli baseline` fold);
     a run folder (RUN) -> the Ensemble of its trained folds."""
-    from heads.baseline import BaselinePredictor, is_baseline_fold
-
     path = Path(path)
     if is_baseline_fold(path):
         return BaselinePredictor(path, device=device)
-    if (path / "head.safetensors").is_file():
+    if is_head_fold(path):
         return Predictor(path, device=device)
-    if (path / "config.json").is_file():
+    if is_run_dir(path):
         return Ensemble(path, device=device)
-    raise PredictError(f"{path} is neither a trained fold folder (RUN/fold-KK with head.safetensors) "
-                       "nor a run folder (RUN with config.json)")
+    raise PredictError(f"{path} is neither a trained fold folder (RUN/fold-KK with {head_file(1)}) "
+                       f"nor a run folder (RUN with {CONFIG_FILE})")
 
 
 def prepare_array(samples: np.ndarray, sample_rate: int, max_seconds: float) -> tuple[np.ndarray, bool]:
@@ -396,7 +406,7 @@ class _CachedModelEncoder:
 
         fp = cfg.get("fingerprint") or {}
         if "model" not in fp:
-            raise PredictError("RUN/config.json records no feature model (fingerprint.model); cannot re-extract")
+            raise PredictError(f"RUN/{CONFIG_FILE} records no feature model (fingerprint.model); cannot re-extract")
         compute = fp.get("compute_dtype", "float32") if device.type == "cuda" else "float32"
         self.backend = load_backend(fp["model"], layers=list(cfg["layers"]), device=str(device), dtype=compute)
         self.grid = self.backend.grid
@@ -414,35 +424,35 @@ class _FinetunedEncoder:
     """Fine-tuned runs: the trained backbone, last hidden state."""
 
     def __init__(self, fold_dir: Path, cfg: dict, device: torch.device) -> None:
-        from heads.backbone import BackboneSettings, load_backbone
+        from heads.finetune.backbone import BackboneSettings, load_backbone
 
         ft = cfg.get("finetune")
         if not isinstance(ft, dict) or not {"model", "full", "top_layers", "max_seconds"} <= set(ft):
-            raise PredictError(f"{fold_dir.parent / 'config.json'} has no usable 'finetune' settings")
+            raise PredictError(f"{fold_dir.parent / CONFIG_FILE} has no usable 'finetune' settings")
         try:
-            weights = load_weights(fold_dir / "model.safetensors")
+            weights = load_weights(fold_dir / BACKBONE_FILE)
         except PredictError:
             raise
         except Exception as err:  # noqa: BLE001 - a damaged weights file
-            raise PredictError(f"{fold_dir / 'model.safetensors'} cannot be read ({type(err).__name__}); "
+            raise PredictError(f"{fold_dir / BACKBONE_FILE} cannot be read ({type(err).__name__}); "
                                "it is damaged or not a safetensors file") from None
         settings = BackboneSettings(model=ft["model"], full=bool(ft["full"]), top_layers=int(ft["top_layers"]),
                                     freeze_feature_encoder=True, grad_checkpointing=False)
         if settings.full:
-            cfg_dir = fold_dir / "backbone"
-            if not (cfg_dir / "config.json").is_file():
+            cfg_dir = fold_dir / BACKBONE_DIR
+            if not backbone_config(fold_dir).is_file():
                 raise PredictError(f"{cfg_dir} is missing: this fine-tuned fold cannot be rebuilt")
             backbone = load_backbone(settings, from_config_dir=cfg_dir)
             try:
                 backbone.model.load_state_dict(weights, strict=True)
             except RuntimeError as err:
-                raise PredictError(f"{fold_dir / 'model.safetensors'} does not fit {cfg_dir} "
+                raise PredictError(f"{fold_dir / BACKBONE_FILE} does not fit {cfg_dir} "
                                    f"({_first_line(err)})") from None
         else:
             backbone = load_backbone(settings)  # the base model; the trained layers go over it
             result = backbone.model.load_state_dict(weights, strict=False)
             if result.unexpected_keys:
-                raise PredictError(f"{fold_dir / 'model.safetensors'} does not fit {ft['model']} "
+                raise PredictError(f"{fold_dir / BACKBONE_FILE} does not fit {ft['model']} "
                                    f"(unexpected {result.unexpected_keys[:3]})")
         self.backbone = backbone.to(device).eval()
         self.grid = backbone.grid
@@ -476,3 +486,45 @@ def seen_warning(p: Prediction) -> str | None:
     folds = ", ".join(str(k) for k in p.seen_in_training)
     return (f"warning: {p.path} is utterance {p.utt_id} of this run's corpus, in the training or validation "
             f"split of fold {folds}: that prediction is optimistic")
+
+
+class BaselinePredictor:
+    """`cli predict` on a baseline fold: features re-extracted as the cache made them (the extractor's
+    backend, the cached layers, the storage dtype's rounding), the same statistics, the saved linear model."""
+
+    def __init__(self, fold_dir: str | Path, *, device: str = "cpu") -> None:
+        self.fold_dir = Path(fold_dir)
+        try:
+            cfg = read_config(self.fold_dir.parent)
+        except UserError:
+            raise PredictError(f"{self.fold_dir.parent / CONFIG_FILE} is missing or not valid JSON: --run must be a "
+                               "fold folder inside a run folder") from None
+        settings = cfg.get("settings", {})
+        self.classes: list[str] = list(cfg["classes"])
+        self.statistics, self.frames = settings["statistics"], settings["frames"]
+        self.vad_mode = int(settings["vad_mode"])
+        self.model = LinearModel.load(self.fold_dir / BASELINE_FILE)
+        self.outputs = tuple(fold_outputs(self.fold_dir))
+        self.encoder = _CachedModelEncoder(cfg, resolve_device(device))
+
+    def predict_one(self, path: str | Path):
+        try:
+            audio = load_audio(path, max_seconds=self.encoder.max_seconds)
+        except AudioError as err:
+            return Prediction(path=str(path), ok=False, error=str(err))
+        x = self.encoder(audio.samples)[0].cpu().numpy()  # (T, L, D), the cache's values
+        vad = vad_masks(audio.samples, self.encoder.grid)[self.vad_mode]  # (T,)
+        if len(vad) != len(x):
+            raise RuntimeError(f"{path}: {len(x)} feature frames but {len(vad)} VAD frames")
+        use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
+        stats = utterance_statistics(x, use, self.statistics).astype(np.float32)  # as cache_statistics stores it
+        probs, va = self.model.predict(stats[None])
+        return Prediction(
+            path=str(path), ok=True, emotion=self.classes[int(probs[0].argmax())],
+            probs={c: float(p) for c, p in zip(self.classes, probs[0])},
+            valence=float(va[0, 0]), arousal=float(va[0, 1]), speech_ratio=speech_ratio(vad),
+            seconds=len(audio.samples) / 16_000, truncated=audio.truncated, outputs=self.outputs,
+        )
+
+    def predict(self, paths: Sequence[str | Path]) -> list:
+        return [self.predict_one(p) for p in paths]

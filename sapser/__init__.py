@@ -28,12 +28,12 @@ from core.folds import plan as plan_folds
 from extract.corpora import read_corpus
 from extract.pipeline import run_extract as extract
 from heads.config import FinetuneSettings
-from heads.finetune import run_finetune
+from heads.evaluate.report import load_run
+from heads.evaluate.report import summarize as summarize_run
+from heads.finetune.run import run_finetune
 from heads.predict import Ensemble, Prediction, Predictor, load_predictor
-from heads.report import load_run
-from heads.report import summarize as summarize_run
-from heads.run import ablate, train_folds
-from heads.trainer import TrainConfig
+from heads.train.fold_loop import ablate, train_folds
+from heads.train.trainer import TrainConfig
 
 try:
     __version__ = version("sapser")

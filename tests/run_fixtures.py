@@ -2,7 +2,7 @@
 
 A run is built from one confusion matrix per fold: predictions.csv holds one
 row per matrix cell count, metrics.json is computed from those rows with
-heads.metrics (so the two files agree), valence/arousal predictions are the
+heads.evaluate.metrics (so the two files agree), valence/arousal predictions are the
 targets plus a fixed per-fold offset (so each fold's MAE is that offset), and
 history.csv is a smooth curve whose validation-loss minimum is `best_epoch`.
 """
@@ -19,7 +19,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from core.records import CLASSES_4
-from heads.metrics import classification_metrics, json_safe, regression_metrics
+from heads.evaluate.metrics import classification_metrics, regression_metrics
+from heads.runfolder import json_safe
 
 PREDICTION_COLUMNS = ["utt_id", "true", "pred", *(f"prob_{c}" for c in CLASSES_4),
                       "valence", "arousal", "valence_true", "arousal_true"]
@@ -98,7 +99,7 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 def write_run(run: Path, *, pooling: str = "sr", folds: tuple[FoldSpec, ...] = FOLDS, dims: bool = True) -> Path:
     """Write config.json and fold-KK/{metrics.json,predictions.csv,history.csv,head.safetensors}."""
     run.mkdir(parents=True, exist_ok=True)
-    # The shape heads/run.py writes: TrainConfig under "settings", then what the run was built from.
+    # The shape heads/train/fold_loop.py writes: TrainConfig under "settings", then what the run was built from.
     config = {"settings": {"pooling": pooling, "epochs": 30, "batch_size": 64, "lr": 1e-3, "patience": 5,
                            "seed": 0, "alpha": 0.5, "beta": 0.25, "gamma": 0.25, "vad_mode": 3, "layer": None},
               "cache": "/data/features.h5",

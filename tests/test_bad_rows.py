@@ -15,8 +15,15 @@ from cli import app
 from core.records import Skip
 from extract.corpora import read_corpus
 from extract.readers import parse_csv, parse_float
-from tests.corpus_fixtures import (build_iemocap, build_kemdy19, build_kemdy20, iemocap_block, iemocap_dialog,
-                                   kemdy19_row, write_wav)
+from tests.corpus_fixtures import (
+    build_iemocap,
+    build_kemdy19,
+    build_kemdy20,
+    iemocap_block,
+    iemocap_dialog,
+    kemdy19_row,
+    write_wav,
+)
 
 runner = CliRunner()
 EMOTIONS = ("angry", "happy", "neutral", "sad")
@@ -76,8 +83,8 @@ def test_a_nul_byte_in_an_annotation_line_is_skipped_not_a_traceback(tmp_path):
 
 
 def test_a_nul_byte_that_a_reader_lets_through_is_skipped_by_read_corpus(monkeypatch, tmp_path):
-    from extract import corpora
     from core.records import Corpus, Utterance
+    from extract import corpora
 
     good = Utterance("a", "/x/a.wav", "s1", "s1", "sad")
     bad = Utterance("b", "/x/b.wav", "s\x001", "s1", "sad")

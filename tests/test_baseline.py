@@ -1,4 +1,4 @@
-"""The classical baseline (heads/baseline.py, `cli baseline`): statistics, folds, metrics against a direct
+"""The classical baseline (heads/train/baseline.py, `cli baseline`): statistics, folds, metrics against a direct
 scikit-learn computation, the run folder, the saved model, the end-of-run summary."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from sklearn.preprocessing import StandardScaler
 from cache.reader import FeatureCache
 from cli_runner import cli
 from head_fixtures import make_cache
-from heads.baseline import MODEL_FILE, LinearModel, cache_statistics, fit_fold, run_baseline, utterance_statistics
-from heads.compare import end_of_run_lines, find_baselines
 from heads.config import ALPHA_GRID, C_GRID, BaselineConfig
-from heads.data import fold_data
-from heads.report import load_run, method_label, summarize
+from heads.evaluate.compare import end_of_run_lines, find_baselines
+from heads.evaluate.report import load_run, method_label, summarize
+from heads.runfolder import BASELINE_FILE as MODEL_FILE
+from heads.train.baseline import LinearModel, cache_statistics, fit_fold, run_baseline, utterance_statistics
+from heads.train.folds import fold_data
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ import cache.contents as contents_module
 import cache.merge as merge_module
 import cache.parts as parts_module
 import cache.writer as writer_module
-from cache.torch_dataset import CacheDataset, collate
 from cache.format import CacheError, shard_of, shard_path, utt_key
 from cache.info import cache_info
 from cache.merge import merge_shards
 from cache.reader import FeatureCache
+from cache.torch_dataset import CacheDataset, collate
 from cache.writer import CacheWriter
 from cli import app
 from core.records import CLASSES_4, Utterance

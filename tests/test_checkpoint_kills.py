@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from heads.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
+from heads.finetune.checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from kill_points import KillAt, Killed
 
 

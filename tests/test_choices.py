@@ -20,11 +20,20 @@ from core.errors import UserError
 from core.folds import PROTOCOLS, FoldError, plan
 from core.frames import VAD_MODES
 from extract.corpora import DATASETS
-from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
-                          TrainConfig, finetune_config)
-from heads.norm import InputNorm
-from heads.pooling import make_pooling
-from heads.report import method_label
+from heads.config import (
+    FRAMES,
+    LAYER_WEIGHTS,
+    NORMS,
+    POOLINGS,
+    STATISTICS,
+    BaselineConfig,
+    FinetuneSettings,
+    TrainConfig,
+    finetune_config,
+)
+from heads.evaluate.report import method_label
+from heads.model.input_norm import InputNorm
+from heads.model.pooling import make_pooling
 
 COMMANDS = typer.main.get_command(app).commands
 

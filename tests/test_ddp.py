@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SPY = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import heads.finetune as ft
-import heads.finetune_trainer as ftt
+import heads.finetune.run as ft
+import heads.finetune.trainer as ftt
 
 def spy(name, fn):
     def wrapped(*args, **kwargs):

@@ -12,11 +12,11 @@ from torch import nn
 
 from core.errors import UserError
 from head_fixtures import make_cache
-from heads import layer_weights
-from heads.checkpoint import load_weights
 from heads.config import TrainConfig, finetune_config
-from heads.ema import WeightAverage
-from heads.run import run_differences, train_folds
+from heads.runfolder import load_weights, run_differences
+from heads.train import layer_weights
+from heads.train.fold_loop import train_folds
+from heads.train.weight_average import WeightAverage
 from tests.test_head_training import InMemoryTrainer, config, toy
 
 

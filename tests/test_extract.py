@@ -10,8 +10,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import soundfile as sf
+import torch
 from typer.testing import CliRunner
 
 from cache.format import CacheError

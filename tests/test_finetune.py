@@ -19,16 +19,16 @@ from extract.backends import zero_mean_unit_var
 from extract.corpora import read_corpus
 from extract.synthetic import generate
 from extract.vad import vad_masks
-from heads.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
-from heads.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
 from heads.config import FinetuneSettings, finetune_config
-from heads.data import fold_split
-from heads.distributed import DistContext
-from heads.finetune import run_finetune
-from heads.finetune_trainer import FineTuneTrainer
-from heads.head import SERHead
-from heads.trainer import Trainer
-from heads.wave_data import MicroBatch, StepBatchSampler, build_wave_index, corpus_meta
+from heads.finetune.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
+from heads.finetune.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
+from heads.finetune.distributed import DistContext
+from heads.finetune.run import run_finetune
+from heads.finetune.trainer import FineTuneTrainer
+from heads.finetune.waves import MicroBatch, StepBatchSampler, build_wave_index, corpus_meta
+from heads.model.head import SERHead
+from heads.train.folds import fold_split
+from heads.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_run_folder_has_the_train_head_contract_plus_the_backbone(full_run):
 
 def test_head_modules_are_the_train_head_classes(corpus, tiny):
     corp = read_corpus("manifest", corpus)
-    index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
+    index = build_wave_index(corp.utterances, load_backbone(BackboneSettings.of(settings(tiny))).grid, 0.0)
     meta = corpus_meta(corp, index)
     data = fold_split(meta, corp.classes, 1, source=str(corpus))
     trainer = FineTuneTrainer(config(), data, settings=settings(tiny), index=index, max_seconds=0.0,
@@ -228,13 +228,13 @@ def test_clips_shorter_than_a_specaugment_span_still_train(tiny):
 def test_accumulated_micro_batches_give_the_gradient_of_the_whole_step(corpus, tiny):
     """A step cut into micro-batches (each weighted by its share) must train as its whole batch at once."""
     corp = read_corpus("manifest", corpus)
-    index = build_wave_index(corp.utterances, load_backbone(settings(tiny).backbone(False)).grid, 0.0)
+    index = build_wave_index(corp.utterances, load_backbone(BackboneSettings.of(settings(tiny))).grid, 0.0)
     meta = corpus_meta(corp, index)
     data = fold_split(meta, corp.classes, 1, source=str(corpus))
     trainer = FineTuneTrainer(config(batch_size=8), data, settings=settings(tiny, step_seconds=2.5), index=index,
                               max_seconds=0.0, utterances={u.utt_id: u for u in corp.utterances})
     # With equal class weights the CE is a plain mean, so the equality is exact for every term (a weighted
-    # CE normalizes per micro-batch: the documented approximation of heads/finetune_trainer.py's backward).
+    # CE normalizes per micro-batch: the documented approximation of heads/finetune/trainer.py's backward).
     trainer.loss_fn.weights.fill_(1.0)
     trainer.model.eval()  # no dropout or SpecAugment: both passes compute the same function
     loader = trainer.loaders["train"]

@@ -11,8 +11,8 @@ import signal
 import pytest
 import torch
 
-import heads.finetune as ft
-from heads.finetune import run_finetune
+import heads.finetune.run as ft
+from heads.finetune.run import run_finetune
 from kill_points import KillAt, Killed
 from proc_fixtures import alive, descendants, kill_tree, start_cli, wait_until
 from tests.test_finetune import config, corpus, full_run, quiet, settings, tiny  # noqa: F401

@@ -13,11 +13,10 @@ from sklearn.metrics import recall_score
 
 from core.errors import UserError
 from head_fixtures import make_cache
-from heads.checkpoint import load_weights
-from heads.config import TrainConfig, finetune_config
-from heads.fold_ensemble import AUTO, AUTO_BELOW, AUTO_HEADS, heads_for, parse_ensemble
+from heads.config import AUTO, AUTO_BELOW, AUTO_HEADS, TrainConfig, finetune_config, heads_for, parse_ensemble
 from heads.predict import PredictError, Predictor
-from heads.run import finished_fold, run_differences, train_folds
+from heads.runfolder import finished_fold, load_weights, run_differences
+from heads.train.fold_loop import train_folds
 
 SETTINGS = dict(epochs=2, batch_size=16, heads=2, device="cpu", min_steps=0)  # + ensemble, given by every run
 
@@ -123,9 +122,8 @@ def test_auto_trains_three_heads_below_the_threshold_and_one_from_it():
 
 def test_auto_is_the_ensemble_of_three_on_a_small_fold_and_the_single_head_from_the_threshold(runs, tmp_path,
                                                                                                 monkeypatch):
-    from heads import fold_ensemble
-    from heads.data import fold_data
-    from heads.run import open_cache
+    from heads import config
+    from heads.train.folds import fold_data, open_cache
 
     with open_cache(runs["cache"]) as cache:
         n_train = len(fold_data(cache, 1).train)
@@ -138,7 +136,7 @@ def test_auto_is_the_ensemble_of_three_on_a_small_fold_and_the_single_head_from_
     pair = pd.read_csv(runs["ensemble"] / "fold-01" / "predictions.csv")  # seeds 3, 4
     three = pd.read_csv(auto / "fold-01" / "predictions.csv")
     assert not np.allclose(three.filter(like="prob_"), pair.filter(like="prob_"))  # a third head was averaged in
-    monkeypatch.setattr(fold_ensemble, "AUTO_BELOW", n_train)  # this fold is now "large": one head
+    monkeypatch.setattr(config, "AUTO_BELOW", n_train)  # this fold is now "large": one head
     one, _ = train_folds(runs["cache"], TrainConfig(**SETTINGS, seed=3), folds=[1], out=tmp_path / "one",
                          progress=False)
     assert "members" not in json.loads((one / "fold-01" / "metrics.json").read_text())
@@ -148,8 +146,8 @@ def test_auto_is_the_ensemble_of_three_on_a_small_fold_and_the_single_head_from_
 
 
 def test_the_report_and_the_fold_line_say_how_many_heads(runs):
-    from heads.report import method_label, summarize
-    from heads.run import fold_line
+    from heads.evaluate.report import method_label, summarize
+    from heads.train.fold_loop import fold_line
 
     assert method_label(summarize(runs["ensemble"])) == "SR x2"
     assert method_label(summarize(runs[3])) == "SR"
@@ -161,7 +159,7 @@ def test_the_report_and_the_fold_line_say_how_many_heads(runs):
 
 def test_fine_tuning_takes_auto_as_its_one_model(tmp_path):
     from heads.config import FinetuneSettings
-    from heads.finetune import run_finetune
+    from heads.finetune.run import run_finetune
 
     with pytest.raises(UserError) as err:  # fails later, on the missing corpus, not on the ensemble
         run_finetune("manifest", tmp_path, finetune_config(ensemble="auto"), FinetuneSettings(), out=tmp_path / "run")
@@ -171,7 +169,7 @@ def test_fine_tuning_takes_auto_as_its_one_model(tmp_path):
 @pytest.mark.parametrize("override", [{"ensemble": 2}, {"ema": 0.99}])
 def test_fine_tuning_refuses_an_ensemble_or_a_weight_average_in_one_line(override, tmp_path):
     from heads.config import FinetuneSettings
-    from heads.finetune import run_finetune
+    from heads.finetune.run import run_finetune
 
     with pytest.raises(UserError, match="fine-tuning trains one model per fold"):
         run_finetune("manifest", tmp_path, finetune_config(**override), FinetuneSettings(), out=tmp_path / "run")

@@ -1,8 +1,8 @@
 """A fold's metrics.json says what its predictions.csv says (issue 12).
 
 Every score is recomputed here, from the CSV alone, with scikit-learn and a
-plain CCC formula, for a head fold (heads/trainer.py) and a baseline fold
-(heads/baseline.py). A metric built from the wrong column (arousal scored
+plain CCC formula, for a head fold (heads/train/trainer.py) and a baseline fold
+(heads/train/baseline.py). A metric built from the wrong column (arousal scored
 against the valence predictions, a recall over the wrong rows) cannot agree.
 """
 
@@ -19,10 +19,10 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 from cache.reader import FeatureCache
 from head_fixtures import make_cache
-from heads.baseline import run_baseline
 from heads.config import BaselineConfig
-from heads.run import train_folds
-from heads.trainer import TrainConfig
+from heads.train.baseline import run_baseline
+from heads.train.fold_loop import train_folds
+from heads.train.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def baseline_fold(cache, tmp_path_factory) -> Path:
 
 
 def ccc(true: np.ndarray, pred: np.ndarray) -> float:
-    """Lin's CCC from np.cov (population moments), independent of heads.metrics."""
+    """Lin's CCC from np.cov (population moments), independent of heads.evaluate.metrics."""
     cov = np.cov(true, pred, bias=True)
     return float(2 * cov[0, 1] / (cov[0, 0] + cov[1, 1] + (true.mean() - pred.mean()) ** 2))
 

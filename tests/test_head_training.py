@@ -8,14 +8,18 @@ import torch.nn.functional as F
 
 from core.folds import Fold
 from core.records import CLASSES_4
-from heads.data import BucketBatchSampler, FoldData
-from heads.loss import MTLLoss, class_weights, masked_mae, target_scale
-from heads.trainer import EarlyStop, Trainer, TrainConfig, TrainingError, warmup_cosine
+from heads.config import TrainConfig
+from heads.model.loss import MTLLoss, masked_mae
+from heads.train.batches import BucketBatchSampler
+from heads.train.feature_trainer import FeatureTrainer
+from heads.train.folds import FoldData
+from heads.train.statistics import class_weights, target_scale
+from heads.train.trainer import EarlyStop, TrainingError, warmup_cosine
 
 D, L = 8, 2
 
 
-class InMemoryTrainer(Trainer):
+class InMemoryTrainer(FeatureTrainer):
     """Features from a dict of tensors instead of a cache: the hooks fine-tuning overrides."""
 
     def __init__(self, config, data, feats, **kw):

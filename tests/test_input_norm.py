@@ -1,4 +1,4 @@
-"""Input normalization (heads/norm.py): training-split statistics only, real frames only, stored with the head."""
+"""Input normalization (heads/model/input_norm.py): training-split statistics only, real frames only, stored with the head."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from typer.testing import CliRunner
 
 from cache.reader import FeatureCache
 from cli import app
-from head_fixtures import D, LAYERS, make_cache
-from heads.data import fold_data
-from heads.head import SERHead
-from heads.layers import LayerMix
-from heads.norm import InputNorm, RunningMoments, floor_std, utterance_cmvn
-from heads.run import train_folds
-from heads.trainer import TrainConfig
+from head_fixtures import LAYERS, D, make_cache
+from heads.model.head import SERHead
+from heads.model.input_norm import InputNorm, floor_std, utterance_cmvn
+from heads.model.layer_mix import LayerMix
+from heads.train.fold_loop import train_folds
+from heads.train.folds import fold_data
+from heads.train.statistics import RunningMoments
+from heads.train.trainer import TrainConfig
 
 POISON = 1e4  # validation and test speakers' frames are scaled by this: any leak shows in the statistics
 
@@ -53,7 +54,7 @@ def reference_stats(cache_path: Path, fold: int) -> tuple[np.ndarray, np.ndarray
 @pytest.mark.parametrize("memory_gb, slice_values", [(8.0, 2**26), (0.0, 1)])
 def test_statistics_come_from_the_training_speakers_real_frames_only(poisoned, tmp_path, memory_gb, slice_values,
                                                                      monkeypatch):
-    monkeypatch.setattr("heads.layer_weights.SLICE_VALUES", slice_values)
+    monkeypatch.setattr("heads.train.layer_weights.SLICE_VALUES", slice_values)
     run, _ = train_folds(poisoned, config(memory_gb=memory_gb), folds=[1], out=tmp_path / "run", progress=False)
     stored = load_file(run / "fold-01" / "head.safetensors")
     mean, std = reference_stats(poisoned, 1)

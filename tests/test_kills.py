@@ -96,8 +96,8 @@ def test_a_cache_with_other_contents_is_refused_even_with_the_same_fingerprint(t
 def test_a_kill_at_every_step_of_a_serial_run_keeps_what_was_finished_and_reruns_to_the_same_folds(tmp_path):
     import pytest as _pytest
 
-    from heads.run import train_folds
-    from heads.trainer import TrainConfig
+    from heads.train.fold_loop import train_folds
+    from heads.train.trainer import TrainConfig
     from kill_points import KillAt, Killed
 
     cache = make_cache(tmp_path / "c.h5", per_class=2)

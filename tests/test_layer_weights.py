@@ -1,4 +1,4 @@
-"""Layer weights found first and fixed (heads/layer_weights.py, heads/layer_probe.py), frames mixed once."""
+"""Layer weights found first and fixed (heads/train/layer_weights.py, heads/train/layer_probe.py), frames mixed once."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-import heads.layer_weights
+import heads.train.layer_weights
 from cache.reader import FeatureCache
 from cli_runner import cli
 from head_fixtures import make_cache
-from heads.data import ResidentBatches, fold_data, preload
-from heads.layer_probe import probe_layer_logits, probe_scores, speaker_groups
-from heads.run import train_folds
-from heads.trainer import TrainConfig, Trainer
+from heads.config import TrainConfig
+from heads.train.batches import ResidentBatches, preload
+from heads.train.feature_trainer import FeatureTrainer
+from heads.train.fold_loop import train_folds
+from heads.train.folds import fold_data
+from heads.train.layer_probe import probe_layer_logits, probe_scores, speaker_groups
 
 
 def config(**kw) -> TrainConfig:
@@ -37,8 +39,8 @@ def loud(tmp_path_factory) -> Path:
     return make_cache(tmp_path_factory.mktemp("loud") / "loud.h5", seed=5, transform=loud_noise)
 
 
-def trainer(cache_path: Path, fc: FeatureCache, **kw) -> Trainer:
-    return Trainer(config(**kw), fold_data(fc, 1), cache=fc, layers=list(fc.layers))
+def trainer(cache_path: Path, fc: FeatureCache, **kw) -> FeatureTrainer:
+    return FeatureTrainer(config(**kw), fold_data(fc, 1), cache=fc, layers=list(fc.layers))
 
 
 def test_stage_one_puts_the_weight_on_the_informative_layer_and_training_keeps_it(loud):
@@ -105,7 +107,7 @@ def test_one_layer_runs_skip_the_layer_weights(loud, tmp_path):
     assert "inputs" not in m and "layer_weights" not in m
 
 
-# ---- --layer-weights probe (heads/layer_probe.py) ----
+# ---- --layer-weights probe (heads/train/layer_probe.py) ----
 
 def noise_but_layer_2(speaker: str, x: np.ndarray) -> np.ndarray:
     """Layers 0 and 1 class-free noise (layer 0 300x louder, layer 1 its frames reversed); layer 2 informative."""
@@ -135,8 +137,8 @@ def test_probe_puts_the_weight_on_the_informative_layer_and_records_its_scores(o
 def test_probe_never_sees_the_test_speaker(one_layer, monkeypatch):
     """Neither the scan nor the probe touches the test speaker's utterances before training."""
     probed, read = [], []
-    original = heads.layer_weights.probe_layer_logits
-    monkeypatch.setattr(heads.layer_weights, "probe_layer_logits",
+    original = heads.train.layer_weights.probe_layer_logits
+    monkeypatch.setattr(heads.train.layer_weights, "probe_layer_logits",
                         lambda pooled, labels: probed.append((pooled.shape[0], labels)) or original(pooled, labels))
     features = FeatureCache.features
     monkeypatch.setattr(FeatureCache, "features", lambda self, u, *a, **k: read.append(u) or features(self, u, *a, **k))

@@ -11,7 +11,8 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from heads.metrics import ccc, classification_metrics, json_safe, regression_metrics
+from heads.evaluate.metrics import ccc, classification_metrics, regression_metrics
+from heads.runfolder import json_safe
 
 CLASSES = ("angry", "happy", "neutral", "sad")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-
 from cli_runner import cli
 from fs_fixtures import one_line_error
 from head_fixtures import make_cache

@@ -11,10 +11,11 @@ from cache.reader import FeatureCache
 from core.errors import UserError
 from head_fixtures import D, make_cache
 from heads.config import TrainConfig, finetune_config
-from heads.data import fold_data
-from heads.head import SERHead
-from heads.run import run_differences, train_folds
-from heads.trainer import Trainer
+from heads.model.head import SERHead
+from heads.runfolder import run_differences
+from heads.train.feature_trainer import FeatureTrainer
+from heads.train.fold_loop import train_folds
+from heads.train.folds import fold_data
 
 
 def pooled_inputs(head: SERHead, x: torch.Tensor, pad: torch.Tensor, vad: torch.Tensor) -> torch.Tensor:
@@ -85,5 +86,5 @@ def test_train_head_stores_the_dropout_and_trains_with_it(tmp_path):
     run, _ = train_folds(cache, config, folds=[1], out=tmp_path / "run", progress=False)
     assert json.loads((run / "config.json").read_text())["settings"]["pooled_dropout"] == 0.4
     with FeatureCache(cache) as c:  # the trainer builds its head with it
-        model = Trainer(config, fold_data(c, 1), cache=c, layers=[0]).build_model()
+        model = FeatureTrainer(config, fold_data(c, 1), cache=c, layers=[0]).build_model()
     assert model.pooled_dropout.p == 0.4

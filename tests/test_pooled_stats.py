@@ -1,4 +1,4 @@
-"""--spread (the frames' std beside the pooling), --speech-stats (mean and std of the speech frames) and --pooled-norm (heads/pooled_norm.py): exact, training-only, stored."""
+"""--spread (the frames' std beside the pooling), --speech-stats (mean and std of the speech frames) and --pooled-norm (heads/model/pooled_norm.py): exact, training-only, stored."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from cache.reader import FeatureCache
-from head_fixtures import D, LAYERS, make_cache
-from heads.data import fold_data
-from heads.head import SERHead
-from heads.norm import floor_std
-from heads.pooling import SPREAD_EPS, masked_std
-from heads.run import train_folds
-from heads.trainer import TrainConfig
+from head_fixtures import LAYERS, D, make_cache
+from heads.model.head import SERHead
+from heads.model.input_norm import floor_std
+from heads.model.pooling import SPREAD_EPS, masked_std
+from heads.train.fold_loop import train_folds
+from heads.train.folds import fold_data
+from heads.train.trainer import TrainConfig
 
 POISON = 1e4  # the validation and test speakers' frames are scaled by this: a leak shows in the statistics
 

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-import heads.pooling
-from heads.head import SERHead
-from heads.layers import LayerMix
-from heads.pooling import GAP, SAP, SR, attention_heads, compact, flash_pays, speech_frames
+import heads.model.pooling
+from heads.model.head import SERHead
+from heads.model.layer_mix import LayerMix
+from heads.model.pooling import GAP, SAP, SR, attention_heads, compact, flash_pays, speech_frames
 
 D = 16
 
@@ -17,8 +17,8 @@ def sap_path(request, monkeypatch):
     chunked: blocks of 5 queries, so most batches take several blocks, the
     last one partial.
     """
-    monkeypatch.setattr(heads.pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if request.param == "flash" else 0.0)
-    monkeypatch.setattr(heads.pooling, "query_block", lambda batch, heads, frames: 5)
+    monkeypatch.setattr(heads.model.pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if request.param == "flash" else 0.0)
+    monkeypatch.setattr(heads.model.pooling, "query_block", lambda batch, heads, frames: 5)
     return request.param
 
 

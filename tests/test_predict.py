@@ -18,11 +18,11 @@ from core.records import SKIP_REASONS
 from extract.corpora import read_corpus
 from extract.synthetic import generate
 from heads.config import FinetuneSettings, finetune_config
-from heads.finetune import run_finetune
+from heads.finetune.run import run_finetune
+from heads.finetune.waves import WaveIndex, build_wave_index, index_from_cache
 from heads.predict import Predictor
-from heads.run import train_folds
-from heads.trainer import TrainConfig
-from heads.wave_data import WaveIndex, build_wave_index, index_from_cache
+from heads.train.fold_loop import train_folds
+from heads.train.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from cli import app
 from extract import synthetic
 from extract.audio import load_audio
-from heads.outputs import fold_outputs
 from heads.predict import Ensemble, Predictor, format_line, load_predictor
+from heads.runfolder import fold_outputs
 
 runner = CliRunner()
 
@@ -73,7 +73,7 @@ def test_folds_made_before_the_record_are_read_from_the_heads_buffers(no_dims_ru
     metrics = json.loads((old / "metrics.json").read_text())
     del metrics["outputs"]
     (old / "metrics.json").write_text(json.dumps(metrics))
-    from heads.checkpoint import load_weights
+    from heads.runfolder import load_weights
 
     assert fold_outputs(old, load_weights(old / "head.safetensors")) == ["emotion"]
     assert fold_outputs(old, {"va_mean": np.array([3.1, 0.0]), "va_std": np.array([0.9, 1.0])}) == [

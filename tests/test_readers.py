@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from core.records import CLASSES_4, CorpusError, write_manifest
-from extract import csv_manifest as manifest, iemocap, kemdy19, kemdy20
+from extract import csv_manifest as manifest
+from extract import iemocap, kemdy19, kemdy20
 from extract.corpora import read_corpus
 from extract.corpus_summary import summarize
 from tests.corpus_fixtures import MANIFEST_ROWS, build_iemocap, build_kemdy19, build_kemdy20, build_manifest

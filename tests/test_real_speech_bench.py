@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from extract.synthetic import generate
-from heads.report import load_run, summarize
+from heads.evaluate.report import load_run, summarize
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "real_speech.py"
 

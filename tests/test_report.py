@@ -10,10 +10,9 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from cli import app
-from heads.plots import confusion_png, row_labels, write_run_plots
-from heads.report import (
+from heads.evaluate.plots import confusion_png, row_labels, write_run_plots
+from heads.evaluate.report import (
     ReportError,
-    compare,
     load_run,
     mean_ci,
     pct,
@@ -21,6 +20,7 @@ from heads.report import (
     render_runs,
     render_tables,
     summarize,
+    summarize_runs,
 )
 from run_fixtures import FOLDS, write_run
 
@@ -141,7 +141,7 @@ def test_one_fold_has_no_interval(runs):
 
 
 def test_compare_keeps_order(runs):
-    assert [s["run"] for s in compare([runs["gap"], runs["sr"]])] == ["iemocap-gap", "iemocap-sr"]
+    assert [s["run"] for s in summarize_runs([runs["gap"], runs["sr"]])] == ["iemocap-gap", "iemocap-sr"]
 
 
 # --- reading errors ---------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_table_shows_runs_side_by_side(runs):
 
 
 def test_narrow_consoles_get_split_tables_and_nothing_cut(runs):
-    summaries = compare([runs["sr"], runs["gap"]])
+    summaries = summarize_runs([runs["sr"], runs["gap"]])
     assert len(render_tables(summaries, 300)) == 1
     narrow = render_tables(summaries, 80)
     assert len(narrow) == 3

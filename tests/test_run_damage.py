@@ -115,7 +115,7 @@ def test_train_head_into_a_folder_with_a_garbage_config_json(copy, content):
 def test_report_of_a_run_whose_fold_metrics_are_garbage(copy, content):
     (copy / "fold-02" / "metrics.json").write_text(content)
     code, out = cli("report", copy, "--no-plots")
-    assert code in (0, 2), out  # heads/report.py decides: skip the fold with a note, or refuse
+    assert code in (0, 2), out  # heads/evaluate/report.py decides: skip the fold with a note, or refuse
     assert "Traceback" not in out
     if code == 2:
         one_line_error(out)

@@ -1,4 +1,4 @@
-"""The step plan (heads/steps.py): a fold gets at least `min_steps` optimizer steps on a small
+"""The step plan (heads/train/step_plan.py): a fold gets at least `min_steps` optimizer steps on a small
 corpus, by a smaller batch first and more epochs second, and a paper-scale fold is untouched."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from heads.steps import MAX_EPOCH_FACTOR, MIN_BATCH, step_plan
+from heads.train.step_plan import MAX_EPOCH_FACTOR, MIN_BATCH, step_plan
 from tests.test_head_training import InMemoryTrainer, config, toy
 
 

@@ -9,8 +9,8 @@ import torch
 from cache.reader import FeatureCache
 from cli_runner import cli
 from head_fixtures import make_cache
-from heads.data import RamBatches, make_loader, preload
-from heads.report import load_run
+from heads.evaluate.report import load_run
+from heads.train.batches import RamBatches, make_loader, preload
 
 FOLD_FILES = {"metrics.json", "predictions.csv", "head.safetensors", "history.csv"}
 MEMBER_FILES = {"head-2.safetensors", "history-2.csv", "head-3.safetensors", "history-3.csv"}  # --ensemble auto, small folds

@@ -199,7 +199,7 @@ def test_extract_then_train_head_end_to_end(whisper_dir, backend, tmp_path):
 
 
 def test_finetune_backbone_gives_the_extractors_last_hidden_state_per_utterance(whisper_dir, backend):
-    from heads.backbone import BackboneSettings, WhisperBackbone, load_backbone
+    from heads.finetune.backbone import BackboneSettings, WhisperBackbone, load_backbone
 
     bb = load_backbone(BackboneSettings(model=str(whisper_dir), full=True, grad_checkpointing=False)).eval()
     assert isinstance(bb, WhisperBackbone) and bb.grid == backend.grid and bb.n_layers == 2
@@ -222,7 +222,7 @@ def test_finetune_backbone_gives_the_extractors_last_hidden_state_per_utterance(
 
 
 def test_top_k_trains_the_top_layers_and_the_final_norm_never_the_front_end(whisper_dir):
-    from heads.backbone import BackboneSettings, load_backbone
+    from heads.finetune.backbone import BackboneSettings, load_backbone
 
     def trainable(**kw):
         bb = load_backbone(BackboneSettings(model=str(whisper_dir), grad_checkpointing=False, **kw))
@@ -239,7 +239,7 @@ def test_finetune_a_whisper_fold_then_predict_gives_its_predictions(whisper_dir,
     import csv
 
     from heads.config import FinetuneSettings, finetune_config
-    from heads.finetune import run_finetune
+    from heads.finetune.run import run_finetune
     from heads.predict import Predictor
 
     manifest = synthetic.generate(tmp_path / "corpus", seed=0, n_sessions=2, utts_per_speaker=4,
@@ -267,7 +267,7 @@ def test_finetune_a_whisper_fold_then_predict_gives_its_predictions(whisper_dir,
 def test_a_cache_on_another_grid_cannot_lend_its_vad_masks_to_whisper_finetuning():
     from types import SimpleNamespace
 
-    from heads.wave_data import WaveDataError, index_from_cache
+    from heads.finetune.waves import WaveDataError, index_from_cache
 
     wavlm_cache = SimpleNamespace(fingerprint={"frame_window": 400, "frame_stride": 320, "max_seconds": 0.0})
     with pytest.raises(WaveDataError, match="frame grid"):

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from core.errors import UserError
 from core.files import fsync_dir, fsync_file
+from heads.runfolder import load_weights, write_safetensors
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
@@ -53,45 +53,6 @@ class Checkpoint:
     best: dict[str, torch.Tensor] | None
     state: dict[str, Any] = field(default_factory=dict)  # optimizer, scheduler, early stopping, rng, ...
     best_epoch: int | None = None  # the epoch `best` comes from (None: unknown, tagged with `epoch`)
-
-
-def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """safetensors file of `tensors` (copied to contiguous CPU memory), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write_safetensors(plain, tmp, metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, with its I/O failures (full disk, read-only folder) as OSError.
-
-    safetensors reports them as SafetensorError("... No space left on device (os error 28)"),
-    which callers could not tell from a bug.
-    """
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except OSError:
-        raise
-    except Exception as err:  # noqa: BLE001 - SafetensorError; anything but I/O is re-raised as is
-        match = re.search(r"os error (\d+)", str(err))
-        if match is None:
-            raise
-        code = int(match.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    return load_file(str(path))
 
 
 EPOCH_DIR = re.compile(r"epoch-(\d+)")

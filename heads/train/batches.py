@@ -1,4 +1,4 @@
-"""From a FeatureCache to what the trainer needs: fold splits, labels, RAM preload, batches.
+"""From a FeatureCache to the trainer's batches: RAM preload, length-bucketed batches, resident frames.
 
 Resident batches: frames that sit in one tensor (the cache's RAM preload,
 or the frames the pooled layer weights mixed once) are batched with one
@@ -6,10 +6,6 @@ vectorized gather on that tensor's device; on CUDA they are placed in GPU
 memory once when they fit in GPU_SHARE of what is free, so batches are
 built there and nothing crosses the bus per step (`resident_copy`,
 `resident_tensor`).
-
-Only utterances with some label (an emotion, a valence or an arousal) take
-part; the fold plan is built from every speaker in the cache, so a speaker
-whose utterances are all unlabelled yields a clear error for its folds.
 
 Batches: training batches are bucketed by length (shuffle, sort chunks of
 50 batches by frame count, shuffle the batch order), which cuts the padded
@@ -24,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -32,99 +27,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from cache.torch_dataset import CacheDataset, collate
 from cache.reader import FeatureCache
-from core.errors import UserError
-from core.folds import Fold, pick, plan
-from core.records import class_indices
+from cache.torch_dataset import CacheDataset, collate
+from heads.train.folds import labels_of
 
 GPU_SHARE = 0.5  # of the GPU memory free at the time that resident features may take: the rest is for activations
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: enough to group lengths, small enough to stay random
-
-
-@dataclass(frozen=True)
-class FoldData:
-    """The utterances of one fold and their labels.
-
-    `labels` index utt_id: emotion (int, -1 = none), valence, arousal (NaN = none), speaker (str; the
-    probe of `--layer-weights probe` holds speakers out).
-    """
-
-    fold: Fold
-    train: list[str]
-    val: list[str]
-    test: list[str]
-    labels: pd.DataFrame
-    classes: tuple[str, ...]
-
-    def split(self, name: str) -> list[str]:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
-
-
-def labels_of(meta: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """emotion index (-1 = none), valence, arousal (NaN = none) per utterance, meta's order."""
-    return pd.DataFrame(
-        {
-            "emotion": class_indices(meta["emotion"], classes),
-            "valence": meta["valence"].astype(np.float64).to_numpy(),
-            "arousal": meta["arousal"].astype(np.float64).to_numpy(),
-            "speaker": meta["speaker"].astype(str).to_numpy(),
-        },
-        index=meta.index,
-    )
-
-
-def usable(labels: pd.DataFrame) -> pd.Series:
-    return (labels["emotion"] >= 0) | labels["valence"].notna() | labels["arousal"].notna()
-
-
-def speaker_sessions(meta: pd.DataFrame) -> dict[str, str]:
-    return {str(s): str(x) for s, x in zip(meta["speaker"], meta["session"])}
-
-
-def fold_count(cache: FeatureCache, protocol: str = "speaker") -> int:
-    return len(plan(cache.meta, protocol))
-
-
-def fold_data(cache: FeatureCache, k: int, protocol: str = "speaker") -> FoldData:
-    """Fold k of a cache's utterances (see `fold_split`)."""
-    return fold_split(cache.meta, cache.classes, k, protocol, source=f"the cache {cache.path}")
-
-
-def fold_split(meta: pd.DataFrame, classes: Sequence[str], k: int, protocol: str = "speaker", *,
-               source: str) -> FoldData:
-    """Fold k's train/val/test utterance ids (sorted), or a UserError saying why it cannot be trained.
-
-    `meta` (index utt_id) has the columns of FeatureCache.meta that folds and labels need
-    (speaker, session, split, emotion, valence, arousal); `source` names it in errors.
-    Fine-tuning passes its corpus's table, train-head its cache's.
-    """
-    labels = labels_of(meta, classes)
-    if len(labels) == 0:
-        raise UserError(f"{source} holds no utterances")
-    keep = usable(labels)
-    if not keep.any():
-        raise UserError(f"{source} has no labels at all (no emotion, valence or arousal on any utterance)")
-    fold = pick(plan(meta, protocol), k)
-    labels = labels[keep]
-    role = fold.roles(meta.loc[labels.index, fold.column])  # (N,) train / val / test / ""
-    test, val, train = (sorted(labels.index[role == r]) for r in ("test", "val", "train"))
-    for name, ids, who in (("test", test, fold.test), ("validation", val, fold.val)):
-        if not ids:
-            raise UserError(f"fold {k} cannot be trained: its {name} {fold.column} {who} has no labelled utterances")
-    if not train:
-        raise UserError(f"fold {k} cannot be trained: its training {fold.column}s have no labelled utterances")
-    return FoldData(fold, train, val, test, labels, tuple(classes))
-
-
-def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:
-    """The cache layers to read: all of them for the learnable mix, or the one asked for."""
-    if layer is None:
-        return list(cache.layers)
-    if layer not in cache.layers:
-        held = ", ".join(str(x) for x in cache.layers)
-        raise UserError(f"the cache holds layers {held}; layer {layer} is not among them (choose --layer from these)")
-    return [layer]
 
 
 def preload(cache: FeatureCache, layers: Sequence[int], memory_gb: float) -> bool:

@@ -6,12 +6,13 @@ so a head that does not beat the obvious baseline is visible at once.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from heads.report import ReportError, Run, as_run, load_run, mean_ci, method_label, summarize
+from core.errors import UserError
+from heads.evaluate.report import ReportError, Run, as_run, load_run, mean_ci, method_label, summarize
+from heads.runfolder import read_config
 
 
 def _is_baseline_config(config: Any) -> bool:
@@ -20,7 +21,7 @@ def _is_baseline_config(config: Any) -> bool:
 
 
 def find_baselines(run: Run | str | Path) -> list[Run]:
-    """Baseline runs (heads/baseline.py) beside RUN made from the same cache with the same fold plan.
+    """Baseline runs (heads/train/baseline.py) beside RUN made from the same cache with the same fold plan.
 
     Looked for among RUN's sibling folders (`cli ablate` writes OUT/baseline
     beside OUT/sr; `cli baseline` and `cli train-head` default to
@@ -34,8 +35,8 @@ def find_baselines(run: Run | str | Path) -> list[Run]:
         if not d.is_dir() or d == run.path.resolve():
             continue
         try:
-            config = json.loads((d / "config.json").read_text())
-        except (OSError, ValueError):
+            config = read_config(d)
+        except UserError:
             continue
         if not _is_baseline_config(config) or any(config.get(k) != run.config.get(k) for k in key):
             continue

@@ -39,9 +39,8 @@ from core.records import Corpus, Utterance
 from extract.audio import AudioError, load_audio
 from extract.loading import Failed, load_corpus
 from extract.vad import vad_settings
-from heads.distributed import DistContext, shard_step
-
-INDEX_FILE = "wave-index.npz"
+from heads.finetune.distributed import DistContext, shard_step
+from heads.runfolder import WAVE_INDEX_FILE
 
 
 class WaveDataError(UserError):
@@ -189,7 +188,7 @@ def load_or_build_index(run_dir: Path, corpus: Corpus, grid: FrameGrid, max_seco
 
     Call it on rank 0 only (the others wait at a barrier, then `WaveIndex.load`).
     """
-    path = run_dir / INDEX_FILE
+    path = run_dir / WAVE_INDEX_FILE
     wanted = index_settings(grid, max_seconds)
     if cache is not None:
         wanted["vad_source"] = str(cache.path)

@@ -8,7 +8,7 @@ The normalization `--norm train` is a per-(layer, dimension) affine map, so
 it is folded into the mix: sum_l w_l (x_l - m_l) / s_l = sum_l x_l (w_l / s_l)
 - sum_l w_l m_l / s_l, one pass over the frames and no normalized copy.
 
-How the weights are learned (`--layer-weights`, heads/layer_weights.py):
+How the weights are learned (`--layer-weights`, heads/train/layer_weights.py):
 `probe` (default) scores a linear probe per layer, leave-one-speaker-out on
 per-utterance means of every layer, and `pooled` learns them by a small head
 on those means; both then freeze them (`fix`), so the head trains on one
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 
 class LayerMix(nn.Module):
     """softmax(w)-weighted sum over the layer axis; `w` starts at 0 (a uniform mean)."""

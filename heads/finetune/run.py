@@ -1,21 +1,19 @@
 """End-to-end fine-tuning: the folds of a corpus into a run folder, each trained on a live backbone.
 
 The training itself is the train-head loop with a few hooks overridden
-(heads/finetune_trainer.py, `FineTuneTrainer`); this module reads the corpus,
-plans the folds, builds the once-per-run VAD index (heads/wave_data.py), and
+(heads/finetune/trainer.py, `FineTuneTrainer`); this module reads the corpus,
+plans the folds, builds the once-per-run VAD index (heads/finetune/waves.py), and
 writes, resumes or skips each fold. torchrun-aware: rank 0 writes, every rank trains.
 
-Run folder: the train-head contract (`config.json`, `fold-KK/metrics.json`,
-`predictions.csv`, `history.csv`, `head.safetensors`) plus
-`fold-KK/model.safetensors` (the trained backbone weights: all of them for
---full, the top K layers otherwise) and `fold-KK/backbone/` (the backbone's
-config and feature-extractor config, so `cli predict` rebuilds it). Per-epoch
-checkpoints go to `fold-KK/checkpoint/` and are deleted when the fold is done.
+Run folder (heads/runfolder.py): the train-head files plus, per fold, the
+trained backbone weights (all of them for --full, the top K layers otherwise)
+and the backbone's config and feature-extractor config, so `cli predict`
+rebuilds it. Per-epoch checkpoints go to the fold's checkpoint folder and are
+deleted when the fold is done.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,27 +29,32 @@ from core.frames import SAMPLE_RATE
 from core.records import CLASSES_4, Utterance
 from extract.corpora import default_max_seconds, read_corpus
 from extract.models import model_slug
-from heads.backbone import Backbone, trainable_state
-from heads.checkpoint import has_checkpoint, load_checkpoint, save_weights
-from heads.config import FinetuneSettings
-from heads.data import FoldData, fold_split
-from heads.distributed import DistContext, barrier, init_distributed, shutdown
-from heads.finetune_trainer import FineTuneTrainer, FoldInterrupted, from_checkpoint, unwrap
-from heads.fold_ensemble import AUTO, parse_ensemble
-from heads.outputs import write_fold
-from heads.run import fold_line, prepare_run_dir
-from heads.trainer import TrainConfig
-from heads.utterances import write_run_utterances
-from heads.wave_data import INDEX_FILE, WaveIndex, corpus_meta, load_or_build_index
-
-CHECKPOINT_DIR = "checkpoint"
-BACKBONE_DIR = "backbone"
-BACKBONE_FILE = "model.safetensors"
+from heads.config import AUTO, FinetuneSettings, TrainConfig, parse_ensemble
+from heads.finetune.backbone import Backbone, trainable_state
+from heads.finetune.checkpoint import has_checkpoint, load_checkpoint
+from heads.finetune.distributed import DistContext, barrier, init_distributed, shutdown
+from heads.finetune.trainer import FineTuneTrainer, FoldInterrupted, from_checkpoint, unwrap
+from heads.finetune.waves import WaveIndex, corpus_meta, load_or_build_index
+from heads.runfolder import (
+    BACKBONE_DIR,
+    BACKBONE_FILE,
+    CHECKPOINT_DIR,
+    WAVE_INDEX_FILE,
+    fold_dir,
+    prepare_run_dir,
+    read_metrics,
+    sapser_version,
+    save_weights,
+    write_fold,
+    write_run_utterances,
+)
+from heads.train.fold_loop import fold_line
+from heads.train.folds import FoldData, fold_split, open_cache
 
 
 def backbone_shape(model: str) -> tuple[Any, int, int]:
     """(frame grid, transformer layers, hidden size) from the model's config alone (no weights)."""
-    from heads.backbone import model_shape
+    from heads.finetune.backbone import model_shape
 
     return model_shape(model)
 
@@ -66,21 +69,15 @@ def default_out(corpus: Any, settings: FinetuneSettings) -> Path:
 def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, settings: FinetuneSettings,
                         max_seconds: float, grid: Any, n_layers: int, hidden: int, classes: Sequence[str],
                         fold_plan: list[Fold], cache_path: str | None, ctx: DistContext) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     from extract.vad import vad_settings
 
-    try:
-        sapser = version("sapser")
-    except PackageNotFoundError:
-        sapser = "unknown"
     ft = {**asdict(settings), "max_seconds": max_seconds}
     return {
         "mode": settings.mode,
         "model": settings.model,
         "dataset": dataset,
         # Result-affecting fine-tuning options sit in "settings" so a later --fold into
-        # the same folder with other values is refused (heads.run.prepare_run_dir).
+        # the same folder with other values is refused (heads.runfolder.prepare_run_dir).
         "settings": {**asdict(config), **{k: ft[k] for k in ("head_lr", "step_seconds", "amp", "max_grad_norm")}},
         "finetune": ft,
         "fingerprint": {
@@ -94,7 +91,7 @@ def finetune_run_config(dataset: str, root: str | Path, config: TrainConfig, set
         "hidden_size": hidden,
         "folds": [asdict(f) for f in fold_plan],
         "world_size": ctx.world_size,
-        "versions": {"sapser": sapser, "torch": torch.__version__},
+        "versions": {"sapser": sapser_version(), "torch": torch.__version__},
     }
 
 
@@ -145,7 +142,7 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
                                   fold_plan, cache_path, ctx)
     if ctx.is_main:
         prepare_run_dir(out, run_cfg)
-        cache = _open_cache(cache_path) if cache_path else None
+        cache = open_cache(cache_path) if cache_path else None
         try:
             index = load_or_build_index(out, corpus, grid, max_seconds, cache=cache, progress=progress,
                                         workers=settings.workers)
@@ -156,7 +153,7 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
             log(f"{len(index.skipped)} utterances skipped (unusable audio); the rest train")
     barrier(ctx)
     if not ctx.is_main:
-        index = WaveIndex.load(out / INDEX_FILE)
+        index = WaveIndex.load(out / WAVE_INDEX_FILE)
     meta = corpus_meta(corpus, index)
     if ctx.is_main:
         write_run_utterances(out, meta)  # which files each fold saw: predict warns about them
@@ -177,28 +174,22 @@ def _run(dataset: str, root: str | Path, config: TrainConfig, settings: Finetune
     return result
 
 
-def _open_cache(path: str):
-    from heads.run import open_cache
-
-    return open_cache(path)
-
-
 def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSettings,
               utterances: dict[str, Utterance], index: WaveIndex, max_seconds: float, out: Path,
               run_cfg: dict[str, Any], resume: bool, max_epochs_this_run: int | None, ctx: DistContext,
               log: Callable[[str], None]) -> dict[str, Any] | None:
     """Train, test and write fold k; None when stopped early by max_epochs_this_run."""
-    fold_dir = out / f"fold-{k:02d}"
-    ckpt_dir = fold_dir / CHECKPOINT_DIR
-    done = fold_dir / "metrics.json"
-    if done.is_file():  # written last: the fold is complete
+    folder = fold_dir(out, k)
+    ckpt_dir = folder / CHECKPOINT_DIR
+    done = read_metrics(folder)
+    if done is not None:  # written last: the fold is complete
         if resume:
             if ctx.is_main:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)  # a kill while it was being deleted
-            return json.loads(done.read_text())
-        raise UserError(f"{fold_dir} is already trained; pass --resume to skip finished folds or choose another --out")
+            return done
+        raise UserError(f"{folder} is already trained; pass --resume to skip finished folds or choose another --out")
     if has_checkpoint(ckpt_dir) and not resume:
-        raise UserError(f"{fold_dir} holds the checkpoint of an interrupted run; pass --resume to continue it "
+        raise UserError(f"{folder} holds the checkpoint of an interrupted run; pass --resume to continue it "
                         "or delete that folder to start over")
     trainer = FineTuneTrainer(config, data, settings=settings, utterances=utterances, index=index,
                               max_seconds=max_seconds, ctx=ctx, checkpoint_dir=ckpt_dir,
@@ -217,8 +208,9 @@ def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSet
         model = unwrap(trainer.model)
         # The backbone first: write_fold writes metrics.json last, and a fold with metrics.json is
         # finished, so a kill between the two must not leave a finished fold without its backbone.
-        save_backbone(fold_dir, model.backbone, run_cfg)
-        write_fold(out, result, data.classes, model.head, run_cfg)
+        save_backbone(folder, model.backbone, run_cfg)
+        write_fold(out, result.metrics, result.test, data.classes, run_cfg, heads=[model.head.state_dict()],
+                   histories=[result.history])
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # ~3x the model size; the fold's outputs replace it
     barrier(ctx)
     del trainer
@@ -227,11 +219,11 @@ def _run_fold(k: int, data: FoldData, config: TrainConfig, settings: FinetuneSet
     return result.metrics
 
 
-def save_backbone(fold_dir: Path, backbone: Backbone, run_cfg: dict[str, Any]) -> None:
-    """fold-KK/model.safetensors (trained backbone weights) + fold-KK/backbone/ (configs to rebuild it)."""
-    save_weights(fold_dir / BACKBONE_FILE, trainable_state(backbone),
+def save_backbone(folder: Path, backbone: Backbone, run_cfg: dict[str, Any]) -> None:
+    """The fold's trained backbone weights and the configs to rebuild it."""
+    save_weights(folder / BACKBONE_FILE, trainable_state(backbone),
                  metadata={"mode": run_cfg["mode"], "model": run_cfg["model"]})
-    cfg_dir = fold_dir / BACKBONE_DIR
+    cfg_dir = folder / BACKBONE_DIR
     backbone.model.config.save_pretrained(cfg_dir)
     try:
         from transformers import AutoFeatureExtractor

@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from core.errors import UserError
-from heads.report import Run, load_histories, summarize
+from heads.evaluate.report import Run, load_histories, summarize
+from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
 
 
 class PlotError(UserError):
@@ -116,13 +117,13 @@ def _fold_colours(n: int) -> list:
 
 
 def write_run_plots(run: Run) -> list[Path]:
-    """RUN/confusion.png (summed over folds) and, when folds logged a history, RUN/curves.png."""
+    """The confusion matrix (summed over folds) and, when folds logged a history, the training curves, into RUN."""
     total = np.sum([m["confusion"] for m in run.folds], axis=0)  # (C, C)
     fold_mean = [summarize(run)["recall"][c]["mean"] for c in run.labels]
-    written = [confusion_png(total, run.labels, run.path / "confusion.png", fold_mean_recall=fold_mean,
+    written = [confusion_png(total, run.labels, run.path / CONFUSION_PLOT, fold_mean_recall=fold_mean,
                              title=f"{run.name}: counts summed over {len(run.folds)} folds (N={int(total.sum())});\n"
                                    "diagonal = pooled recall, row label = recall as mean over folds")]
     histories = load_histories(run)
     if histories:
-        written.append(curves_png(histories, run.path / "curves.png", title=f"{run.name}: training curves"))
+        written.append(curves_png(histories, run.path / CURVES_PLOT, title=f"{run.name}: training curves"))
     return written

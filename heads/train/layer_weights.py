@@ -31,7 +31,7 @@ mix learnable at every step.
 
 `--layer-weights probe` (the default) shares steps 1 and 3 and replaces
 step 2: the weights come from per-layer linear probes scored
-leave-one-speaker-out on the same normalized means (heads/layer_probe.py),
+leave-one-speaker-out on the same normalized means (heads/train/layer_probe.py),
 i.e. from how well each layer predicts speakers it was not fitted on rather
 than from the training loss, which on Whisper base starved the layer that
 generalizes best (README "Input normalization and layer weights,
@@ -48,12 +48,14 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from core.errors import UserError
-from heads.data import FoldData, ResidentBatches, resident_tensor
-from heads.head import SERHead
-from heads.layer_probe import probe_layer_logits
-from heads.norm import RunningMoments
-from heads.pooling import masked_mean, speech_frames
-from heads.trainer import TrainConfig, Trainer, TrainingError
+from heads.config import TrainConfig
+from heads.model.head import SERHead
+from heads.model.pooling import masked_mean, speech_frames
+from heads.train.batches import ResidentBatches, resident_tensor
+from heads.train.folds import FoldData
+from heads.train.layer_probe import probe_layer_logits
+from heads.train.statistics import RunningMoments, check_finite
+from heads.train.trainer import Trainer
 
 # The layer logits' rate, as a multiple of the head's (README "Input normalization and layer weights,
 # measured"). On Whisper base (real speech, SR) 30x collapsed stage 1 onto two layers: 59.2 UA, 1x
@@ -86,7 +88,7 @@ def prepare_inputs(trainer: Trainer) -> None:
     start = time.perf_counter()
     scan = scan_splits(trainer, head, ("train", "val") if fixed else ("train",), fit_norm=fit_norm, pool=fixed)
     if fit_norm:
-        head.norm.set_stats(scan.moments)
+        head.norm.set_stats(scan.moments.mean, scan.moments.std())
     info: dict[str, Any] = {}
     seconds = {"scan": time.perf_counter() - start}  # for benchmarks; metrics.json stays deterministic
     if fixed:
@@ -155,20 +157,6 @@ def sliced(batches: Iterable[dict]) -> Iterator[dict]:
         for i in range(0, b, step):
             yield {k: v[i : i + step] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == b else v
                    for k, v in batch.items()}
-
-
-def check_finite(means: torch.Tensor, x: torch.Tensor, padding: torch.Tensor, utt_ids: list[str]) -> None:
-    """A NaN/inf frame would poison the statistics of every utterance: name the culprits instead.
-
-    `means (B, L*D)`, the utterances' frame means, are non-finite iff a real frame is (a
-    float32 sum of cached values cannot overflow), so only then are the frames `x` searched.
-    """
-    if bool(torch.isfinite(means).all()):
-        return
-    bad = ((~torch.isfinite(x)).flatten(2).any(dim=2) & padding).any(dim=1)  # (B,)
-    names = [u for u, b in zip(utt_ids, bad.tolist()) if b] or utt_ids  # else: non-finite padding, blame the batch
-    raise TrainingError(f"utterance(s) {', '.join(names[:5])} have NaN/inf features in the cache; "
-                        "re-extract them or leave them out")
 
 
 def find_layer_weights(trainer: Trainer, pooled: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -48,7 +48,7 @@ from torch import nn
 from core.errors import UserError
 from core.frames import FrameGrid, conv_grid
 from extract.models import BackendError, first_line, load_error, model_config, model_family
-
+from heads.config import FinetuneSettings
 
 # WavLM mixes a bool padding mask with a float position bias; torch warns on every
 # forward (and on every recomputation under gradient checkpointing), the result is right.
@@ -74,6 +74,13 @@ class BackboneSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of(cls, settings: FinetuneSettings, *, distributed: bool = False) -> BackboneSettings:
+        """What `cli finetune`'s settings say about the backbone."""
+        return cls(model=settings.model, full=settings.full, top_layers=settings.top_layers,
+                   freeze_feature_encoder=settings.freeze_feature_encoder,
+                   grad_checkpointing=settings.grad_checkpointing, distributed=distributed)
 
 
 class Backbone(nn.Module, metaclass=abc.ABCMeta):

@@ -1,12 +1,11 @@
 """Orchestration: one fold, all folds (optionally in parallel processes), and the GAP/SAP/SR ablation.
 
-A run folder holds one configuration: `RUN/config.json` records every
-setting, the cache fingerprint and a digest of the cache's utterances, and a
-later run into the same folder must use the same ones (otherwise the folds of
+A run folder holds one configuration (heads/runfolder.py): a later run into
+the same folder must use the same settings and cache (otherwise the folds of
 two different experiments would be averaged by `cli report`); a refusal names
 what differs. Because they are the same computation, folds already finished
-in that folder (`fold-KK/metrics.json`, written last) are kept, not trained
-again: rerunning a killed `--all-folds` trains only the missing folds.
+in that folder are kept, not trained again: rerunning a killed `--all-folds`
+trains only the missing folds.
 
 Parallel folds (`jobs > 1`): each process opens the cache itself, preloads
 within `memory_gb / jobs` and uses `cpu_count // jobs` torch threads, so N
@@ -17,14 +16,12 @@ writing folds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, replace
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,141 +30,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cache.format import describe_diff, fingerprint_diff
 from cache.reader import FeatureCache
 from core.errors import UserError
-from core.files import replacing
-from core.folds import plan
 from core.processes import quiet_child
-from heads.config import POOLINGS
-from heads.data import fold_count, fold_data, preload, select_layers
-from heads.fold_ensemble import combine, heads_for, member_files
-from heads.metrics import json_safe
-from heads.outputs import write_fold
-from heads.trainer import TrainConfig, Trainer
-from heads.utterances import write_run_utterances
-
-# Settings that change how fast a run goes, not what it computes.
-NOT_RESULT_SETTINGS = ("memory_gb", "device")
+from heads.config import POOLINGS, TrainConfig, heads_for
+from heads.runfolder import finished_fold, prepare_run_dir, run_config, write_fold, write_run_utterances
+from heads.train.batches import preload
+from heads.train.ensemble import combine
+from heads.train.feature_trainer import FeatureTrainer
+from heads.train.folds import fold_count, fold_data, open_cache, select_layers
 
 
 def default_run_dir(cache_path: str | Path, pooling: str) -> Path:
     return Path("runs") / f"{Path(cache_path).stem}-{pooling}"
-
-
-def open_cache(path: str | Path) -> FeatureCache:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"the cache {path} does not exist (make one with `cli extract`)")
-    try:
-        return FeatureCache(path)
-    except UserError:
-        raise
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"the cache {path} could not be read ({type(err).__name__}: {err}); it may be corrupted") from None
-
-
-def run_config(config: TrainConfig, cache: FeatureCache, layers: list[int]) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        sapser = version("sapser")
-    except PackageNotFoundError:
-        sapser = "unknown"
-    return {
-        "settings": asdict(config),
-        "cache": str(Path(cache.path).resolve()),
-        "fingerprint": cache.fingerprint,
-        "cache_content": cache_content(cache),
-        "classes": list(cache.classes),
-        "layers": layers,
-        "hidden_size": int(cache.hidden_size),
-        "folds": [asdict(f) for f in plan(cache.meta, config.protocol)],
-        "versions": {"sapser": sapser, "torch": torch.__version__},
-    }
-
-
-def cache_content(cache: FeatureCache) -> dict[str, Any]:
-    """What the folds train on beyond the fingerprint: the utterances, their lengths and labels.
-
-    A cache keeps its fingerprint when a rerun of `cli extract` adds utterances (e.g. a
-    retried model error), so the fingerprint alone cannot tell that a finished fold saw
-    other data.
-    """
-    meta = cache.meta
-    digest = hashlib.sha256()
-    for row in zip(meta.index, meta["n_frames"], meta["speaker"], meta["emotion"], meta["valence"], meta["arousal"]):
-        digest.update(repr(tuple(str(x) for x in row)).encode())
-    return {"utterances": int(len(meta)), "sha256": digest.hexdigest()}
-
-
-# Settings added after runs were first written, with the value that reproduces what those runs did.
-LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint", "min_steps": 0,
-                   "spread": False, "speech_stats": False, "pooled_norm": "none",
-                   "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1}
-
-
-def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What makes two run configs different computations, one short phrase each ([] = the same run)."""
-    new = json_safe(new)
-    out = []
-    # a run written before a setting existed computed what that setting's legacy value does
-    a = {**LEGACY_SETTINGS, **{k: v for k, v in (old.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}}
-    b = {k: v for k, v in (new.get("settings") or {}).items() if k not in NOT_RESULT_SETTINGS}
-    for k in sorted(set(a) | set(b)):
-        if a.get(k, "<absent>") != b.get(k, "<absent>"):
-            out.append(f"{k} {a.get(k, '<absent>')!r} (run) vs {b.get(k, '<absent>')!r} (now)")
-    fa, fb = old.get("fingerprint"), new.get("fingerprint")
-    if isinstance(fa, dict) and isinstance(fb, dict):
-        keys = fingerprint_diff(fb, fa)
-        if keys:
-            out.append("cache fingerprint " + describe_diff(keys, fb, fa).replace("(cache)", "(run)"))
-    elif fa != fb:
-        out.append("cache fingerprint")
-    if old.get("layers") != new.get("layers"):
-        out.append(f"layers {old.get('layers')} (run) vs {new.get('layers')} (now)")
-    ca, cb = old.get("cache_content"), new.get("cache_content")
-    if ca is not None and cb is not None and ca != cb:  # runs written before the digest existed have none
-        out.append(f"cache contents ({ca.get('utterances')} utterances (run) vs {cb.get('utterances')} (now), "
-                   "or other lengths or labels)")
-    return out
-
-
-def prepare_run_dir(out: Path, config: dict[str, Any]) -> None:
-    """Write RUN/config.json, refusing a folder that holds a run with other settings or another cache."""
-    path = out / "config.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UserError(f"{path} exists but is not readable JSON; choose another --out or remove it") from None
-        if not isinstance(old, dict):
-            raise UserError(f"{path} is not a run configuration (a JSON object); choose another --out or remove it")
-        diff = run_differences(old, config)
-        if diff:
-            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-            raise UserError(f"{out} already holds a run with other settings or another cache ({shown}); "
-                            "choose another --out, or delete that folder to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(config), indent=2) + "\n")
-
-
-FOLD_FILES = ("predictions.csv", "history.csv")  # + every member's head file (heads/fold_ensemble.py)
-
-
-def finished_fold(out: Path, k: int) -> dict[str, Any] | None:
-    """Fold k's metrics if RUN/fold-KK is complete (metrics.json is written last), else None."""
-    fold_dir = out / f"fold-{k:02d}"
-    try:
-        metrics = json.loads((fold_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None  # absent, or garbage: train it again
-    if not isinstance(metrics, dict) or metrics.get("fold") != k:
-        return None
-    if not all((fold_dir / name).is_file() for name in (*FOLD_FILES, *member_files(metrics))):
-        return None
-    return metrics
 
 
 def fold_line(m: dict[str, Any], seconds: float | None) -> str:
@@ -193,7 +68,7 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
     """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics.
 
     `config.ensemble` heads (`auto`: by the size of the fold's training split), seeds `config.seed`
-    upwards, averaged (heads/fold_ensemble.py).
+    upwards, averaged (heads/train/ensemble.py).
     """
     data = fold_data(cache, k, config.protocol)
     seeds = [config.seed + i for i in range(heads_for(config.ensemble, len(data.train)))]
@@ -203,7 +78,7 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
         tell = None if on_epoch is None else (
             lambda row, before=done, left=len(seeds) - i: on_epoch({**row, "epochs": before + row["epochs"] * left}))
         try:
-            trainer = Trainer(replace(config, seed=seed), data, cache=cache, layers=layers, on_epoch=tell)
+            trainer = FeatureTrainer(replace(config, seed=seed), data, cache=cache, layers=layers, on_epoch=tell)
             results.append(trainer.run())
         except OSError as err:  # h5py reports unreadable chunks as OSError
             raise UserError(f"the cache {cache.path} could not be read during training of fold {k} ({err}); "
@@ -213,7 +88,8 @@ def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layer
         del trainer  # its loaders and any GPU copy of the features go before the next member makes its own
     result = combine(results, seeds, data.classes)
     _check_scored(result.test.utt_id, result.test.probs, cache, k)
-    write_fold(out, result, data.classes, models, run_cfg, [r.history for r in results])
+    write_fold(out, result.metrics, result.test, data.classes, run_cfg, heads=[m.state_dict() for m in models],
+               histories=[r.history for r in results])
     return result.metrics
 
 
@@ -338,13 +214,13 @@ def _progress(console: Console, show: bool) -> Progress:
 def ablate(cache_path: str | Path, config: TrainConfig, *, out: str | Path | None = None, jobs: int = 1,
            console: Console | None = None, progress: bool = True, baseline: bool = True) -> list[Path]:
     """GAP, SAP and SR over all folds of one cache, into OUT/gap, OUT/sap, OUT/sr (same other settings),
-    after the classical baseline (heads/baseline.py, same layer and VAD mode) into OUT/baseline."""
+    after the classical baseline (heads/train/baseline.py, same layer and VAD mode) into OUT/baseline."""
     console = console or Console(stderr=True)
     out = Path(out) if out else Path("runs") / f"{Path(cache_path).stem}-ablation"
     runs = []
     if baseline:
-        from heads.baseline import run_baseline
         from heads.config import BaselineConfig
+        from heads.train.baseline import run_baseline
 
         console.print(f"[bold]Baseline[/bold] -> {out / 'baseline'}")
         run, _ = run_baseline(cache_path, BaselineConfig(layer=config.layer, vad_mode=config.vad_mode, protocol=config.protocol),

@@ -1,12 +1,11 @@
 """Per-fold metrics: UA, WA, macro-F1, per-class recall, confusion; MAE and CCC.
 
-The classification scores are scikit-learn's (imported on first use: `cli report`
-needs only `json_safe`), so numbers are comparable with other SER code:
+The classification scores are scikit-learn's (imported on first use), so numbers are comparable with other SER code:
 - UA (unweighted accuracy) is `balanced_accuracy_score`: the mean recall over
   the classes PRESENT in `y_true`. A class with no test utterance in a fold
   (possible with leave-one-speaker-out on small corpora) has no recall; it is
   left out of the mean rather than counted as 0 or 1, and its entry in
-  `recall` is NaN (written as null in JSON, see `json_safe`).
+  `recall` is NaN (written as null in JSON, see heads.runfolder.json_safe).
 - WA (weighted accuracy) is plain accuracy.
 - macro-F1 is `f1_score(average="macro")`: F1 = 2TP / (2TP + FP + FN)
   averaged over the classes that occur in `y_true` OR `y_pred`; a class only
@@ -154,7 +153,7 @@ def fold_scores(emotion: np.ndarray, probs: np.ndarray, va_true: np.ndarray, va_
 
     `emotion` (N,) true class index (-1 = none), `probs` (N, C), `va_true`/`va_pred` (N, 2)
     valence and arousal on the corpus scale (NaN = no label). One function for the head
-    (heads/trainer.py) and the baseline (heads/baseline.py), so both score alike.
+    (heads/train/trainer.py) and the baseline (heads/train/baseline.py), so both score alike.
     """
     scores = classification_metrics(emotion, np.asarray(probs).argmax(1), classes)
     dims = {dim: regression_metrics(va_true[:, j], va_pred[:, j]) for j, dim in enumerate(DIMENSIONS)}
@@ -163,20 +162,3 @@ def fold_scores(emotion: np.ndarray, probs: np.ndarray, va_true: np.ndarray, va_
     missing = [k for k in SCORES if k not in scores]
     assert not missing, f"SCORES lists {missing} but fold_scores does not compute them"
     return scores
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy that `json.dump` writes as strict JSON: NaN/inf -> null, numpy -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj

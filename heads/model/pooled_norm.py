@@ -1,6 +1,6 @@
 """Pooled-vector standardization (`--pooled-norm`): the utterance statistics at unit scale before the projection.
 
-The frames are normalized before the layer mix (heads/norm.py), but the
+The frames are normalized before the layer mix (heads/model/input_norm.py), but the
 statistics pooled from them are not at unit scale across utterances: on
 real speech the utterance means of normalized frames vary by ~0.2-0.35 per
 dimension and the within-utterance standard deviations (`--spread`) by
@@ -12,7 +12,7 @@ model; here `PooledNorm` does the same inside the head:
            (GAP's mean of all frames, the `--spread` std, the `--speech-stats` mean and
            std of speech frames), with the mean and
            std over the fold's TRAINING utterances, fitted once after the input
-           normalization and the layer weights (`fit_pooled_norm`); buffers
+           normalization and the layer weights (heads/train/statistics.py `fit_pooled_norm`); buffers
            `pooled_norm.mean`/`pooled_norm.std` (P,) in head.safetensors, so
            `cli predict` applies the same map
     none   the pooled vector as is
@@ -20,22 +20,16 @@ model; here `PooledNorm` does the same inside the head:
 SAP's output is learned (its projections set its scale), so its dimensions
 keep mean 0 and std 1 (the identity). With `--layer-weights joint` the mix
 still moves after the fit; the statistics are those of the initial mix.
-Measured on real speech: README "Pooled statistics, measured".
+Measured on real speech: docs/training.md.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from heads.config import POOLED_NORMS
-from heads.norm import floor_std
-
-if TYPE_CHECKING:
-    from heads.head import SERHead
-    from heads.trainer import Trainer
+from heads.model.input_norm import floor_std
 
 
 class PooledNorm(nn.Module):
@@ -65,31 +59,3 @@ class PooledNorm(nn.Module):
         idx = self.statistics.nonzero().squeeze(1).to(self.mean.device)
         self.mean[idx] = mean.to(self.mean)
         self.std[idx] = std.to(self.std)
-
-
-@torch.no_grad()
-def fit_pooled_norm(trainer: Trainer, head: SERHead) -> int:
-    """Fit `head.pooled_norm` on the fold's training utterances as the head will pool them; returns N.
-
-    Reads the training split once, through the frames the head trains on:
-    the materialized mixed frames when prepare_inputs made them, else the
-    cache's frames through the fitted normalization and the mix. The head is
-    in eval mode for the pass (no dropout; nothing here has any).
-    """
-    from heads.layer_weights import check_finite
-
-    mode = head.training
-    head.eval()
-    loader = trainer.loaders["train"]
-    mixed = bool(getattr(loader, "extra", {}).get("mixed"))
-    rows = []
-    for batch in (loader if mixed else trainer.pass_loader("train")):
-        features, padding, vad = trainer.encode(batch)
-        x = features if batch.get("mixed") else head.mixed(features, padding)  # (B, T, D)
-        pooled = head.pooled(x, padding, vad).float()  # (B, P)
-        check_finite(pooled, x, padding, batch["utt_id"])  # one NaN/inf frame would poison every row's statistics
-        rows.append(pooled)
-    head.train(mode)
-    pooled = torch.cat(rows)  # (N, P)
-    head.pooled_norm.set_stats(pooled)
-    return pooled.shape[0]

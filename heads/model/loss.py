@@ -6,45 +6,17 @@ no target of a kind contributes 0 for that term, so a corpus without
 dimensional labels trains classification only and one with only
 dimensional labels trains the regressors only.
 
-Class weights (from the TRAINING split only, the paper's footnote 2):
-    w_c = N / (C' * n_c)  for classes with n_c > 0, and 0 for absent classes,
-with N the labelled training utterances and C' the number of classes
-present: inverse frequency normalized so a balanced split gets all ones
-(scikit-learn's "balanced"). The weighted CE is the weighted mean
-sum_i w_{y_i} nll_i / sum_i w_{y_i}, as `F.cross_entropy(weight=...)`.
+Class weights come from the TRAINING split only (the paper's footnote 2;
+heads/train/statistics.py `class_weights`). The weighted CE is the weighted
+mean sum_i w_{y_i} nll_i / sum_i w_{y_i}, as `F.cross_entropy(weight=...)`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def class_weights(emotions: np.ndarray, n_classes: int) -> torch.Tensor:
-    """(C,) float32 weights from training class indices (-1 = unlabelled, ignored)."""
-    labels = np.asarray(emotions)
-    labels = labels[labels >= 0]
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    w = np.zeros(n_classes)
-    if present.any():
-        w[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def target_scale(va: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-split mean and std of `va (N, 2)` per column, ignoring NaN; (0, 1) when absent."""
-    mean, std = np.zeros(2), np.ones(2)
-    for j in range(2):
-        col = va[:, j][np.isfinite(va[:, j])]
-        if len(col):
-            mean[j] = col.mean()
-            if len(col) > 1 and col.std() > 1e-8:
-                std[j] = col.std()
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 @dataclass

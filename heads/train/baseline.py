@@ -2,7 +2,7 @@
 
 Every ablation should answer "does the neural head beat the obvious
 baseline?". This one uses the same fold plan (core/folds.py through
-`heads.data.fold_data`), the same metrics (heads/metrics.py) and the same
+`heads.train.folds.fold_data`), the same metrics (heads/evaluate/metrics.py) and the same
 run-folder format as `cli train-head`, so `cli report` shows it beside
 GAP/SAP/SR.
 
@@ -25,14 +25,13 @@ Per fold, everything is fitted on the training speakers only:
 The validation speaker only chooses, as early stopping does for the head; the
 kept model was trained on the training speakers alone.
 
-The fold's model is stored as plain arrays in `fold-KK/baseline.safetensors`
+The fold's model is stored as plain arrays in the fold folder (heads/runfolder.py)
 (scaler, classifier and regressor coefficients; no pickle), and
 `LinearModel.predict` is what produced the fold's predictions.csv.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -44,15 +43,10 @@ import numpy as np
 from rich.console import Console
 
 from cache.reader import FeatureCache
-from core.devices import resolve_device
-from core.files import replacing
 from heads.config import STATISTICS, BaselineConfig
-from heads.data import FoldData, fold_count, fold_data, select_layers
-from heads.metrics import classification_metrics, fold_scores, json_safe
-from heads.outputs import fold_outputs, trained_outputs, write_predictions
-
-MODEL_FILE = "baseline.safetensors"
-
+from heads.evaluate.metrics import classification_metrics, fold_scores
+from heads.runfolder import Predictions, prepare_run_dir, run_config, trained_outputs, write_fold
+from heads.train.folds import FoldData, fold_count, fold_data, open_cache, select_layers
 
 # --- statistics ---------------------------------------------------------------------------
 
@@ -237,7 +231,7 @@ def fit_fold(stats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_clas
 class FoldOutput:
     metrics: dict[str, Any]
     model: LinearModel
-    predictions: Any  # heads.trainer.Predictions
+    predictions: Predictions
 
 
 def _label_matrix(data: FoldData, ids: Sequence[str]) -> np.ndarray:
@@ -248,8 +242,6 @@ def _label_matrix(data: FoldData, ids: Sequence[str]) -> np.ndarray:
 def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict[str, int],
              config: BaselineConfig) -> FoldOutput:
     """Fit on the training speakers, choose on the validation speaker, test on the test speaker."""
-    from heads.trainer import Predictions
-
     split_stats = {s: stats[[row[u] for u in data.split(s)]] for s in ("train", "val", "test")}
     split_labels = {s: _label_matrix(data, data.split(s)) for s in ("train", "val", "test")}
     model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config)
@@ -268,19 +260,6 @@ def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict
     pred = Predictions(utt_id=list(data.test), probs=probs, va=va, emotion=emotion, va_true=truth[:, 1:],
                        no_speech=test_no_speech, loss=math.nan)
     return FoldOutput(metrics, model, pred)
-
-
-def write_baseline_fold(out: Path, result: FoldOutput, classes: Sequence[str], run_cfg: dict[str, Any]) -> Path:
-    """RUN/fold-KK/{baseline.safetensors, predictions.csv, metrics.json}; metrics.json last, as the 'finished' mark."""
-    fold_dir = out / f"fold-{result.metrics['fold']:02d}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    with replacing(fold_dir / MODEL_FILE) as tmp:
-        result.model.save(tmp, {"config": json.dumps(json_safe(run_cfg)), "classes": json.dumps(list(classes))})
-    with replacing(fold_dir / "predictions.csv") as tmp:
-        write_predictions(tmp, result.predictions, tuple(classes), result.metrics["outputs"])
-    with replacing(fold_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(json_safe(result.metrics), indent=2) + "\n")
-    return fold_dir
 
 
 def default_baseline_dir(cache_path: str | Path) -> Path:
@@ -303,8 +282,6 @@ def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Seque
     """The baseline on the given folds (None = all) of a cache into RUN; returns RUN and the metrics in fold order."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from heads.run import open_cache, prepare_run_dir, run_config
-
     config.validate()
     console = console or Console(stderr=True)
     out = Path(out) if out else default_baseline_dir(cache_path)
@@ -326,60 +303,7 @@ def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Seque
     for data in datas:
         start = time.perf_counter()
         result = run_fold(data, stats, no_speech, row, config)
-        write_baseline_fold(out, result, data.classes, run_cfg)
+        write_fold(out, result.metrics, result.predictions, data.classes, run_cfg, baseline=result.model)
         console.print(baseline_line(result.metrics, time.perf_counter() - start), highlight=False)
         results.append(result.metrics)
     return out, results
-
-
-def is_baseline_fold(fold_dir: str | Path) -> bool:
-    return (Path(fold_dir) / MODEL_FILE).is_file()
-
-
-class BaselinePredictor:
-    """`cli predict` on a baseline fold: features re-extracted as the cache made them (the extractor's
-    backend, the cached layers, the storage dtype's rounding), the same statistics, the saved linear model."""
-
-    def __init__(self, fold_dir: str | Path, *, device: str = "cpu") -> None:
-        from heads.predict import PredictError, _CachedModelEncoder
-
-        self.fold_dir = Path(fold_dir)
-        config_file = self.fold_dir.parent / "config.json"
-        try:
-            cfg = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            raise PredictError(f"{config_file} is missing or not valid JSON: --run must be a fold folder "
-                               "inside a run folder") from None
-        settings = cfg.get("settings", {})
-        self.classes: list[str] = list(cfg["classes"])
-        self.statistics, self.frames = settings["statistics"], settings["frames"]
-        self.vad_mode = int(settings["vad_mode"])
-        self.model = LinearModel.load(self.fold_dir / MODEL_FILE)
-        self.outputs = tuple(fold_outputs(self.fold_dir))
-        self.encoder = _CachedModelEncoder(cfg, resolve_device(device))
-
-    def predict_one(self, path: str | Path):
-        from extract.audio import AudioError, load_audio
-        from extract.vad import speech_ratio, vad_masks
-        from heads.predict import Prediction
-
-        try:
-            audio = load_audio(path, max_seconds=self.encoder.max_seconds)
-        except AudioError as err:
-            return Prediction(path=str(path), ok=False, error=str(err))
-        x = self.encoder(audio.samples)[0].cpu().numpy()  # (T, L, D), the cache's values
-        vad = vad_masks(audio.samples, self.encoder.grid)[self.vad_mode]  # (T,)
-        if len(vad) != len(x):
-            raise RuntimeError(f"{path}: {len(x)} feature frames but {len(vad)} VAD frames")
-        use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
-        stats = utterance_statistics(x, use, self.statistics).astype(np.float32)  # as cache_statistics stores it
-        probs, va = self.model.predict(stats[None])
-        return Prediction(
-            path=str(path), ok=True, emotion=self.classes[int(probs[0].argmax())],
-            probs={c: float(p) for c, p in zip(self.classes, probs[0])},
-            valence=float(va[0, 0]), arousal=float(va[0, 1]), speech_ratio=speech_ratio(vad),
-            seconds=len(audio.samples) / 16_000, truncated=audio.truncated, outputs=self.outputs,
-        )
-
-    def predict(self, paths: Sequence[str | Path]) -> list:
-        return [self.predict_one(p) for p in paths]

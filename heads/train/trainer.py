@@ -38,7 +38,6 @@ import copy
 import math
 import os
 import random
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -47,19 +46,18 @@ import numpy as np
 import torch
 
 from core.devices import resolve_device
-from core.errors import UserError
 from heads.config import TrainConfig
-from heads.data import FoldData
-from heads.ema import WeightAverage
-from heads.head import HeadOutput, SERHead
-from heads.loss import LossParts, MTLLoss, class_weights, target_scale
-from heads.metrics import classification_metrics, fold_scores
-from heads.outputs import trained_outputs
-from heads.steps import step_plan
+from heads.evaluate.metrics import classification_metrics, fold_scores
+from heads.model.head import HeadOutput, SERHead
+from heads.model.loss import LossParts, MTLLoss
+from heads.runfolder import Predictions, trained_outputs
+from heads.train.folds import FoldData
+from heads.train.statistics import TrainingError, class_weights, target_scale
+from heads.train.step_plan import step_plan
+from heads.train.weight_average import WeightAverage
 
-
-class TrainingError(UserError):
-    """Training cannot go on (a NaN loss); the message names the epoch and batch."""
+__all__ = ["EarlyStop", "FoldResult", "Predictions", "TrainConfig", "Trainer", "TrainingError", "seed_everything",
+           "warmup_cosine"]
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -97,19 +95,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
 
 
 @dataclass
-class Predictions:
-    """A split's outputs in loader order."""
-
-    utt_id: list[str]
-    probs: np.ndarray  # (N, C)
-    va: np.ndarray  # (N, 2) corpus scale
-    emotion: np.ndarray  # (N,) true index, -1 = none
-    va_true: np.ndarray  # (N, 2) NaN = none
-    no_speech: np.ndarray  # (N,) bool
-    loss: float  # total loss over the split
-
-
-@dataclass
 class EarlyStop:
     best_loss: float = math.inf
     best_epoch: int = 0
@@ -137,12 +122,11 @@ class FoldResult:
 class Trainer:
     """Train, validate and test one fold. See the module docstring for the hooks."""
 
-    def __init__(self, config: TrainConfig, data: FoldData, *, cache: Any = None, layers: list[int] | None = None,
+    def __init__(self, config: TrainConfig, data: FoldData, *, layers: list[int] | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None) -> None:
         config.validate()
         self.config = config
         self.data = data
-        self.cache = cache
         self.layers = layers
         self.on_epoch = on_epoch
         self.classes = data.classes
@@ -163,7 +147,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, self.plan.epochs * self.steps_per_epoch(),
                                       config.warmup_ratio)
-        self.average = WeightAverage(config.ema) if config.ema > 0 else None  # --ema (heads/ema.py)
+        self.average = WeightAverage(config.ema) if config.ema > 0 else None  # --ema (heads/train/weight_average.py)
         self.epoch = 0
         self.early = EarlyStop()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -172,8 +156,8 @@ class Trainer:
     # ---- hooks (override for end-to-end fine-tuning) ----
 
     def feature_shape(self) -> tuple[int, int]:
-        """(n_layers the head mixes, hidden size D)."""
-        return len(self.layers), int(self.cache.hidden_size)
+        """(n_layers the head mixes, hidden size D); subclasses know their features."""
+        raise TypeError(f"{type(self).__name__} does not say what its features look like (feature_shape)")
 
     def build_model(self) -> torch.nn.Module:
         n_layers, hidden = self.feature_shape()
@@ -186,62 +170,15 @@ class Trainer:
         return model  # type: ignore[return-value]
 
     def make_loader(self, split: str) -> Iterable[dict]:
-        from heads.data import make_loader, resident_copy
-
-        c = self.config
-        if not hasattr(self, "_resident"):  # the preloaded layers, copied once to the GPU when they fit there
-            self._resident = resident_copy(self.cache, self.device)
-        return make_loader(self.cache, self.data.split(split), layers=self.layers, vad_mode=c.vad_mode,
-                           batch_size=self.batch_size(split), shuffle=split == "train", seed=c.seed,
-                           resident=self._resident)
+        """Batches of "train" | "val" | "test" (see the module docstring); subclasses say where features come from."""
+        raise TypeError(f"{type(self).__name__} does not say where its batches come from (make_loader)")
 
     def batch_size(self, split: str) -> int:
-        """Training batches follow the step plan (heads/steps.py); validation and test the configured size."""
+        """Training batches follow the step plan (heads/train/step_plan.py); validation and test the configured size."""
         return self.plan.batch_size if split == "train" else self.config.batch_size
 
     def prepare_inputs(self) -> None:
-        """Fit what the head's input needs from the training split before training (heads/layer_weights.py).
-
-        `--norm train`: the normalization statistics; `--layer-weights pooled`
-        (more than one layer): the layer weights, then the train and
-        validation loaders are replaced by batches of frames normalized and
-        mixed once. Then `--pooled-norm train`: the pooled statistics' scale
-        (heads/pooled_norm.py). Fine-tuning has nothing to fit (norm none, one
-        layer, no pooled norm).
-        """
-        from heads.layer_weights import prepare_inputs
-        from heads.pooled_norm import fit_pooled_norm
-
-        prepare_inputs(self)
-        head = self.head(self.model)
-        if head.pooled_norm.mode == "train":  # after the above: it pools what the head will see
-            start = time.perf_counter()
-            fit_pooled_norm(self, head)
-            self.input_seconds["pooled_norm"] = time.perf_counter() - start
-
-    def pass_loader(self, split: str) -> Iterable[dict]:
-        """Batches for prepare_inputs' one-off passes over a split, in order.
-
-        From a cache: groups of utterances small enough that the longest
-        batch's (B, T, L, D) float32 copy stays near `SLICE_VALUES` values
-        (a training batch of 64 x 950 frames x 25 x 1024 would be 6 GB);
-        otherwise the split's own loader.
-        """
-        if self.cache is None:
-            return self.loaders[split]
-        from heads.data import make_loader
-        from heads.layer_weights import SLICE_VALUES
-
-        ids = self.data.split(split)
-        longest = int(self.cache.meta.loc[ids, "n_frames"].max())
-        batch = max(1, min(self.config.batch_size, SLICE_VALUES // (longest * len(self.layers) * self.cache.hidden_size)))
-        return make_loader(self.cache, ids, layers=self.layers, vad_mode=self.config.vad_mode, batch_size=batch,
-                           shuffle=False, seed=self.config.seed, resident=self._resident)
-
-    def host_budget(self) -> int:
-        """Bytes of RAM the trainer may still fill (`--memory-gb` minus what the cache preloaded)."""
-        used = getattr(self.cache, "preloaded_bytes", 0) or 0
-        return max(0, int(self.config.memory_gb * 2**30) - used)
+        """Fit what the head's input needs from the training split before training (nothing by default)."""
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
@@ -344,7 +281,6 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until the epochs run out or validation loss stops improving; restore the best weights."""
-        c = self.config
         while self.epoch < self.plan.epochs and not self.early.stopped:
             epoch = self.epoch + 1
             lr = self.optimizer.param_groups[-1]["lr"]

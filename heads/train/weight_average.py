@@ -7,7 +7,7 @@ a proper weighted mean of the weights seen so far (weights 1, D, D^2, ...
 from the newest step back), not pulled towards zero or towards the untrained
 start on a short run. At D = 0.99 the newest 100 steps carry 63 % of the
 weight, a tenth of the 1,000 optimizer steps a fold makes at least
-(heads/steps.py).
+(heads/train/step_plan.py).
 
 The raw weights keep training; at the end of each epoch the averaged ones
 are swapped in for validation, and when that epoch is the best so far they

@@ -8,7 +8,7 @@
 number of audio-budgeted micro-batches per step of 64 utterances, DDP
 gradient sync only on a step's last micro-batch, fp16 loss scaling,
 gradient clipping). The epoch loop, early stopping, metrics and fold outputs
-are the trainer's own; heads/finetune.py runs it over the folds of a corpus.
+are the trainer's own; heads/finetune/run.py runs it over the folds of a corpus.
 
 The head sees the backbone's last hidden state `(B, T, D)` (`last_hidden_state`,
 after the final layer norm of pre-LN models: the same tensor `cli extract`
@@ -31,17 +31,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from core.devices import resolve_device, training_autocast
 from core.frames import SAMPLE_RATE
-from core.records import Utterance
 from core.processes import worker_init
-from heads.backbone import Backbone, load_backbone
-from heads.checkpoint import Checkpoint, rng_state, save_checkpoint, set_rng_state
-from heads.config import FinetuneSettings
-from heads.data import FoldData
-from heads.distributed import DistContext, barrier
-from heads.head import HeadOutput, SERHead
-from heads.trainer import TrainConfig, Trainer
-from heads.wave_data import StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, pack
-
+from core.records import Utterance
+from heads.config import FinetuneSettings, TrainConfig
+from heads.finetune.backbone import Backbone, BackboneSettings, load_backbone
+from heads.finetune.checkpoint import Checkpoint, rng_state, save_checkpoint, set_rng_state
+from heads.finetune.distributed import DistContext, barrier
+from heads.finetune.waves import StepBatchSampler, WaveCollate, WaveDataset, WaveIndex, pack
+from heads.model.head import HeadOutput, SERHead
+from heads.train.folds import FoldData
+from heads.train.trainer import Trainer
 
 # torch >= 2.12 renamed DDP's broadcast_buffers to forward_sync_buffers.
 _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
@@ -113,7 +112,7 @@ class FineTuneTrainer(Trainer):
         return 1, self.backbone.hidden_size  # one layer: the last hidden state
 
     def build_model(self) -> nn.Module:
-        self.backbone = load_backbone(self.settings.backbone(distributed=self.ctx.enabled))
+        self.backbone = load_backbone(BackboneSettings.of(self.settings, distributed=self.ctx.enabled))
         model = FineTuneModel(self.backbone, super().build_model())
         if self.ctx.enabled:
             model = model.to(self.device)

@@ -18,10 +18,8 @@ Modes (`--norm`, README "Training heads"):
              s3prl's featurizer does before its layer mix); nothing stored
   none       the features as cached
 
-The training statistics are accumulated batch by batch in float64 with
-Chan et al.'s pairwise update (no E[x^2] - E[x]^2 cancellation on dimensions
-whose mean dwarfs their spread) over real frames only: padded positions are
-excluded by the padding mask. Every std is floored at STD_FLOOR_REL x the
+The training statistics are accumulated by heads/train/statistics.py
+(`RunningMoments`, real frames of the training split only). Every std is floored at STD_FLOOR_REL x the
 median std of its layer (and STD_FLOOR_ABS): a dimension constant in
 training would otherwise divide by ~0 and blow up on any frame where it
 moves.
@@ -46,46 +44,6 @@ def floor_std(std: torch.Tensor) -> torch.Tensor:
     return torch.maximum(std, floor)
 
 
-class RunningMoments:
-    """Count, mean and M2 per (L, D) over the real frames of padded batches, merged in float64."""
-
-    def __init__(self, n_layers: int, hidden_size: int, device: torch.device | str = "cpu") -> None:
-        self.count = 0
-        self.mean = torch.zeros(n_layers, hidden_size, dtype=torch.float64, device=device)  # (L, D)
-        self.m2 = torch.zeros(n_layers, hidden_size, dtype=torch.float64, device=device)  # (L, D)
-
-    def add(self, features: torch.Tensor, padding_mask: torch.Tensor) -> None:
-        """`features (B, T, L, D)`, `padding_mask (B, T)` True = real frame: only real frames count.
-
-        Padded positions are weighted by 0 (they must be finite, as every loader here pads with
-        zeros or copies of real frames), so no gathered copy of the real frames is made.
-        """
-        b, t, n_layers, d = features.shape
-        w = padding_mask.to(torch.float32)[:, None, :]  # (B, 1, T)
-        n = int(padding_mask.sum())
-        if n == 0:
-            return
-        x = features.reshape(b, t, n_layers * d).float()  # (B, T, L*D)
-        # the batch's own moments in float32 (centred first), then a float64 merge
-        mean_b = torch.bmm(w, x).sum(dim=0)[0] / n  # (L*D,)
-        centred = x - mean_b  # (B, T, L*D)
-        m2_b = torch.bmm(w, centred.square_()).sum(dim=0)[0]  # (L*D,)
-        self.merge(n, mean_b.view(n_layers, d).double(), m2_b.view(n_layers, d).double())
-
-    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        total = self.count + n
-        delta = mean.to(self.mean.device) - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += m2.to(self.m2.device) + delta.square() * (self.count * n / total)
-        self.count = total
-
-    def std(self) -> torch.Tensor:
-        """(L, D) population std (floored), float64."""
-        if self.count == 0:
-            raise ValueError("no frames were added")
-        return floor_std((self.m2 / self.count).sqrt())
-
-
 class InputNorm(nn.Module):
     """`(B, T, L, D)` -> the same shape, normalized per `mode` (see the module docstring)."""
 
@@ -103,9 +61,10 @@ class InputNorm(nn.Module):
         """True when the transform is the same affine map for every frame (it commutes with means and the mix)."""
         return self.mode in ("train", "none")
 
-    def set_stats(self, moments: RunningMoments) -> None:
-        self.mean.copy_(moments.mean.to(self.mean))
-        self.std.copy_(moments.std().to(self.std))
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The training split's per-(layer, dimension) mean and floored std, both (L, D)."""
+        self.mean.copy_(mean.to(self.mean))
+        self.std.copy_(std.to(self.std))
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(scale (L, D), shift (L, D)) with normalized = x * scale + shift, or None for the identity."""

@@ -12,7 +12,7 @@ features), each dimension's mean and std over the utterance's speech frames
 its mean, and SAP's speech-frame summary is learned and never standardized;
 on log-mel frames the speech-frame statistics are what a linear baseline
 wins with (README "Pooled statistics, measured"). `pooled_norm`
-(`--pooled-norm train`, heads/pooled_norm.py) then puts the fixed
+(`--pooled-norm train`, heads/model/pooled_norm.py) then puts the fixed
 statistics (GAP's mean, the stds, the speech mean) at unit scale with
 training-utterance statistics. None of these is in the paper; `--no-spread
 --no-speech-stats --pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
@@ -28,7 +28,7 @@ dropped statistic reads as its training mean (0 after `pooled_norm`).
 Measured in the README ("Pooled statistics, measured"): no consistent
 effect on either real-speech corpus (its sign flips with the seed), so it is off.
 
-Input normalization (`norm`, heads/norm.py) comes before the layer mix;
+Input normalization (`norm`, heads/model/input_norm.py) comes before the layer mix;
 with `--norm train` its statistics are buffers of this module (`norm.mean`,
 `norm.std`), saved in head.safetensors with the weights.
 
@@ -49,10 +49,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heads.layers import LayerMix
-from heads.norm import InputNorm
-from heads.pooled_norm import PooledNorm
-from heads.pooling import GAP, make_pooling, masked_mean, masked_std, speech_frames
+from heads.model.input_norm import InputNorm
+from heads.model.layer_mix import LayerMix
+from heads.model.pooled_norm import PooledNorm
+from heads.model.pooling import GAP, make_pooling, masked_mean, masked_std, speech_frames
 
 
 @dataclass

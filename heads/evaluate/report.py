@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -39,16 +38,23 @@ from scipy import stats
 
 from core.errors import UserError
 from heads.config import POOLINGS
-from heads.metrics import SCORES, Score
+from heads.evaluate.metrics import SCORES, Score
+from heads.runfolder import (
+    CONFIG_FILE,
+    CONFUSION_PLOT,
+    HISTORY_COLUMNS,
+    METRICS_FILE,
+    fold_dirs,
+    fold_number,
+    history_file,
+)
 
 
 class ReportError(UserError):
     """A run folder that cannot be reported; the message names the folder or file."""
 
 
-FOLD_DIR = re.compile(r"^fold-(\d+)$")
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr")
-METHOD_LABELS = {"baseline": "Baseline"}  # runs that are not a pooling head (heads/baseline.py)
+METHOD_LABELS = {"baseline": "Baseline"}  # runs that are not a pooling head (heads/train/baseline.py)
 
 
 @dataclass(frozen=True)
@@ -132,28 +138,27 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"no such run folder: {path}")
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        hint = " (this is a fold folder; pass its parent)" if FOLD_DIR.match(path.resolve().name) else ""
-        raise ReportError(f"{path} is not a run folder: it has no config.json{hint}")
+        hint = " (this is a fold folder; pass its parent)" if fold_number(path.resolve()) is not None else ""
+        raise ReportError(f"{path} is not a run folder: it has no {CONFIG_FILE}{hint}")
     config = _read_json(config_file)
     if not isinstance(config, dict):
         raise ReportError(f"{config_file} is not a valid run config: expected a JSON object")
-    numbered = sorted((int(FOLD_DIR.match(d.name).group(1)), d) for d in path.iterdir()
-                      if d.is_dir() and FOLD_DIR.match(d.name))
-    done = [(k, d) for k, d in numbered if (d / "metrics.json").is_file()]
-    unfinished = tuple(d.name for k, d in numbered if not (d / "metrics.json").is_file())
+    numbered = fold_dirs(path)
+    done = [(k, d) for k, d in numbered if (d / METRICS_FILE).is_file()]
+    unfinished = tuple(d.name for k, d in numbered if not (d / METRICS_FILE).is_file())
     if not done:
-        raise ReportError(f"{path} has no finished folds (no fold-KK/metrics.json yet)")
+        raise ReportError(f"{path} has no finished folds (no fold-KK/{METRICS_FILE} yet)")
     folds = []
     for _, d in done:
-        m = _read_json(d / "metrics.json")
-        _check_metrics(m, d / "metrics.json")
+        m = _read_json(d / METRICS_FILE)
+        _check_metrics(m, d / METRICS_FILE)
         folds.append(m)
     labels = tuple(folds[0]["labels"])
     for m, (_, d) in zip(folds, done):
         if tuple(m["labels"]) != labels:
-            raise ReportError(f"{d / 'metrics.json'} has labels {m['labels']} but {done[0][1].name} has {list(labels)}")
+            raise ReportError(f"{d / METRICS_FILE} has labels {m['labels']} but {done[0][1].name} has {list(labels)}")
     return Run(path=path, config=config, labels=labels, folds=tuple(folds),
                fold_dirs=tuple(d for _, d in done), unfinished=unfinished)
 
@@ -166,7 +171,7 @@ def load_histories(run: Run) -> list[tuple[int, pd.DataFrame, int | None]]:
     """(fold, history, best_epoch) for each finished fold that has a history.csv."""
     out = []
     for m, d in zip(run.folds, run.fold_dirs):
-        file = d / "history.csv"
+        file = d / history_file(1)
         if not file.is_file():
             continue
         try:
@@ -219,11 +224,11 @@ def summarize(run: Run | str | Path) -> dict:
     summary["confusion"] = np.sum([m["confusion"] for m in folds], axis=0).astype(int).tolist()
     summary["recall_pooled"] = pooled_recall(summary["confusion"], run.labels)
     summary["pooling"] = _find(run.config, "pooling")
-    # heads/run.py nests the training options under "settings"; an older or hand-made
+    # heads/train/fold_loop.py nests the training options under "settings"; an older or hand-made
     # config without that key is taken whole.
     settings = run.config.get("settings")
     summary["settings"] = settings if isinstance(settings, dict) else run.config
-    summary["method"] = summary["settings"].get("method")  # "baseline" for heads/baseline.py runs
+    summary["method"] = summary["settings"].get("method")  # "baseline" for heads/train/baseline.py runs
     summary["heads_per_fold"] = sorted({_heads(m) for m in folds})  # [1]; [3] under --ensemble 3 or auto on small folds
     return summary
 
@@ -234,7 +239,7 @@ def _heads(fold_metrics: dict) -> int:
 
 
 def pooled_recall(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> dict[str, float | None]:
-    """Recall of counts summed over folds (confusion.png's diagonal); None for a class never in any test set."""
+    """Recall of counts summed over folds ({CONFUSION_PLOT}'s diagonal); None for a class never in any test set."""
     cm = np.asarray(confusion, dtype=np.int64)  # (C, C) rows = true class
     totals = cm.sum(axis=1)
     return {c: (float(cm[i, i] / totals[i]) if totals[i] else None) for i, c in enumerate(labels)}
@@ -243,10 +248,10 @@ def pooled_recall(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> 
 def pooled_recall_line(summary: dict) -> str:
     """The other form of per-class recall, for the text report (the tables show the mean over folds)."""
     parts = ", ".join(f"{c} {'–' if r is None else f'{100 * r:.2f}'}" for c, r in summary["recall_pooled"].items())
-    return f"{summary['run']}: per-class recall pooled over folds (confusion.png's diagonal), %: {parts}"
+    return f"{summary['run']}: per-class recall pooled over folds ({CONFUSION_PLOT}'s diagonal), %: {parts}"
 
 
-def compare(run_dirs: Sequence[str | Path | Run]) -> list[dict]:
+def summarize_runs(run_dirs: Sequence[str | Path | Run]) -> list[dict]:
     """summarize() of each run, in the given order."""
     return [summarize(r) for r in run_dirs]
 
@@ -281,7 +286,7 @@ def method_label(summary: dict) -> str:
 
 
 CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "
-           "(confusion.png pools the folds' counts instead). V/A = valence/arousal: MAE on the label scale, "
+           f"({CONFUSION_PLOT} pools the folds' counts instead). V/A = valence/arousal: MAE on the label scale, "
            "CCC in [-1, 1].")
 
 
@@ -301,7 +306,7 @@ def _columns(summaries: Sequence[dict], parts: Sequence[str]) -> list[tuple[str,
 
 
 def _score_columns(part: str) -> list[tuple[str, Callable[[dict], str]]]:
-    """(header, cell) of each score of heads.metrics.SCORES shown in `part`."""
+    """(header, cell) of each score of heads.evaluate.metrics.SCORES shown in `part`."""
     def cell(key: str, score: Score) -> Callable[[dict], str]:
         return (lambda s: pct(s[key], ci=score.ci)) if score.kind == "fraction" else (lambda s: num(s[key]))
 
@@ -354,7 +359,7 @@ def table_width(table: Table) -> int:
 
 def render_runs(run_dirs: Sequence[str | Path | Run], title: str | None = None) -> Table:
     """The side-by-side table of several runs (what `cli report` and `cli ablate` print)."""
-    return render_table(compare(run_dirs), title=title)
+    return render_table(summarize_runs(run_dirs), title=title)
 
 
 def render_folds(run: Run | str | Path) -> Table:
