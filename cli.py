@@ -10,43 +10,27 @@ the same command to continue` where a rerun continues) and exit code 130 or 143.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import pickle
 import signal
 import warnings
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, get_type_hints
 
 import typer
 from rich.console import Console
 
 # The tables below hold every default and list of choices the options show; none imports torch.
-from core.choices import spoken
-from core.devices import AMP_MODES, DEVICES
+from core.devices import AMP_MODES
 from core.errors import UserError, os_error_message
 from core.folds import PROTOCOLS
-from core.frames import VAD_MODES
 from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4
 from extract.corpora import DATASETS
 from extract.models import DEFAULT_MODEL
-from heads.config import (
-    AUTO,
-    AUTO_BELOW,
-    AUTO_HEADS,
-    FRAMES,
-    LAYER_WEIGHTS,
-    NORMS,
-    POOLED_NORMS,
-    POOLINGS,
-    STATISTICS,
-    BaselineConfig,
-    FinetuneSettings,
-    TrainConfig,
-    finetune_config,
-    parse_ensemble,
-)
+from heads.config import AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config, parse_ensemble
 from heads.demo import DemoConfig
 from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
 
@@ -252,72 +236,90 @@ def extract(
         Console().print(summary_table(summary))
 
 
-# Options of the training commands: defaults from heads.config (README "Training heads"), help from its tables.
-TRAIN = TrainConfig()
+# --- the training commands: their options are the settings dataclasses' fields (heads/config.py) ---
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A settings dataclass a command takes as options: each field with `cli=True` (or those in `only`)
+    becomes `--field-name` with the field's default and help; the command receives the built object
+    as its parameter `param`."""
+
+    cls: type
+    param: str
+    only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()  # fields this command does not take (they keep their defaults)
+    make: Callable[..., Any] | None = None  # how the object is built from the options (default: cls)
+    helps: dict[str, str] = field(default_factory=dict)  # help worded for this command
+
+    def fields(self) -> list[Any]:
+        return [f for f in fields(self.cls) if f.name not in self.skip
+                and (f.name in self.only if self.only else f.metadata.get("cli", True))]
+
+    def defaults(self) -> Any:
+        return (self.make or self.cls)()
+
+    def option(self, f: Any, hint: Any, default: Any) -> inspect.Parameter:
+        meta = f.metadata
+        kind = str if meta.get("parse") else hint
+        flag = meta.get("flag") or ("--{0}/--no-{0}" if hint is bool else "--{0}").format(f.name.replace("_", "-"))
+        option = typer.Option(flag, help=self.helps.get(f.name) or meta.get("help", ""), metavar=meta.get("metavar"))
+        shown = str(default) if meta.get("parse") else default
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=shown, annotation=Annotated[kind, option])
+
+    def build(self, options: dict[str, Any]) -> Any:
+        parsed = {f.name: f.metadata["parse"](options[f.name]) if f.metadata.get("parse") else options[f.name]
+                  for f in self.fields()}
+        return (self.make or self.cls)(**parsed)
+
+
+def takes(*groups: Settings) -> Callable[[Callable], Callable]:
+    """Give a command the options of settings dataclasses: train-head, ablate and finetune share TrainConfig's
+    declarations instead of repeating them; the command gets the built objects."""
+
+    def decorate(fn: Callable) -> Callable:
+        own = inspect.signature(fn, eval_str=True)
+        taken = {g.param for g in groups}
+        params = [p for p in own.parameters.values() if p.name not in taken]
+        names: dict[str, list[str]] = {}
+        for g in groups:
+            hints, defaults = get_type_hints(g.cls), g.defaults()
+            chosen = g.fields()
+            names[g.param] = [f.name for f in chosen]
+            params += [g.option(f, hints[f.name], getattr(defaults, f.name)) for f in chosen]
+
+        @functools.wraps(fn)
+        def command(**options: Any) -> Any:
+            for g in groups:
+                options[g.param] = g.build({n: options.pop(n) for n in names[g.param]})
+            return fn(**options)
+
+        command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+TRAIN = Settings(TrainConfig, "config")
 DEMO = DemoConfig()  # heads.demo imports nothing heavy at module level
-FINETUNE, FT = finetune_config(), FinetuneSettings()
-BASELINE = BaselineConfig()
 CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
-PoolingOpt = Annotated[str, typer.Option("--pooling", help=POOLINGS.help())]
-LayerOpt = Annotated[int | None, typer.Option("--layer", help="use this one cached layer (e.g. 24) instead of the learnable mix of all")]
-NormOpt = Annotated[str, typer.Option("--norm", help=f"input normalization before the layer mix: {NORMS.help()}")]
-SpreadOpt = Annotated[bool, typer.Option("--spread/--no-spread", help="append each dimension's std over the utterance's "
-                                                                      "frames to the pooled vector (not in the paper)")]
-SpeechStatsOpt = Annotated[bool, typer.Option("--speech-stats/--no-speech-stats", help="append each dimension's mean "
-                                               "and std over the utterance's speech (VAD) frames to the pooled vector (not in the paper)")]
-PooledNormOpt = Annotated[str, typer.Option("--pooled-norm", help=f"before the projection: {POOLED_NORMS.help()}")]
-PooledDropoutOpt = Annotated[float, typer.Option("--pooled-dropout", help="dropout on the pooled vector before the projection "
-                                                  "(training only; 0: none, as in the paper)")]
-LayerWeightsOpt = Annotated[str, typer.Option("--layer-weights", help=f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")]
-VadOpt = Annotated[int, typer.Option("--vad-mode", help=f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} "
-                                                          "whose mask SAP uses")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="maximum epochs")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="utterances per batch")]
-LrOpt = Annotated[float, typer.Option("--lr", help="AdamW peak learning rate (head on frozen features)")]
-WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay")]
-PatienceOpt = Annotated[int, typer.Option("--patience", help="early stopping: epochs without a better validation loss")]
-EmaOpt = Annotated[float, typer.Option("--ema", help="validate, keep and save a moving average of the head's weights with this "
-                                        "decay per optimizer step (0: the weights themselves, as in the paper)")]
-MinStepsOpt = Annotated[int, typer.Option("--min-steps", help="optimizer steps every fold gets at least: on a small corpus the batch shrinks "
-                                                              "(not below 16), then epochs and patience grow; 0: exactly as given")]
-EnsembleOpt = Annotated[str, typer.Option("--ensemble", metavar="N|auto", help=(
-    "heads trained per fold, with seeds SEED, SEED+1, ...; their probabilities and valence/arousal are averaged "
-    f"(1: one head, as in the paper; {AUTO}: {AUTO_HEADS} on folds with fewer than {AUTO_BELOW} training utterances, else 1)"))]
-SeedOpt = Annotated[int, typer.Option("--seed", help="random seed (same seed, same machine: same metrics)")]
-AlphaOpt = Annotated[float, typer.Option("--alpha", help="weight of the weighted cross-entropy")]
-BetaOpt = Annotated[float, typer.Option("--beta", help="weight of the valence MAE")]
-GammaOpt = Annotated[float, typer.Option("--gamma", help="weight of the arousal MAE")]
-ProjOpt = Annotated[int, typer.Option("--proj-dim", help="projection size before the classifier and regressors")]
-HeadsOpt = Annotated[int, typer.Option("--heads", help="SAP self-attention heads (a divisor of the feature size is used)")]
-MemOpt = Annotated[float, typer.Option("--memory-gb", help="RAM budget for preloading features (split over --jobs)")]
-DeviceOpt = Annotated[str, typer.Option("--device", help=spoken(list(DEVICES)))]
 JobsOpt = Annotated[int, typer.Option("--jobs", help="folds trained in parallel processes")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-
-
-def settings_of(cls: type, options: dict[str, Any], make: Callable[..., Any] | None = None) -> Any:
-    """`make` (default: the dataclass `cls`) given the command's options named like `cls`'s fields."""
-    names = {f.name for f in fields(cls)}
-    return (make or cls)(**{k: v for k, v in options.items() if k in names})
+FoldOpt = Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")]
+AllFoldsOpt = Annotated[bool, typer.Option("--all-folds", help="train every fold")]
 
 
 @app.command("train-head")
 @user_errors
+@takes(TRAIN)
 def train_head(
+    config: TrainConfig,
     cache: CacheOpt,
-    fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
-    all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
-    pooling: PoolingOpt = TRAIN.pooling,
+    fold: FoldOpt = None,
+    all_folds: AllFoldsOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
-    layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
-    spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
-    pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
-    vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
-    lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed,
-    ensemble: EnsembleOpt = TRAIN.ensemble, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
-    proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
-    device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1, protocol: ProtocolOpt = TRAIN.protocol,
+    jobs: JobsOpt = 1,
     quiet: QuietOpt = False,
 ) -> None:
     """Train and test the SR/GAP/SAP head on cached features, one fold or all (leave-one-speaker-out by default)."""
@@ -325,8 +327,6 @@ def train_head(
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    ensemble = parse_ensemble(ensemble)  # noqa: F841 (read by settings_of through locals())
-    config = settings_of(TrainConfig, locals())
     run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
     if all_folds:
         from heads.evaluate.compare import end_of_run_lines
@@ -338,28 +338,20 @@ def train_head(
 
 @app.command()
 @user_errors
+@takes(Settings(TrainConfig, "config", skip=("pooling",)))  # it trains GAP, SAP and SR
 def ablate(
+    config: TrainConfig,
     cache: CacheOpt,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
-    layer: LayerOpt = TRAIN.layer, norm: NormOpt = TRAIN.norm, layer_weights: LayerWeightsOpt = TRAIN.layer_weights,
-    spread: SpreadOpt = TRAIN.spread, speech_stats: SpeechStatsOpt = TRAIN.speech_stats,
-    pooled_norm: PooledNormOpt = TRAIN.pooled_norm, pooled_dropout: PooledDropoutOpt = TRAIN.pooled_dropout,
-    vad_mode: VadOpt = TRAIN.vad_mode, epochs: EpochsOpt = TRAIN.epochs, batch_size: BatchOpt = TRAIN.batch_size,
-    lr: LrOpt = TRAIN.lr, weight_decay: WdOpt = TRAIN.weight_decay, patience: PatienceOpt = TRAIN.patience,
-    ema: EmaOpt = TRAIN.ema, min_steps: MinStepsOpt = TRAIN.min_steps, seed: SeedOpt = TRAIN.seed,
-    ensemble: EnsembleOpt = TRAIN.ensemble, alpha: AlphaOpt = TRAIN.alpha, beta: BetaOpt = TRAIN.beta, gamma: GammaOpt = TRAIN.gamma,
-    proj_dim: ProjOpt = TRAIN.proj_dim, heads: HeadsOpt = TRAIN.heads, memory_gb: MemOpt = TRAIN.memory_gb,
-    device: DeviceOpt = TRAIN.device, jobs: JobsOpt = 1,
+    jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,
-    protocol: ProtocolOpt = TRAIN.protocol, quiet: QuietOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """GAP, SAP and SR over all folds of one cache, plus the classical baseline, then side by side
     (the paper's Tables 1 and 3)."""
     from heads.evaluate.report import render_runs, table_width
     from heads.train.fold_loop import ablate as run_ablation
 
-    ensemble = parse_ensemble(ensemble)  # noqa: F841 (read by settings_of through locals())
-    config = settings_of(TrainConfig, locals())
     runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)
     table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
@@ -373,15 +365,12 @@ def ablate(
 
 @app.command()
 @user_errors
+@takes(Settings(BaselineConfig, "config"))
 def baseline(
+    config: BaselineConfig,
     cache: CacheOpt,
     fold: Annotated[int | None, typer.Option("--fold", help="only fold K [default: every fold]")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-baseline]")] = None,
-    layer: Annotated[int | None, typer.Option("--layer", help="statistics of this one cached layer [default: every cached layer, concatenated]")] = BASELINE.layer,
-    frames: Annotated[str, typer.Option("--frames", help=FRAMES.help())] = BASELINE.frames,
-    statistics: Annotated[str, typer.Option("--stats", help=f"per-dimension statistics: {STATISTICS.help()}")] = BASELINE.statistics,
-    vad_mode: VadOpt = BASELINE.vad_mode,
-    protocol: ProtocolOpt = BASELINE.protocol,
     quiet: QuietOpt = False,
 ) -> None:
     """A classical baseline on the same folds: mean and std of each utterance's frames + StandardScaler +
@@ -389,44 +378,36 @@ def baseline(
     from heads.evaluate.compare import end_of_run_lines
     from heads.train.baseline import run_baseline
 
-    config = settings_of(BaselineConfig, locals())
     run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)
     for line in end_of_run_lines(run, baselines=False):
         typer.echo(line)
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
 
 
+# Fine-tuning takes the head's settings at the paper's fine-tuning values (heads.config.finetune_config);
+# the input statistics, layer mix, ensembles and step minimum are for heads on a cache.
+FINETUNE_TRAIN = ("pooling", "vad_mode", "epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "alpha",
+                  "beta", "gamma", "proj_dim", "heads", "device", "protocol")
+
+
 @app.command()
 @user_errors
+@takes(Settings(TrainConfig, "config", only=FINETUNE_TRAIN, make=finetune_config, helps={
+           "batch_size": "utterances per optimizer step (gradient accumulation keeps it)",
+           "lr": "AdamW peak learning rate of the backbone (the paper: 3e-5)"}),
+       Settings(FinetuneSettings, "settings"))
 def finetune(
+    config: TrainConfig,
+    settings: FinetuneSettings,
     dataset: DatasetOpt,
     root: RootOpt,
-    fold: Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")] = None,
-    all_folds: Annotated[bool, typer.Option("--all-folds", help="train every fold")] = False,
-    full: Annotated[bool, typer.Option("--full", help="train the whole backbone end to end (the paper); default: only the top layers")] = FT.full,
-    top_layers: Annotated[int, typer.Option("--top-layers", help="without --full: transformer layers trained (from the top)")] = FT.top_layers,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder: a wav2vec2-family model or Whisper")] = FT.model,
+    fold: FoldOpt = None,
+    all_folds: AllFoldsOpt = False,
     cache: Annotated[Path | None, typer.Option("--cache", help="reuse this feature cache's VAD masks (same model grid and truncation)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<corpus>-<model>-<mode>]")] = None,
-    pooling: PoolingOpt = FINETUNE.pooling,
-    vad_mode: VadOpt = FINETUNE.vad_mode, epochs: EpochsOpt = FINETUNE.epochs,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="utterances per optimizer step (gradient accumulation keeps it)")] = FINETUNE.batch_size,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW peak learning rate of the backbone (the paper: 3e-5)")] = FINETUNE.lr,
-    head_lr: Annotated[float | None, typer.Option("--head-lr", help="learning rate of the head [default: --lr]")] = FT.head_lr,
-    weight_decay: WdOpt = FINETUNE.weight_decay, patience: PatienceOpt = FINETUNE.patience, seed: SeedOpt = FINETUNE.seed,
-    alpha: AlphaOpt = FINETUNE.alpha, beta: BetaOpt = FINETUNE.beta, gamma: GammaOpt = FINETUNE.gamma,
-    proj_dim: ProjOpt = FINETUNE.proj_dim, heads: HeadsOpt = FINETUNE.heads,
-    step_seconds: Annotated[float, typer.Option("--step-seconds", help="padded audio seconds per micro-batch (the memory bound)")] = FT.step_seconds,
-    max_seconds: MaxSecondsOpt = FT.max_seconds,
-    freeze_feature_encoder: Annotated[bool, typer.Option("--freeze-feature-encoder/--no-freeze-feature-encoder", help="keep the convolutional front end frozen")] = FT.freeze_feature_encoder,
-    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="recompute transformer layers in the backward pass to save memory")] = FT.grad_checkpointing,
-    amp: Annotated[str, typer.Option("--amp", help="autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")] = FT.amp,
-    device: DeviceOpt = FINETUNE.device,
-    workers: Annotated[int, typer.Option("--workers", help="audio decoding processes per rank")] = FT.workers,
     resume: Annotated[bool, typer.Option("--resume", help="continue interrupted folds from their checkpoints, skip finished ones")] = False,
     max_epochs_this_run: Annotated[int | None, typer.Option("--max-epochs-this-run", help="stop after N epochs (checkpointed) and exit; continue with --resume")] = None,
     classes: ClassesOpt = CLASS_SET,
-    protocol: ProtocolOpt = FINETUNE.protocol,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune an SSL model with the SR head end to end (--full) or its top layers; torchrun runs it on N GPUs."""
@@ -434,13 +415,9 @@ def finetune(
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    options = locals()
-    config = settings_of(TrainConfig, options, make=finetune_config)
-    settings = settings_of(FinetuneSettings, options)
-    class_set = parse_classes(classes)
     result = run_finetune(dataset, root, config, settings, folds=None if all_folds else [fold], out=out,
                           cache_path=str(cache) if cache else None, resume=resume,
-                          max_epochs_this_run=max_epochs_this_run, classes=class_set, progress=not quiet,
+                          max_epochs_this_run=max_epochs_this_run, classes=parse_classes(classes), progress=not quiet,
                           log=lambda line: typer.echo(line, err=True))
     if result.is_main:
         if result.unfinished:

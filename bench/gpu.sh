@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure the README needs, in ONE call of under 8 minutes on a machine lent a GPU
+# Every GPU figure bench/results/ needs, in ONE call of under 8 minutes on a machine lent a GPU
 # (limits 170 + 120 + 70 + 100 s = 7 min 40 s at worst):
 #
 #   bash bench/gpu.sh                 # writes bench/results/*-gpu.md (commit them)

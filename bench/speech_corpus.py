@@ -20,7 +20,7 @@ u, plus rater-like noise. Every sentence is spoken in every emotion, so the
 words carry no label. Audio is resampled to 16 kHz, given 0.1-0.6 s of leading
 and trailing background and white noise at 25-40 dB SNR, like a room recording.
 
-The result is a `manifest` corpus (README "Corpora"): `ROOT/manifest.csv`
+The result is a `manifest` corpus (docs/corpora.md): `ROOT/manifest.csv`
 with path, speaker, emotion, valence, arousal, session, utt_id; audio under
 `ROOT/wav/<speaker>/`. Speakers are `SesNN` + F/M, two per session, so the
 leave-one-speaker-out plan validates on the session partner as for IEMOCAP.

@@ -59,8 +59,7 @@ def autocast_dtype(name: str, device: torch.device, *, error: type[UserError] = 
     or auto = bfloat16 on CUDA and on CPUs with native bfloat16 (`cpu_has_native_bf16`), float32 elsewhere.
 
     Why bf16 on such a CPU: on the 2-core Zen 4 development machine it runs WavLM 1.8x faster than
-    float32, and the heads trained on its features score as those on float32 features (README
-    "Benchmarks", Extraction); a GPU's default is bf16 for the same reason."""
+    float32, and the heads trained on its features score as those on float32 features (bench/results/extract-cpu.md); a GPU's default is bf16 for the same reason."""
     import torch
 
     if name == "auto":

@@ -12,19 +12,22 @@ and `cli.py` builds the command-line option from the field: the name (`--lr`, or
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 HELP = "help"
 FLAG = "flag"
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,  # noqa: A002
-            cli: bool = True, default_factory: Any = dataclasses.MISSING) -> Any:
+            cli: bool = True, default_factory: Any = dataclasses.MISSING, metavar: str | None = None,
+            parse: Callable[[Any], Any] | None = None) -> Any:
     """A dataclass field with its help text (and, when it differs from `--field-name`, its flag).
 
     `cli=False`: a setting of the API and config.json that no command exposes as an option.
+    `parse`: how the option's text becomes the value (the option is then typed as text, e.g.
+    `--ensemble N|auto`, shown as `metavar`).
     """
-    metadata = {HELP: help, FLAG: flag, "cli": cli}
+    metadata = {HELP: help, FLAG: flag, "cli": cli, "metavar": metavar, "parse": parse}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

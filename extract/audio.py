@@ -3,7 +3,7 @@
 Every failure is an `AudioError` whose `reason` is a key of `SKIP_REASONS`, so the
 extractor can skip the utterance and say why instead of crashing a long run.
 
-Choices (also in the README, "Audio and VAD"):
+Choices (also in docs/audio-vad.md):
 - channels are averaged (a dual-mono file stays itself; a two-microphone file
   becomes their mean);
 - resampling is soxr at quality "HQ" (20-bit precision, ~96 % pass band): far

@@ -11,7 +11,7 @@ Memory is bounded by the look-ahead (a few batches of audio), the batches in the
 streams and the writer's queue, never by the corpus size.
 
 The policy is per device (`default_policy`, measured in bench/extract.py and the
-README's Benchmarks): on a CPU, one utterance per forward in one stream per core,
+bench/results/extract-cpu.md): on a CPU, one utterance per forward in one stream per core,
 each stream with a single torch thread, and audio loaded by a thread (no processes);
 on a GPU, length-sorted padded batches of up to `batch_seconds` of audio in one
 stream, with worker processes decoding audio ahead of it.

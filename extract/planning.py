@@ -2,7 +2,7 @@
 
 The batch plan is a function of the corpus (file headers), the shard and the settings
 only, never of what is already stored, so a resumed run forms the same batches; the
-policy per device is measured (bench/extract.py, the README's Benchmarks).
+policy per device is measured (bench/extract.py, the bench/results/extract-cpu.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def plan_corpus(utts: Sequence[Utterance], lengths: Sequence[int], batch_seconds
 
 @dataclass(frozen=True)
 class Policy:
-    """How the loop runs: every field is measured per device (README, Benchmarks)."""
+    """How the loop runs: every field is measured per device (bench/results/extract-cpu.md)."""
 
     batch_seconds: float  # padded audio seconds per forward; 0 = one utterance per forward
     streams: int  # model calls running at once (threads of this process)

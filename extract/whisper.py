@@ -18,7 +18,7 @@ What differs from the wav2vec2 family, and what we do about it:
   what the model saw in training and what `ctranslate2`'s Whisper does; a
   batch of different lengths gives each utterance the same input as alone.
   The price: an utterance costs 30 s of encoder compute whatever its length
-  (README, "Whisper encoders").
+  (docs/extraction.md).
 - Longer than 30 s: cut into consecutive, non-overlapping 30 s windows (as
   Whisper's own long-form transcription does), each encoded alone, frames
   concatenated. 30 s = 1500 frames exactly, so the frame grid runs on

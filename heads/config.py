@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from core.choices import Choice, Choices
+from core.choices import Choice, Choices, spoken
 from core.devices import AMP_MODES, DEVICES
 from core.errors import UserError
 from core.folds import PROTOCOLS
 from core.frames import VAD_MODES
+from core.settings import setting
 from extract.models import DEFAULT_MODEL
 
 
@@ -86,37 +87,47 @@ def heads_for(ensemble: int | str, n_train: int) -> int:
 
 @dataclass
 class TrainConfig:
-    """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices."""
+    """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices
+    (docs/training.md, "Defaults", gives each one's reason)."""
 
-    pooling: str = "sr"  # POOLINGS
-    layer: int | None = None  # None: learnable softmax mix of every cached layer
-    norm: str = "train"  # NORMS (heads/model/input_norm.py)
-    spread: bool = True  # append each dimension's std over the real frames to the pooled vector (heads/model/pooling.py)
-    speech_stats: bool = True  # append each dimension's mean and std over the speech (VAD) frames (heads/model/head.py)
-    pooled_norm: str = "train"  # POOLED_NORMS (heads/model/pooled_norm.py)
-    pooled_dropout: float = 0.0  # dropout on the (standardized) pooled vector before the projection (heads/model/head.py); off: README
-    layer_weights: str = "probe"  # LAYER_WEIGHTS: how the mix is found (heads/train/layer_weights.py, heads/train/layer_probe.py)
-    vad_mode: int = 3  # WebRTC aggressiveness whose mask SAP uses
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3  # head on frozen features (README "Defaults the paper left open"); the paper's 3e-5 is for 316M fine-tuned parameters
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    patience: int = 5
-    ema: float = 0.0  # validate, keep and save a moving average of the weights, this decay per step (heads/train/weight_average.py); off: README
-    min_steps: int = 1000  # at least this many optimizer steps per fold (heads/train/step_plan.py); 0: exactly as configured
-    seed: int = 0
-    ensemble: int | str = "auto"  # heads per fold, seeds seed, seed + 1, ..., outputs averaged; auto: 3 on small folds, 1 (the paper's) at scale (heads/train/ensemble.py)
-    alpha: float = 0.5
-    beta: float = 0.25
-    gamma: float = 0.25
-    proj_dim: int = 32
-    heads: int = 8
-    dropout: float = 0.1
-    grad_accum: int = 1
-    memory_gb: float = 8.0
-    device: str = "auto"  # core.devices.DEVICES
-    protocol: str = "speaker"  # fold plan: core.folds.PROTOCOLS
+    pooling: str = setting("sr", POOLINGS.help())
+    layer: int | None = setting(None, "use this one cached layer (e.g. 24) instead of the learnable mix of all")
+    norm: str = setting("train", f"input normalization before the layer mix: {NORMS.help()}")  # heads/model/input_norm.py
+    spread: bool = setting(True, "append each dimension's std over the utterance's frames to the pooled vector "
+                                 "(not in the paper)")  # heads/model/head.py
+    speech_stats: bool = setting(True, "append each dimension's mean and std over the utterance's speech (VAD) frames "
+                                       "to the pooled vector (not in the paper)")  # heads/model/head.py
+    pooled_norm: str = setting("train", f"before the projection: {POOLED_NORMS.help()}")  # heads/model/pooled_norm.py
+    pooled_dropout: float = setting(0.0, "dropout on the pooled vector before the projection (training only; 0: none, "
+                                         "as in the paper)")
+    layer_weights: str = setting("probe", f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")
+    vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask SAP uses")
+    epochs: int = setting(30, "maximum epochs")
+    batch_size: int = setting(64, "utterances per batch")
+    # the paper's 3e-5 is for 316M fine-tuned parameters; a head on frozen features learns at 1e-3
+    lr: float = setting(1e-3, "AdamW peak learning rate (head on frozen features)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup_ratio: float = setting(0.1, "share of the optimizer steps spent warming up", cli=False)
+    patience: int = setting(5, "early stopping: epochs without a better validation loss")
+    ema: float = setting(0.0, "validate, keep and save a moving average of the head's weights with this decay per "
+                              "optimizer step (0: the weights themselves, as in the paper)")  # heads/train/weight_average.py
+    min_steps: int = setting(1000, "optimizer steps every fold gets at least: on a small corpus the batch shrinks "
+                                   "(not below 16), then epochs and patience grow; 0: exactly as given")
+    seed: int = setting(0, "random seed (same seed, same machine: same metrics)")
+    ensemble: int | str = setting(AUTO, (
+        "heads trained per fold, with seeds SEED, SEED+1, ...; their probabilities and valence/arousal are averaged "
+        f"(1: one head, as in the paper; {AUTO}: {AUTO_HEADS} on folds with fewer than {AUTO_BELOW} training "
+        "utterances, else 1)"), metavar="N|auto", parse=parse_ensemble)
+    alpha: float = setting(0.5, "weight of the weighted cross-entropy")
+    beta: float = setting(0.25, "weight of the valence MAE")
+    gamma: float = setting(0.25, "weight of the arousal MAE")
+    proj_dim: int = setting(32, "projection size before the classifier and regressors")
+    heads: int = setting(8, "SAP self-attention heads (a divisor of the feature size is used)")
+    dropout: float = setting(0.1, "dropout after the projection", cli=False)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", cli=False)
+    memory_gb: float = setting(8.0, "RAM budget for preloading features (split over --jobs)")
+    device: str = setting("auto", spoken(list(DEVICES)))  # core.devices.DEVICES
+    protocol: str = setting("speaker", f"fold plan: {PROTOCOLS.help()}")  # core.folds.PROTOCOLS
 
     def validate(self) -> None:
         for choices, value in ((POOLINGS, self.pooling), (NORMS, self.norm), (LAYER_WEIGHTS, self.layer_weights),
@@ -149,17 +160,18 @@ class TrainConfig:
 class FinetuneSettings:
     """Everything fine-tuning adds to TrainConfig; saved in RUN/config.json under "finetune"."""
 
-    model: str = DEFAULT_MODEL
-    full: bool = False  # False: the cheaper top-K mode
-    top_layers: int = 4
-    head_lr: float | None = None  # None: the backbone's --lr (the paper used one rate)
-    step_seconds: float = 200.0  # padded audio seconds per micro-batch (memory bound)
-    max_seconds: float | None = None  # None: the dataset's truncation (19 s IEMOCAP, 16 s KEMDy19)
-    freeze_feature_encoder: bool = True
-    grad_checkpointing: bool = True
-    amp: str = "auto"  # auto = bf16 on GPUs that support it, else none
-    max_grad_norm: float = 1.0  # transformers Trainer's default; 0 = no clipping
-    workers: int = 2  # DataLoader processes decoding audio
+    model: str = setting(DEFAULT_MODEL, "Hugging Face hub id or local folder: a wav2vec2-family model or Whisper")
+    full: bool = setting(False, "train the whole backbone end to end (the paper); default: only the top layers",
+                         flag="--full")
+    top_layers: int = setting(4, "without --full: transformer layers trained (from the top)")
+    head_lr: float | None = setting(None, "learning rate of the head [default: --lr, the paper's one rate]")
+    step_seconds: float = setting(200.0, "padded audio seconds per micro-batch (the memory bound)")
+    max_seconds: float | None = setting(None, "keep the first S seconds [default: the dataset's, 0 = all]")
+    freeze_feature_encoder: bool = setting(True, "keep the convolutional front end frozen")
+    grad_checkpointing: bool = setting(True, "recompute transformer layers in the backward pass to save memory")
+    amp: str = setting("auto", "autocast: auto (bf16 on GPUs that have it), bf16, fp16 or none")
+    max_grad_norm: float = setting(1.0, "gradient clipping (transformers Trainer's default; 0 = none)", cli=False)
+    workers: int = setting(2, "audio decoding processes per rank")
 
     def validate(self) -> None:
         checks = [
@@ -222,16 +234,17 @@ ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 class BaselineConfig:
     """Every baseline setting; saved in RUN/config.json under "settings"."""
 
-    method: str = "baseline"  # how `cli report` labels the run
-    statistics: str = "mean+std"  # mean | mean+std, per dimension over the chosen frames
-    frames: str = "speech"  # speech (VAD mask of vad_mode) | all
-    layer: int | None = None  # None: every cached layer, concatenated
-    vad_mode: int = 3
-    protocol: str = "speaker"  # the fold plan, as for the heads (core/folds.py)
-    classifier: str = "logreg"  # LogisticRegression, class_weight="balanced"
-    c_grid: tuple[float, ...] = C_GRID
-    alpha_grid: tuple[float, ...] = ALPHA_GRID
-    max_iter: int = 5000
+    method: str = setting("baseline", "how `cli report` labels the run", cli=False)
+    statistics: str = setting("mean+std", f"per-dimension statistics: {STATISTICS.help()}", flag="--stats")
+    frames: str = setting("speech", FRAMES.help())
+    layer: int | None = setting(None, "statistics of this one cached layer [default: every cached layer, concatenated]")
+    vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask `--frames "
+                               "speech` uses")
+    protocol: str = setting("speaker", f"fold plan: {PROTOCOLS.help()}")  # the fold plan, as for the heads
+    classifier: str = setting("logreg", "LogisticRegression, class_weight='balanced'", cli=False)
+    c_grid: tuple[float, ...] = setting(C_GRID, "the C values tried on the validation speaker", cli=False)
+    alpha_grid: tuple[float, ...] = setting(ALPHA_GRID, "the Ridge alphas tried on the validation speaker", cli=False)
+    max_iter: int = setting(5000, "LogisticRegression's iteration limit", cli=False)
 
     def validate(self) -> None:
         STATISTICS.check(self.statistics)

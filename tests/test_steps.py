@@ -30,7 +30,7 @@ def test_a_small_fold_gets_its_minimum_by_a_smaller_batch_then_more_epochs(n_tra
 
 
 def test_the_espeak_corpus_fold_shrinks_to_batch_16_and_56_epochs():
-    # bench/speech_corpus.py: 288 training utterances per fold (README "Defaults the paper left open")
+    # bench/speech_corpus.py: 288 training utterances per fold (docs/training.md "Defaults")
     plan = step_plan(288, 64, 30, 5, 1000)
     assert (plan.batch_size, plan.epochs, plan.patience, plan.steps) == (16, 56, 10, 1008)
 

@@ -5,7 +5,7 @@ waveform in, `Wav2Vec2Backbone`) and Whisper encoders (log-mel in, a fixed 30 s
 window, `WhisperBackbone`; the extraction backend's input and grid, see
 extract/whisper.py). The model type comes from the checkpoint's config.
 
-Two modes (README, "End-to-end fine-tuning"):
+Two modes (docs/finetuning.md):
 - full (`--full`, the paper): every transformer parameter is trained; the
   convolutional feature encoder is frozen unless `--no-freeze-feature-encoder`
   (freezing it is the usual wav2vec2/WavLM recipe and removes the largest

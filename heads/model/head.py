@@ -11,11 +11,11 @@ features), each dimension's mean and std over the utterance's speech frames
 `[... | speech mean | speech std]`. GAP averages pauses and background into
 its mean, and SAP's speech-frame summary is learned and never standardized;
 on log-mel frames the speech-frame statistics are what a linear baseline
-wins with (README "Pooled statistics, measured"). `pooled_norm`
+wins with (bench/results/real-speech-cpu.md). `pooled_norm`
 (`--pooled-norm train`, heads/model/pooled_norm.py) then puts the fixed
 statistics (GAP's mean, the stds, the speech mean) at unit scale with
 training-utterance statistics. None of these is in the paper; `--no-spread
---no-speech-stats --pooled-norm none` is its eq. 6 exactly (README "Pooled statistics, measured").
+--no-speech-stats --pooled-norm none` is its eq. 6 exactly (bench/results/real-speech-cpu.md).
 
 Projection: Linear(pool -> proj_dim) -> GELU -> Dropout(0.1). The paper only
 says "projected into 32 dimensions"; the non-linearity lets the three tasks
@@ -25,7 +25,7 @@ the training speakers quickly.
 `pooled_dropout` (`--pooled-dropout`, default 0) drops entries of the
 standardized pooled vector before the projection, in training only: a
 dropped statistic reads as its training mean (0 after `pooled_norm`).
-Measured in the README ("Pooled statistics, measured"): no consistent
+Measured in bench/results/real-speech-cpu.md: no consistent
 effect on either real-speech corpus (its sign flips with the seed), so it is off.
 
 Input normalization (`norm`, heads/model/input_norm.py) comes before the layer mix;

@@ -7,7 +7,7 @@ layer (Whisper base: |x| up to ~415 in two layers, <= 19 in the others) with
 a few huge outlier dimensions. Fed raw, a few dimensions dominate the
 projection and the largest layers dominate a softmax layer mix.
 
-Modes (`--norm`, README "Training heads"):
+Modes (`--norm`, docs/training.md):
   train      per layer and dimension: (x - mean) / std with the mean and std of
              every real frame of the fold's TRAINING speakers (never validation
              or test); stored as buffers `norm.mean`/`norm.std` (L, D) in

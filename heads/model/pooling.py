@@ -10,7 +10,7 @@ SAP attends among (and averages) all real frames of that utterance instead,
 so its output is finite and well defined; `speech_frames` returns a
 per-utterance flag so the trainer counts these utterances (`no_speech`).
 
-Design choices the paper leaves open (see README "Defaults the paper left open"):
+Design choices the paper leaves open (see docs/training.md "Defaults"):
 - MHSA head count: 8 by default (head dim 128 for WavLM Large's D = 1024);
   if D is not divisible by the requested count, the largest divisor of D
   below it is used (`attention_heads`).

@@ -9,8 +9,7 @@ inside the fold's training and validation speakers, ranked the layers as
 GAP per single layer did on the test speakers; with its weights GAP
 reached 77.2 UA on those folds (paper's eq. 6 head), and at today's
 defaults the SR head 72.8 against 69.4 with pooled weights and 71.9-73.6
-on the best single layers (README "Input normalization and layer weights,
-measured").
+on the best single layers (bench/results/real-speech-cpu.md).
 
 Per layer l, on the utterance means that `pooled` also uses, `(N, L, 2D)`
 [mean of all frames | mean of speech frames], normalized the same way:
@@ -27,8 +26,8 @@ the same way but took about 4 minutes per outer fold on 360 utterances; the ridg
 closed form shares the work of the inner folds. Each utterance enters one
 weighted scatter, its group's (G, F, F); inner fold g solves with the total
 less group g's, so a layer costs one N x F x F pass plus one F x F Cholesky
-factorization per inner fold. Measured cost at WavLM Large's shape in the
-README ("Input normalization and layer weights, measured").
+factorization per inner fold. Measured cost at WavLM Large's shape in
+bench/results/train-head-cpu.md.
 """
 
 from __future__ import annotations

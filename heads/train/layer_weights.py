@@ -25,7 +25,7 @@ default) and `pooled` split the learning in stages:
 What it changes relative to a jointly learned mix: the layer weights are
 chosen by what the layers' utterance means (all frames, speech frames)
 predict, not by what helps SAP's attention over frames, and they do not
-co-adapt with the pooling during training. The README reports what that
+co-adapt with the pooling during training. bench/results/real-speech-cpu.md reports what that
 costs or gains on the corpora at hand. `--layer-weights joint` keeps the
 mix learnable at every step.
 
@@ -34,8 +34,7 @@ step 2: the weights come from per-layer linear probes scored
 leave-one-speaker-out on the same normalized means (heads/train/layer_probe.py),
 i.e. from how well each layer predicts speakers it was not fitted on rather
 than from the training loss, which on Whisper base starved the layer that
-generalizes best (README "Input normalization and layer weights,
-measured"). With fewer than two labelled speakers outside the test, step 2
+generalizes best (bench/results/real-speech-cpu.md). With fewer than two labelled speakers outside the test, step 2
 runs as for `pooled` and `metrics.json` says so under "inputs".
 """
 
@@ -57,8 +56,7 @@ from heads.train.layer_probe import probe_layer_logits
 from heads.train.statistics import RunningMoments, check_finite
 from heads.train.trainer import Trainer
 
-# The layer logits' rate, as a multiple of the head's (README "Input normalization and layer weights,
-# measured"). On Whisper base (real speech, SR) 30x collapsed stage 1 onto two layers: 59.2 UA, 1x
+# The layer logits' rate, as a multiple of the head's (bench/results/real-speech-cpu.md). On Whisper base (real speech, SR) 30x collapsed stage 1 onto two layers: 59.2 UA, 1x
 # 63.3, 10x 61.9, a jointly learned mix 64.2; on a cache with one informative layer among noise
 # (tests/test_layer_weights.py) 1x stays near uniform (UA 0.58) where 10x and 30x find it (0.96).
 MIX_LR_FACTOR = 10.0

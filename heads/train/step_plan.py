@@ -3,7 +3,7 @@
 At the paper's settings (batch 64, 30 epochs) a leave-one-speaker-out fold of
 IEMOCAP (~4,400 training utterances) makes ~2,000 optimizer steps, but a
 300-utterance corpus makes 150: after input normalization that head is still
-near chance on its own training set (README "Defaults the paper left open").
+near chance on its own training set (docs/training.md "Defaults").
 So a fold is guaranteed `min_steps` optimizer steps (TrainConfig.min_steps):
 
 1. the batch shrinks first, but never below MIN_BATCH (nor grows): a smaller

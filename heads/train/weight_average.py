@@ -15,7 +15,7 @@ are what the trainer keeps, restores and saves (head.safetensors, so
 `cli predict` reads them with no change). Buffers (the fitted input and
 pooled normalization, the target scale) are fixed during training and are
 not averaged. Off by default (measured on real speech, it did not move a
-head's UA beyond the seed's spread: README, "Defaults the paper left open");
+head's UA beyond the seed's spread: docs/training.md, "Defaults");
 fine-tuning never uses it.
 """
 
