@@ -23,14 +23,15 @@ from rich.console import Console
 
 # The tables below hold every default and list of choices the options show; none imports torch.
 from core.choices import spoken
-from core.devices import AMP_MODES, DEVICES
+from core.devices import DEVICES
 from core.errors import UserError, os_error_message
 from core.folds import PROTOCOLS
 from core.frames import VAD_MODES
 from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4
+from core.settings import default_of, flag_of, help_of
+from extract.config import ExtractConfig
 from extract.corpora import DATASETS
-from extract.models import DEFAULT_MODEL
 from heads.demo import DemoConfig
 from heads.config import (FRAMES, LAYER_WEIGHTS, NORMS, POOLED_NORMS, POOLINGS, STATISTICS, BaselineConfig, FinetuneSettings,
                           TrainConfig, finetune_config)
@@ -196,34 +197,43 @@ def info(
         Console().print(info_table(summary))
 
 
+def _x(name: str, *flags: str) -> typer.models.OptionInfo:
+    """`cli extract`'s option for ExtractConfig field `name`: its flag and help from the dataclass."""
+    return typer.Option(*(flags or (flag_of(ExtractConfig, name),)), help=help_of(ExtractConfig, name))
+
+
+X = ExtractConfig  # the defaults below are ExtractConfig's (default_of(X, name) == getattr(X(), name))
+
+
 @app.command()
 @user_errors
 def extract(
     dataset: DatasetOpt,
     root: RootOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<corpus>-<model>.h5]")] = None,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = DEFAULT_MODEL,
-    layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
-    max_seconds: MaxSecondsOpt = None,
-    batch_seconds: Annotated[float | None, typer.Option("--batch-seconds", help="padded audio seconds per model batch; 0 = one utterance per forward (default: 0 on CPU, 100 on CUDA)")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
-    amp: Annotated[str, typer.Option("--amp", help=f"autocast: {AMP_MODES.help()}")] = "auto",
-    workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes; 0 = a thread (default: 0 on CPU, cores - 1, at most 8, on CUDA)")] = None,
-    streams: Annotated[int | None, typer.Option("--streams", help="model calls at once, each with cores/streams torch threads (default: one per core, at most 8, on CPU; 1 on CUDA)")] = None,
-    shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
-    classes: ClassesOpt = CLASS_SET,
+    out: Annotated[Path | None, typer.Option("--out", help="cache file (default: features/<corpus>-<model>.h5)")] = None,
+    model: Annotated[str, _x("model")] = default_of(X, "model"),
+    layers: Annotated[str, _x("layers")] = default_of(X, "layers"),
+    max_seconds: Annotated[float | None, _x("max_seconds")] = default_of(X, "max_seconds"),
+    batch_seconds: Annotated[float | None, _x("batch_seconds")] = default_of(X, "batch_seconds"),
+    device: Annotated[str, _x("device")] = default_of(X, "device"),
+    dtype: Annotated[str, _x("dtype")] = default_of(X, "dtype"),
+    amp: Annotated[str, _x("amp")] = default_of(X, "amp"),
+    workers: Annotated[int | None, _x("workers")] = default_of(X, "workers"),
+    streams: Annotated[int | None, _x("streams")] = default_of(X, "streams"),
+    shard: Annotated[str | None, _x("shard")] = default_of(X, "shard"),
+    strict: Annotated[bool, _x("strict")] = default_of(X, "strict"),
+    classes: Annotated[str, _x("classes")] = ",".join(default_of(X, "classes")),
+    append: Annotated[bool, _x("append")] = default_of(X, "append"),
+    buffer_mb: Annotated[int, _x("buffer_mb")] = default_of(X, "buffer_mb"),
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """SSL hidden states (or fbank / eGeMAPS) and VAD masks of every utterance into a resumable HDF5 cache."""
     from extract.pipeline import run_extract, summary_table
 
-    class_set = parse_classes(classes)
-    summary = run_extract(dataset, root, out=out, model=model, layers=layers, max_seconds=max_seconds,
-                          batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers, streams=streams,
-                          shard=shard, strict=strict, classes=class_set, progress=not quiet)
+    options = {**locals(), "classes": parse_classes(classes)}
+    config = ExtractConfig(**{f.name: options[f.name] for f in fields(ExtractConfig)})
+    summary = run_extract(dataset, root, config, out=out, progress=not quiet)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:

@@ -35,23 +35,21 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.choices import spoken
-from core.devices import AMP_MODES
-from core.errors import UserError
 from core.frames import SAMPLE_RATE
 from core.records import Corpus
 from extract.audio import RESAMPLE_QUALITY
+from extract.config import ExtractConfig, ExtractError, parse_shard
 from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, prefetch
-from extract.models import DEFAULT_MODEL, model_slug
+from extract.models import model_slug
 from extract.planning import (Batch, Policy, default_policy, estimate_samples, plan_corpus, select_shard,
                               select_shard_skips)
 from extract.progress import progress_bar
@@ -64,10 +62,6 @@ if TYPE_CHECKING:
 # features is broken, not unlucky: stop instead of skipping the whole corpus.
 # Utterances that already failed in an earlier run (and are retried) do not count.
 MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
-
-
-class ExtractError(UserError):
-    """An extraction that cannot go on (strict mode, or a model that fails on everything)."""
 
 
 # --------------------------------------------------------------------------- the fingerprint
@@ -152,44 +146,31 @@ class _Tally:
 
 
 
-def extract_corpus(
-    corpus: Corpus,
-    out: str | Path,
-    backend: Backend,
-    *,
-    max_seconds: float,
-    batch_seconds: float | None = None,
-    workers: int | None = None,
-    streams: int | None = None,
-    shard: tuple[int, int] | None,
-    progress: bool = True,
-    strict: bool = False,
-    dtype: str = "float16",
-    env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Extract every utterance of `corpus` (of shard (i, n), 0-based) into the cache at `out`.
+def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: ExtractConfig, *,
+                   progress: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Extract every utterance of `corpus` (of the config's shard) into the cache at `out`.
 
     Resumes a cache with the same fingerprint (utterances already stored or skipped
-    are not stored again). `batch_seconds`, `workers` and `streams` default to the
+    are not stored again). `batch_seconds`, `workers` and `streams` left None take the
     device's measured policy (`default_policy`; batch_seconds 0 = one utterance per
-    forward, workers 0 = audio loaded in a thread). Returns a summary (see `summarize`).
+    forward, workers 0 = audio loaded in a thread); `max_seconds` None takes the
+    dataset's. `model`, `layers`, `device` and `amp` are the backend's (`run_extract`
+    loads it). Returns a summary (see `summarize`).
     """
     from cache.format import RETRIED_REASONS
     from cache.writer import CacheWriter  # h5py only in the parent, never in the workers
 
-    if batch_seconds is not None and not batch_seconds >= 0:
-        raise ExtractError(f"--batch-seconds must be >= 0 (0 = one utterance per forward), got {batch_seconds}")
-    if streams is not None and streams < 1:
-        raise ExtractError(f"--streams must be at least 1, got {streams}")
-    if workers is not None and workers < 0:
-        raise ExtractError(f"--workers must be >= 0 (0 = audio in a thread), got {workers}")
+    config.validate()
+    env = dict(os.environ) if env is None else env
+    max_seconds = resolved_max_seconds(config, corpus.name)
+    shard = parse_shard(config.shard, env)
     started = time.perf_counter()
-    policy = default_policy(backend, dict(os.environ) if env is None else env, batch_seconds=batch_seconds,
-                            streams=streams, workers=workers)
+    policy = default_policy(backend, env, batch_seconds=config.batch_seconds, streams=config.streams,
+                            workers=config.workers)
     if hasattr(backend, "one_per_forward"):  # the fingerprint says how batches were formed
         backend.one_per_forward = policy.batch_seconds == 0
     tally = _Tally()
-    fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=dtype)
+    fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=config.dtype)
     with CacheWriter(out, fp, shard=shard) as writer:
         already = len(writer.done)
         tally.retried = {s.item for s in writer.skipped if s.reason in RETRIED_REASONS}
@@ -206,7 +187,7 @@ def extract_corpus(
                 closing(_run(batches, backend, policy, max_seconds)) as results:
             loop_started = time.perf_counter()
             for batch, outcomes in results:
-                written = _apply(batch, outcomes, writer, tally, strict)
+                written = _apply(batch, outcomes, writer, tally, config.strict)
                 bar.advance(len(written), sum(estimate[u] for u in written))
             loop_seconds = time.perf_counter() - loop_started
         path = writer.close()
@@ -332,22 +313,6 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
 # --------------------------------------------------------------------------- the `cli extract` entry
 
 
-def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None:
-    """`--shard i/n` (1-based, 1 <= i <= n) -> (i - 1, n); without it, torchrun's RANK/WORLD_SIZE."""
-    if spec is None:
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-        return (int(env.get("RANK", "0") or 0), world) if world > 1 else None
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ExtractError(f"--shard must look like i/n (e.g. 1/4), got {spec!r}") from None
-    if not 1 <= i <= n:
-        raise ExtractError(f"--shard {spec}: i must be between 1 and n")
-    return (i - 1, n) if n > 1 else None
-
-
-
-
 def compute_dtype(amp: str, out: Path) -> str:
     """The backend's `dtype` for `--amp`: as asked, except that `auto` keeps the precision of a cache
     already begun at `out`, so a resume after a change of default (or of machine) goes on instead of
@@ -367,43 +332,42 @@ def default_out(corpus: Corpus, model: str) -> Path:
     return Path("features") / f"{corpus_slug(corpus)}-{model_slug(model)}.h5"
 
 
-def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None, model: str = DEFAULT_MODEL,
-                layers: str = "all", max_seconds: float | None = None,
-                batch_seconds: float | None = None, device: str = "auto", dtype: str = "float16",
-                amp: str = "auto", workers: int | None = None, streams: int | None = None,
-                shard: str | None = None, strict: bool = False,
-                classes: Sequence[str] | None = None, progress: bool = True,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
-    from cache.format import DTYPES, shard_path
-    from core.records import CLASSES_4
+def resolved_max_seconds(config: ExtractConfig, dataset: str) -> float:
+    """The config's --max-seconds, or the dataset's default truncation when it gives none."""
+    from extract.corpora import default_max_seconds
+
+    return default_max_seconds(dataset) if config.max_seconds is None else float(config.max_seconds)
+
+
+def run_extract(dataset: str, root: str | Path, config: ExtractConfig | None = None, *,
+                out: str | Path | None = None, progress: bool = True, env: dict[str, str] | None = None,
+                **settings: Any) -> dict[str, Any]:
+    """`cli extract`: read the corpus, load the backend, extract; returns the summary.
+
+    `settings` are ExtractConfig fields given by name, a shorthand for (or changes to)
+    `config`: `run_extract("manifest", csv, out=F, model="fbank", workers=0)`.
+    """
+    from cache.format import shard_path
     from extract.backends import load_backend
-    from extract.corpora import default_max_seconds, read_corpus
+    from extract.corpora import read_corpus
     from extract.models import parse_layers
 
+    config = replace(config or ExtractConfig(), **settings).validate()
     env = dict(os.environ) if env is None else env
-    if dtype not in DTYPES:
-        raise ExtractError(f"--dtype is the storage dtype: {spoken(list(DTYPES))}, got {dtype!r}")
-    AMP_MODES.check(amp)
-    shard_ = parse_shard(shard, env)
+    shard = parse_shard(config.shard, env)
+    device = config.device
     if device == "auto" and "LOCAL_RANK" in env:
         import torch
 
         if torch.cuda.is_available():  # one GPU per torchrun rank
             device = f"cuda:{int(env['LOCAL_RANK'])}"
-    max_s = default_max_seconds(dataset) if max_seconds is None else float(max_seconds)
-    if max_s < 0:
-        raise ExtractError(f"--max-seconds must be >= 0 (0 = no truncation), got {max_s}")
-    corpus = read_corpus(dataset, root, classes=tuple(classes or CLASSES_4), strict=strict)
-    out_path = Path(out) if out is not None else default_out(corpus, model)
-    written = shard_path(out_path, shard_) if shard_ else out_path  # the file CacheWriter resumes
-    backend = load_backend(model, layers=parse_layers(layers), device=device,
-                           dtype=compute_dtype(amp, written))
-    summary = extract_corpus(
-        corpus, out_path, backend,
-        max_seconds=max_s, batch_seconds=batch_seconds, workers=workers, streams=streams,
-        shard=shard_, progress=progress, strict=strict, dtype=dtype, env=env,
-    )
+    resolved_max_seconds(config, dataset)  # an unknown dataset is named before the corpus is read
+    corpus = read_corpus(dataset, root, classes=tuple(config.classes), strict=config.strict)
+    out_path = Path(out) if out is not None else default_out(corpus, config.model)
+    written = shard_path(out_path, shard) if shard else out_path  # the file CacheWriter resumes
+    backend = load_backend(config.model, layers=parse_layers(config.layers), device=device,
+                           dtype=compute_dtype(config.amp, written))
+    summary = extract_corpus(corpus, out_path, backend, config, progress=progress, env=env)
     summary["reader_skipped"] = corpus.skip_counts()
     return summary
 
