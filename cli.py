@@ -197,6 +197,22 @@ def info(
         Console().print(info_table(summary))
 
 
+@app.command()
+@user_errors
+def pack(
+    cache: Annotated[Path, typer.Argument(help="cache file F.h5 (an index with its F.data/ folder, or the base path of a shard set)")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the packed file here and keep the cache as it is (default: replace F.h5 in place and delete the data files it now holds)")] = None,
+) -> None:
+    """Pack a cache into one self-contained HDF5 file (no F.data/ folder beside it), to copy it to another
+    machine or archive it; features and VAD masks are copied bit for bit."""
+    from cache.pack import pack_cache  # h5py only when this command runs
+
+    done = pack_cache(cache, out)
+    removed = f"; deleted the {len(done['removed'])} data file(s) it absorbed" if done["removed"] else ""
+    typer.echo(f"{done['out']}: one self-contained file, {done['utterances']:,} utterances, "
+               f"{done['bytes'] / 2**20:.1f} MiB{removed}")
+
+
 def _x(name: str, *flags: str) -> typer.models.OptionInfo:
     """`cli extract`'s option for ExtractConfig field `name`: its flag and help from the dataclass."""
     return typer.Option(*(flags or (flag_of(ExtractConfig, name),)), help=help_of(ExtractConfig, name))

@@ -54,6 +54,7 @@ from cache.format import (
 )
 from cache.lock import WriterLock
 from cache.merge import write_index
+from cache.pack import finish_pack
 from cache.parts import PART_GLOB, PART_NAME, Part, disk_error, layer_major, write_image
 from core.files import fsync_dir, fsync_file
 from core.records import Skip, Utterance, storable, unstorable
@@ -80,9 +81,9 @@ class CacheWriter:
         fingerprint: dict[str, Any],
         *,
         shard: tuple[int, int] | None = None,
-        part_utterances: int = PART_UTTERANCES,
-        part_bytes: int = PART_BYTES,
-        queue_bytes: int = QUEUE_BYTES,
+        part_utterances: int | None = None,
+        part_bytes: int | None = None,
+        queue_bytes: int | None = None,
         encode_threads: int = ENCODE_THREADS,
     ) -> None:
         base = Path(path)
@@ -96,7 +97,10 @@ class CacheWriter:
         self.layers: tuple[int, ...] = tuple(int(x) for x in fp["layers"])
         self.dtype = np.dtype(fp["dtype"])
         self.hidden_size = int(fp.get("hidden_size", 0))
-        self.part_utterances, self.part_bytes, self.queue_bytes = part_utterances, part_bytes, queue_bytes
+        # None: the module's defaults, read now (so a test or a budget can change them)
+        self.part_utterances = PART_UTTERANCES if part_utterances is None else part_utterances
+        self.part_bytes = PART_BYTES if part_bytes is None else part_bytes
+        self.queue_bytes = QUEUE_BYTES if queue_bytes is None else queue_bytes
         self.parts = parts_dir(self.path)
         self.data = data_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,15 +132,19 @@ class CacheWriter:
         every part in `F.parts/`.
         """
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-        self.parts.mkdir(exist_ok=True)
+        if self.path.is_file():
+            try:
+                finish_pack(self.path)  # a pack in place killed before it deleted what it absorbed
+            except (OSError, ValueError, TypeError):
+                pass  # not readable: read_contents below says how
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # torn by a kill before its rename: its utterances are not done
         parts = sorted(self.parts.glob(PART_GLOB))
         data = sorted(self.data.glob(PART_GLOB)) if self.data.is_dir() else []
         for p in data + parts:
             if not PART_NAME.fullmatch(p.name):  # int() of its number would fail below
-                raise CacheDamaged(f"the cache is damaged: {p} is not a part this writer made (those are named "
-                                   f"part-NNNNNN.h5); move it out of {p.parent} and rerun")
+                raise CacheDamaged(p, "it is not a part this writer made (those are named part-NNNNNN.h5)",
+                                   f"move it out of {p.parent} and rerun")
         self._sources: list[Path] = ([self.path] if self.path.exists() else []) + data + parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in data + parts), default=0)
         self.stored: set[str] = set()
@@ -157,13 +165,14 @@ class CacheWriter:
                 self._skips.setdefault((item, reason), detail)
         self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
         self.resumed = bool(self._sources)
+        self.parts.mkdir(exist_ok=True)  # only now: a refused cache is left as it was found
 
     def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
         keys = fingerprint_diff(self.fingerprint, theirs)
         if keys:
             raise CacheError(
                 f"{where} was made with different settings ({describe_diff(keys, self.fingerprint, theirs)}); "
-                f"use another --out or delete it"
+                "use another --out (that cache stays as it is)"
             )
 
     def _check_hidden(self, size: int, where: Any) -> None:
@@ -255,11 +264,11 @@ class CacheWriter:
                 raise self._error
             parts = sorted(self.parts.glob(PART_GLOB))
             data = sorted(self.data.glob(PART_GLOB)) if self.data.is_dir() else []
-            linked = set(cache_files(self.path)[1:]) if self.path.exists() else set()
+            linked = self._linked()
             if not self.path.exists() and not data and len(parts) == 1:
                 os.replace(parts[0], self.path)  # already a complete cache: no copy
-            elif parts or set(data) != linked:  # new parts, or data files a kill left unlinked
-                self._link(parts)
+            elif parts or not set(data) <= set(linked):  # new parts, or data files a kill left unlinked
+                self._link(parts, linked)
             elif not self.path.exists():
                 self._empty_cache()
             try:
@@ -273,8 +282,14 @@ class CacheWriter:
             self._lock.release()
         return self.path
 
-    def _link(self, parts: list[Path]) -> None:
-        """Move `parts` into F.data/ (renames) and write F.h5 as the index over every data file."""
+    def _linked(self) -> list[Path]:
+        """The data files the existing F.h5 links (none for a self-contained file or no file). Usually
+        F.data/*, but an index renamed without its folder (G.h5 beside F.data/) links F.data/*."""
+        return cache_files(self.path)[1:] if self.path.exists() else []
+
+    def _link(self, parts: list[Path], linked: list[Path]) -> None:
+        """Move `parts` into F.data/ (renames) and write F.h5 as the index over every data file
+        (those in F.data/ and those the old index linked, wherever they are)."""
         self.data.mkdir(exist_ok=True)
         if self.path.exists() and not is_index(self.path):
             # A self-contained F.h5 (a one-part run, or a cache from before links) becomes a
@@ -294,7 +309,8 @@ class CacheWriter:
             os.replace(p, self.data / p.name)
         fsync_dir(self.data)
         fsync_dir(self.parts)
-        write_index(sorted(self.data.glob(PART_GLOB)), self.path, self.fingerprint)
+        files = {p.resolve(): p for p in [*linked, *self.data.glob(PART_GLOB)]}
+        write_index(sorted(files.values()), self.path, self.fingerprint)
 
     def abort(self) -> None:
         """Keep every finished utterance in parts (a rerun completes the cache); no merge."""
