@@ -15,6 +15,8 @@ A finished cache `F.h5` is one self-contained HDF5 file, readable with plain h5p
     /meta/<column>         (N,) one row per utterance, sorted by utt_id:
         utt_id, key, speaker, session, emotion ("" = none), path, dataset   UTF-8 strings
         split ("" = none; absent in caches made before it existed)          UTF-8 string
+        audio_sha256 (of the 16 kHz float32 samples the model saw; "" = not
+        recorded, and absent in caches made before it existed)               UTF-8 string
         valence, arousal (NaN = none), duration (seconds)                    float64
         n_frames                                                             int64
         truncated, float32_fallback                                          bool
@@ -82,13 +84,13 @@ DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _STR = h5py.string_dtype("utf-8")
 
-STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset", "split")
+STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset", "split", "audio_sha256")
 FLOAT_COLUMNS = ("valence", "arousal", "duration")
 INT_COLUMNS = ("n_frames",)
 BOOL_COLUMNS = ("truncated", "float32_fallback")
 META_COLUMNS = STR_COLUMNS + FLOAT_COLUMNS + INT_COLUMNS + BOOL_COLUMNS
 # Columns added after format 1 was fixed: a file without them reads them as "" (old caches keep working).
-OPTIONAL_COLUMNS = ("split",)
+OPTIONAL_COLUMNS = ("split", "audio_sha256")
 SKIP_COLUMNS = ("item", "reason", "detail")
 
 # Skips a rerun tries again: a model error can be transient (out of GPU memory, a driver
@@ -180,6 +182,15 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ..
     keys = (set(a) | set(b)) - set(ignore)
     diff = sorted(k for k in keys if k not in a or k not in b or not _same(a[k], b[k]))
     return sorted(diff, key=lambda k: k != "corpus")
+
+
+def corpora(fp: dict[str, Any]) -> list[str]:
+    """The corpus identities a fingerprint records: one (`corpus` is a string), several (a list:
+    the cache was appended to), or none (a cache made before `corpus` existed, from a manifest)."""
+    value = _implied(fp).get("corpus")
+    if isinstance(value, list):
+        return [str(x) for x in value]
+    return [] if value is None else [str(value)]
 
 
 def _implied(fp: dict[str, Any]) -> dict[str, Any]:

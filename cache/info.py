@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 
 from cache.contents import storage
+from cache.format import corpora
 from cache.reader import FeatureCache
 
 
@@ -33,6 +34,7 @@ def cache_info(path: str | Path | Sequence[str | Path]) -> dict[str, Any]:
             "storage": [storage(p) for p in cache.paths],
             "model": fp.get("model", ""),
             "dataset": fp.get("dataset", fp.get("corpus", "")),
+            "corpora": corpora(fp),  # more than one: rows were appended from other corpora (cli extract --append)
             "max_seconds": fp.get("max_seconds"),
             "vad": _vad_settings(fp),
             "classes": {c: int((emotions == c).sum()) for c in cache.classes},
@@ -67,6 +69,7 @@ def info_table(info: dict[str, Any]) -> Group:
         ("size on disk", _size(info["size_bytes"])),
         ("model", str(info["model"])),
         ("dataset", str(info["dataset"])),
+        ("corpus" if len(info["corpora"]) < 2 else "corpora", ", ".join(info["corpora"]) or "(not recorded)"),
         ("max seconds", f"{info['max_seconds']:g} ({info['truncated']} utterances cut)" if info["max_seconds"] else "none"),
         ("VAD", ", ".join(f"{k}={v}" for k, v in info["vad"].items()) or "-"),
         ("files", "\n".join(info["files"])),

@@ -44,6 +44,7 @@ from cache.format import (
     CacheError,
     data_dir,
     describe_diff,
+    corpora,
     fingerprint_diff,
     lock_path,
     normalize_fingerprint,
@@ -58,6 +59,10 @@ from cache.pack import finish_pack
 from cache.parts import PART_GLOB, PART_NAME, Part, disk_error, layer_major, write_image
 from core.files import fsync_dir, fsync_file
 from core.records import Skip, Utterance, storable, unstorable
+
+UNRECORDED = "(not recorded)"  # the corpus of a manifest cache made before fingerprints named it
+# What a resuming or appending run may compare an utterance of its corpus with (writer.rows).
+ROW_FACTS = ("path", "audio_sha256", "duration", "speaker", "emotion", "valence", "arousal")
 
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
 PART_BYTES = 128 << 20  # ... or this many bytes of features, whichever comes first
@@ -85,6 +90,7 @@ class CacheWriter:
         part_bytes: int | None = None,
         queue_bytes: int | None = None,
         encode_threads: int = ENCODE_THREADS,
+        append: bool = False,
     ) -> None:
         base = Path(path)
         if parse_shard_name(base):
@@ -94,6 +100,7 @@ class CacheWriter:
         if shard:
             fp["shard"] = [shard[0], shard[1]]
         self.fingerprint = fp
+        self.append = append
         self.layers: tuple[int, ...] = tuple(int(x) for x in fp["layers"])
         self.dtype = np.dtype(fp["dtype"])
         self.hidden_size = int(fp.get("hidden_size", 0))
@@ -148,7 +155,9 @@ class CacheWriter:
         self._sources: list[Path] = ([self.path] if self.path.exists() else []) + data + parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in data + parts), default=0)
         self.stored: set[str] = set()
+        self.rows: dict[str, dict[str, Any]] = {}  # utt_id -> what the cache says of it (ROW_FACTS)
         self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
+        recorded: list[str] = []  # the corpora the cache was built from, in order
         for src in self._sources:
             try:
                 c = read_contents(src)
@@ -160,20 +169,47 @@ class CacheWriter:
             self._check_fingerprint(c.fingerprint, src)
             if c.hidden_size:
                 self._check_hidden(c.hidden_size, src)
+            recorded += [x for x in corpora(c.fingerprint) if x not in recorded]
             self.stored.update(c.utt_ids)
+            for i, utt_id in enumerate(c.utt_ids):
+                self.rows.setdefault(utt_id, {k: c.meta[k][i] for k in ROW_FACTS})
             for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
                 self._skips.setdefault((item, reason), detail)
         self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
         self.resumed = bool(self._sources)
+        self.corpora = self._add_corpus(recorded)
         self.parts.mkdir(exist_ok=True)  # only now: a refused cache is left as it was found
 
     def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
-        keys = fingerprint_diff(self.fingerprint, theirs)
+        """The same settings: every fingerprint key equal, except that `corpus` may differ (a cache
+        built from several corpora by appending; `_add_corpus` decides)."""
+        keys = fingerprint_diff(self.fingerprint, theirs, ignore=("corpus",))
         if keys:
+            ours = corpora(self.fingerprint)
+            if ours and not set(ours) <= set(corpora(theirs)):
+                keys = ["corpus", *keys]
             raise CacheError(
                 f"{where} was made with different settings ({describe_diff(keys, self.fingerprint, theirs)}); "
                 "use another --out (that cache stays as it is)"
             )
+
+    def _add_corpus(self, recorded: list[str]) -> list[str]:
+        """The corpora the cache records once this run is in it. A corpus the cache was not built
+        from is refused unless this is an append, which adds it (and its rows) to the list."""
+        ours = corpora(self.fingerprint)
+        if not ours or not self._sources:  # a writer without corpora, or a new cache
+            return ours
+        recorded = recorded or [UNRECORDED]  # a manifest cache made before `corpus` was recorded
+        new = [x for x in ours if x not in recorded]
+        if new and not self.append:
+            shown = recorded[0] if len(recorded) == 1 else recorded
+            raise CacheError(
+                f"{self.path} was made from another corpus (corpus: {shown!r} (cache) vs {new[0]!r} (now)); to add "
+                "this corpus's rows to it, rerun with --append (same model and settings), else use another --out"
+            )
+        mine = recorded + new
+        self.fingerprint["corpus"] = mine[0] if len(mine) == 1 else mine
+        return mine
 
     def _check_hidden(self, size: int, where: Any) -> None:
         if self.hidden_size and size != self.hidden_size:
@@ -182,8 +218,10 @@ class CacheWriter:
 
     # -- the model thread's side ------------------------------------------------------
 
-    def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool) -> None:
-        """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool."""
+    def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool,
+            audio_sha256: str = "") -> None:
+        """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool; `audio_sha256`
+        identifies the samples the features were computed from (see extract.loading)."""
         self._raise_pending()
         if not utt.utt_id:
             raise ValueError(f"an utterance without an id cannot be stored ({utt.path})")
@@ -208,6 +246,7 @@ class CacheWriter:
             "emotion": utt.emotion or "", "path": str(utt.path), "dataset": utt.dataset, "split": utt.split,
             "valence": float(utt.valence), "arousal": float(utt.arousal), "duration": float(duration),
             "n_frames": int(t), "truncated": bool(truncated), "float32_fallback": False,
+            "audio_sha256": audio_sha256,
         }
         self.stored.add(utt.utt_id)
         self.done.add(utt.utt_id)

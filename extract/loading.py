@@ -8,6 +8,7 @@ torch or h5py: spawned workers import only what decoding needs.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
@@ -32,6 +33,7 @@ class Loaded:
     samples: np.ndarray  # (N,) float32, 16 kHz
     vad: np.ndarray  # (4, T) bool on the backend's grid
     truncated: bool
+    sha256: str = ""  # of the samples' float32 bytes: what an appended row is compared by (cache.writer)
 
     @property
     def seconds(self) -> float:
@@ -56,7 +58,13 @@ def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | F
     if grid.n_frames(n) == 0:
         detail = f"{n} samples, the backend's frame needs {grid.window}"
         return Failed(utt, "too_short", detail, f"{utt.path}: {SKIP_REASONS['too_short']} ({detail})")
-    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
+    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated, audio_sha256(audio.samples))
+
+
+def audio_sha256(samples: np.ndarray) -> str:
+    """SHA-256 of the samples the model sees (16 kHz float32, after truncation): the same audio in
+    another file or format gives the same digest; ~1 ms per minute of audio."""
+    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
 class _Threads(ThreadPoolExecutor):

@@ -32,6 +32,7 @@ retried one utterance at a time to find it) becomes a skip with its reason.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter, deque
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.frames import SAMPLE_RATE
-from core.records import Corpus
+from core.records import Corpus, Utterance
 from extract.audio import RESAMPLE_QUALITY
 from extract.config import ExtractConfig, ExtractError, parse_shard
 from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, prefetch
@@ -140,6 +141,7 @@ class _Tally:
     model_errors_before_success: int = 0
     # model_error skips of an earlier run, retried now: failing again says nothing new about the model
     retried: set[str] = field(default_factory=set)
+    in_cache: int = 0  # utterances of this corpus (shard) the cache held before this run
 
 
 
@@ -171,12 +173,16 @@ def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: Ex
         backend.one_per_forward = policy.batch_seconds == 0
     tally = _Tally()
     fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=config.dtype)
-    with CacheWriter(out, fp, shard=shard) as writer:
+    with CacheWriter(out, fp, shard=shard, append=config.append) as writer:
+        mine = select_shard(corpus.utterances, shard)
+        if len(writer.corpora) > 1:  # a cache built from several corpora: an id already there must be the same
+            check_existing(mine, writer.rows, max_seconds, writer.path)  # before anything is written
         already = len(writer.done)
         tally.retried = {s.item for s in writer.skipped if s.reason in RETRIED_REASONS}
+        tally.in_cache = sum(u.utt_id in writer.done for u in mine)
         for s in select_shard_skips(corpus, shard):
-            writer.skip(s.item, s.reason, s.detail)
-        mine = select_shard(corpus.utterances, shard)
+            if s.item not in writer.stored or s.reason == "duplicate_id":  # else the cache holds it (an earlier
+                writer.skip(s.item, s.reason, s.detail)                  # run or corpus): not a skip of the cache
         with ThreadPoolExecutor(max_workers=8) as headers:  # file headers: I/O-bound, threads suffice
             lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), mine))
         batches = plan_corpus(mine, lengths, policy.batch_seconds, set(writer.done))
@@ -259,7 +265,7 @@ def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], w
         # the backend's grid and the VAD's grid are the same object; a mismatch is a bug, not bad input
         f = o.features
         assert f.shape[0] == it.vad.shape[1], f"{it.utt.utt_id}: {f.shape[0]} frames vs VAD {it.vad.shape[1]}"
-        writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated)
+        writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated, audio_sha256=it.sha256)
         tally.written += 1
         tally.audio_seconds += it.seconds
     return handled
@@ -268,6 +274,66 @@ def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], w
 def _skip(writer: Any, tally: _Tally, item: str, reason: str, detail: str) -> None:
     writer.skip(item, reason, detail)
     tally.skipped[reason] += 1
+
+
+# --------------------------------------------------------------------------- appending
+
+
+def check_existing(utts: list[Utterance], rows: dict[str, dict[str, Any]], max_seconds: float, path: Path) -> None:
+    """Refuse (ExtractError, before anything is written) utterances whose utt_id the cache holds
+    as a different utterance: other labels, or other audio. The same file path counts as the same
+    audio (as a resume assumes); another path is decoded and compared by the SHA-256 of its
+    samples (by its length in samples for rows stored before the digest was recorded)."""
+    from extract.audio import AudioError, load_audio
+    from extract.loading import audio_sha256
+
+    conflicts: list[tuple[str, str]] = []
+    to_decode = []
+    for u in utts:
+        row = rows.get(u.utt_id)
+        if row is None:
+            continue
+        labels = _label_difference(u, row)
+        if labels:
+            conflicts.append((u.utt_id, f"other labels ({labels})"))
+        elif str(u.path) != row["path"]:
+            to_decode.append((u, row))
+
+    def same_audio(item: tuple[Utterance, dict[str, Any]]) -> str | None:
+        u, row = item
+        try:
+            samples = load_audio(u.path, start=u.start, end=u.end, max_seconds=max_seconds).samples
+        except AudioError as err:
+            return f"audio that cannot be compared ({err.reason})"
+        if row["audio_sha256"]:
+            same = audio_sha256(samples) == row["audio_sha256"]
+        else:  # stored before digests were: the sample count is what is left to compare
+            same = len(samples) / SAMPLE_RATE == row["duration"]
+        return None if same else f"other audio ({u.path} vs {row['path']} in the cache)"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding: soundfile and soxr release the GIL
+        for (u, _), problem in zip(to_decode, pool.map(same_audio, to_decode)):
+            if problem:
+                conflicts.append((u.utt_id, problem))
+    if conflicts:
+        utt_id, problem = sorted(conflicts)[0]
+        raise ExtractError(
+            f"{len(conflicts)} utterance(s) of this corpus are already in {path} as different utterances "
+            f"(e.g. {utt_id!r}: {problem}); give them other utt_ids, or use another --out"
+        )
+
+
+def _label_difference(u: Utterance, row: dict[str, Any]) -> str:
+    """`emotion 'sad' (cache) vs 'angry' (now)` for the first label that differs, else ""."""
+    ours = {"speaker": u.speaker, "emotion": u.emotion or "", "valence": float(u.valence), "arousal": float(u.arousal)}
+    for name, value in ours.items():
+        theirs = row[name]
+        if isinstance(value, float):
+            if not (value == theirs or (math.isnan(value) and math.isnan(theirs))):
+                return f"{name} {theirs!r} (cache) vs {value!r} (now)"
+        elif value != theirs:
+            return f"{name} {theirs!r} (cache) vs {value!r} (now)"
+    return ""
 
 
 def _free_accelerator_memory() -> None:
@@ -289,6 +355,7 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
               loop_seconds: float, model: str, policy: Policy) -> dict[str, Any]:
     """What this run did, and what the cache (or shard) file now holds, read back from it."""
     from cache.contents import cache_bytes, read_contents  # reads one file, shard or not
+    from cache.format import corpora
 
     contents = read_contents(path)
     return {
@@ -306,6 +373,8 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
         "policy": policy.describe(),
         "compute_dtype": str(contents.fingerprint.get("compute_dtype", "float32")),
         "cache_utterances": len(contents.utt_ids),
+        "corpora": corpora(contents.fingerprint),
+        "corpus_in_cache_before": tally.in_cache,
         "cache_skipped": dict(sorted(Counter(contents.skipped["reason"]).items())),
     }
 
@@ -392,6 +461,9 @@ def summary_table(summary: dict[str, Any]):
         ("skipped", ", ".join(f"{r} {n}" for r, n in skipped.items()) if skipped else "none"),
         ("reader skipped", ", ".join(f"{r} {n}" for r, n in summary.get("reader_skipped", {}).items()) or "none"),
         ("already in cache", f"{summary['resumed_from']:,}"),
+        *([("corpora", ", ".join(summary["corpora"]) + f" ({summary['corpus_in_cache_before']:,} utterances of this "
+                                                         "one were in the cache before)")]
+          if len(summary.get("corpora", ())) > 1 else []),
         ("speed", f"{summary['x_real_time']:.1f}x real time ({summary['seconds']:.1f} s in all)"),
         ("policy", summary["policy"]),
         ("precision", precision_line(summary.get("compute_dtype", "float32"))),
