@@ -66,7 +66,7 @@ ROW_FACTS = ("path", "audio_sha256", "duration", "speaker", "emotion", "valence"
 
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
 PART_BYTES = 128 << 20  # ... or this many bytes of features, whichever comes first
-QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the disk
+QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the disk (with its encoded copies)
 # The float32 -> float16 cast is the writer's biggest CPU cost; numpy and torch release
 # the GIL while casting, so a few threads scale it (and the model thread never waits).
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
@@ -252,7 +252,9 @@ class CacheWriter:
         self.done.add(utt.utt_id)
         self.n_added += 1
         encoded = self._encoder.submit(self._encode, row, features)
-        self._put(("utt", row, encoded, vad.astype(bool)), features.nbytes)
+        # the features as given, plus the storage-dtype copy the encoder makes of them
+        held = features.nbytes + features.size * self.dtype.itemsize + vad.size
+        self._put(("utt", row, encoded, vad.astype(bool)), held)
 
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         """Record an item not stored, with a SKIP_REASONS key; recording it twice is a no-op."""

@@ -77,9 +77,28 @@ class ExtractConfig:
         parse_shard(self.shard, {})
         return self
 
-    @property
-    def buffer_bytes(self) -> int:
-        return int(self.buffer_mb) * MiB
+    def budget(self) -> Budget:
+        """--buffer-mb split between the stages (see Budget)."""
+        total = int(self.buffer_mb) * MiB
+        return Budget(audio=total // 4, queue=total // 2, part=total // 4)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Bytes each stage of the extraction loop may hold between the model and the disk.
+
+    audio: decoded audio (and its VAD masks) loaded ahead of the model streams (always at
+           least one batch ahead, however long);
+    queue: finished features waiting for the writer thread, as the model returned them plus
+           their storage-dtype copy (one utterance always fits);
+    part:  the part file being built in RAM before it is written (a kill loses at most one).
+    Not in it: the model (weights, activations, and the outputs of the batches being computed:
+    batch seconds x 50 frames x layers x hidden size x 4 bytes per stream, plus one batch).
+    """
+
+    audio: int
+    queue: int
+    part: int
 
 
 MIN_BUFFER_MB = 16  # below this a part would hold a handful of frames: parts and renames dominate

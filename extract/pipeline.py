@@ -49,7 +49,7 @@ from core.frames import SAMPLE_RATE
 from core.records import Corpus, Utterance
 from extract.audio import RESAMPLE_QUALITY
 from extract.config import ExtractConfig, ExtractError, parse_shard
-from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, prefetch
+from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, decoded_bytes, prefetch
 from extract.models import model_slug
 from extract.planning import (Batch, Policy, default_policy, estimate_samples, plan_corpus, select_shard,
                               select_shard_skips)
@@ -173,7 +173,9 @@ def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: Ex
         backend.one_per_forward = policy.batch_seconds == 0
     tally = _Tally()
     fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=config.dtype)
-    with CacheWriter(out, fp, shard=shard, append=config.append) as writer:
+    budget = config.budget()
+    with CacheWriter(out, fp, shard=shard, append=config.append, part_bytes=budget.part,
+                     queue_bytes=budget.queue) as writer:
         mine = select_shard(corpus.utterances, shard)
         if len(writer.corpora) > 1:  # a cache built from several corpora: an id already there must be the same
             check_existing(mine, writer.rows, max_seconds, writer.path)  # before anything is written
@@ -187,10 +189,11 @@ def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: Ex
             lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), mine))
         batches = plan_corpus(mine, lengths, policy.batch_seconds, set(writer.done))
         todo = [n for u, n in zip(mine, lengths) if u.utt_id not in writer.done]
-        estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(mine, lengths)}  # the bar's unit
+        samples = {u.utt_id: n for u, n in zip(mine, lengths)}
+        estimate = {u: n / SAMPLE_RATE for u, n in samples.items()}  # the bar's unit
         # closing(): an error in _apply stops the loaders and streams at once, not at garbage collection
         with progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
-                closing(_run(batches, backend, policy, max_seconds)) as results:
+                closing(_run(batches, backend, policy, max_seconds, samples, budget.audio)) as results:
             loop_started = time.perf_counter()
             for batch, outcomes in results:
                 written = _apply(batch, outcomes, writer, tally, config.strict)
@@ -205,9 +208,10 @@ def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: Ex
                      loop_seconds=loop_seconds, model=backend.name, policy=policy)
 
 
-def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: float
-         ) -> Generator[tuple[Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
-    """Load and compute the plan; yield each batch's items and outcomes in plan order."""
+def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: float, samples: dict[str, int],
+         audio_budget: int) -> Generator[tuple[Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
+    """Load and compute the plan; yield each batch's items and outcomes in plan order. The audio
+    decoded ahead of the model holds at most `audio_budget` bytes (`samples`: estimated lengths)."""
     import torch
 
     main_threads = torch.get_num_threads()
@@ -216,8 +220,9 @@ def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: fl
                                initargs=(policy.threads,))
     running: deque[tuple[Batch, list[Loaded | Failed], Future]] = deque()
     try:
+        sizes = [sum(decoded_bytes(samples[u.utt_id]) for u in b.utts) for b in batches]
         loaded = prefetch([b.utts for b in batches], loaders, max_seconds, backend.grid,
-                          ahead=PREFETCH_BATCHES * policy.streams)
+                          ahead=PREFETCH_BATCHES * policy.streams, sizes=sizes, budget=audio_budget)
         for batch, items in zip(batches, loaded):
             running.append((batch, items, model.submit(_compute, items, backend)))
             if len(running) > policy.streams:  # every stream busy and one batch waiting
