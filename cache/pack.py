@@ -69,18 +69,27 @@ def finish_pack(path: Path) -> list[str]:
     """Delete the data files a self-contained `path` absorbed when it was packed in place (its
     `packed_from` attribute), and their folders once empty; what was deleted, relative to `path`.
 
-    Only files named there, and only from a file without links: a kill between packing and
-    these deletions leaves redundant copies, never the only copy of anything."""
+    Only files named there, from a file without links, and only when `path` holds everything
+    such a file holds: a kill between packing and these deletions leaves redundant copies,
+    while a writer may since have put a new part under one of those names (it is kept)."""
     path = Path(path)
     with h5py.File(path, "r") as f:
         if LINKED_ATTR in f.attrs or PACKED_ATTR not in f.attrs:
             return []
         names = json.loads(f.attrs[PACKED_ATTR])
-    removed = []
-    for name in names:
-        p = path.parent / name
-        if p.is_file():
-            p.unlink()
+    leftovers = [n for n in names if (path.parent / n).is_file()]
+    removed: list[str] = []
+    packed = read_contents(path) if leftovers else None
+    have = set(packed.utt_ids) if packed else set()
+    skipped = set(zip(packed.skipped["item"], packed.skipped["reason"])) if packed else set()
+    for name in leftovers:
+        try:
+            c = read_contents(path.parent / name)
+        except CacheError:
+            continue  # not readable as a cache file: not provably a copy, so not ours to delete
+        skips = set(zip(c.skipped["item"], c.skipped["reason"]))
+        if set(c.utt_ids) <= have and all(s in skipped or s[0] in have for s in skips):
+            (path.parent / name).unlink()
             removed.append(name)
     for folder in sorted({(path.parent / n).parent for n in names}):
         try:

@@ -61,7 +61,7 @@ from core.files import fsync_dir, fsync_file
 from core.records import Skip, Utterance, storable, unstorable
 
 UNRECORDED = "(not recorded)"  # the corpus of a manifest cache made before fingerprints named it
-# What a resuming or appending run may compare an utterance of its corpus with (writer.rows).
+# What a resuming or appending run may compare an utterance of its corpus with (stored_rows).
 ROW_FACTS = ("path", "audio_sha256", "duration", "speaker", "emotion", "valence", "arousal")
 
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
@@ -155,7 +155,6 @@ class CacheWriter:
         self._sources: list[Path] = ([self.path] if self.path.exists() else []) + data + parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in data + parts), default=0)
         self.stored: set[str] = set()
-        self.rows: dict[str, dict[str, Any]] = {}  # utt_id -> what the cache says of it (ROW_FACTS)
         self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
         recorded: list[str] = []  # the corpora the cache was built from, in order
         for src in self._sources:
@@ -171,14 +170,22 @@ class CacheWriter:
                 self._check_hidden(c.hidden_size, src)
             recorded += [x for x in corpora(c.fingerprint) if x not in recorded]
             self.stored.update(c.utt_ids)
-            for i, utt_id in enumerate(c.utt_ids):
-                self.rows.setdefault(utt_id, {k: c.meta[k][i] for k in ROW_FACTS})
             for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
                 self._skips.setdefault((item, reason), detail)
         self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
         self.resumed = bool(self._sources)
         self.corpora = self._add_corpus(recorded)
         self.parts.mkdir(exist_ok=True)  # only now: a refused cache is left as it was found
+
+    def stored_rows(self) -> dict[str, dict[str, Any]]:
+        """utt_id -> what the cache says of each stored utterance (ROW_FACTS), read from its files
+        again on demand (only a cache built from several corpora needs it, see extract.pipeline)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for src in self._sources:
+            c = read_contents(src)
+            for i, utt_id in enumerate(c.utt_ids):
+                rows.setdefault(utt_id, {k: c.meta[k][i] for k in ROW_FACTS})
+        return rows
 
     def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
         """The same settings: every fingerprint key equal, except that `corpus` may differ (a cache

@@ -7,8 +7,9 @@ Three stages run at once:
     (a thread, or worker      (`streams` threads, each   (bounded queue, see
      processes; look-ahead)    with its torch threads)    cache.writer)
 
-Memory is bounded by the look-ahead (a few batches of audio), the batches in the
-streams and the writer's queue, never by the corpus size.
+Memory is bounded, never by the corpus size: `--buffer-mb` (ExtractConfig.budget) splits
+one budget between the audio decoded ahead, the writer's queue and the part it builds;
+the model streams hold their batches; oneDNN's per-shape cache is off (extract.backends).
 
 The policy is per device (`default_policy`, measured in bench/extract.py and the
 README's Benchmarks): on a CPU, one utterance per forward in one stream per core,
@@ -178,7 +179,7 @@ def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: Ex
                      queue_bytes=budget.queue) as writer:
         mine = select_shard(corpus.utterances, shard)
         if len(writer.corpora) > 1:  # a cache built from several corpora: an id already there must be the same
-            check_existing(mine, writer.rows, max_seconds, writer.path)  # before anything is written
+            check_existing(mine, writer.stored_rows(), max_seconds, writer.path)  # before anything is written
         already = len(writer.done)
         tally.retried = {s.item for s in writer.skipped if s.reason in RETRIED_REASONS}
         tally.in_cache = sum(u.utt_id in writer.done for u in mine)

@@ -254,6 +254,28 @@ def test_pack_in_place_survives_a_kill_at_every_step(linked, reference, tmp_path
         assert sorted(p.name for p in cache_.parent.iterdir()) == ["F.h5"], (n, done)
 
 
+def test_after_a_pack_in_place_a_new_part_under_an_absorbed_name_is_never_deleted(linked, reference, tmp_path):
+    """A writer extending a packed F.h5 numbers its parts from 1 again; killed before it wrote the
+    index, its new part sits where an absorbed file was named. Tidying up must keep it."""
+    from cache.pack import finish_pack, pack_cache
+    from core.records import Utterance
+
+    cache_ = copy_cache(linked, tmp_path / "c")
+    pack_cache(cache_)
+    fp = FeatureCache(cache_).fingerprint
+    other = tmp_path / "new" / "N.h5"  # one new utterance, as a writer's part would hold it
+    with cache.writer.CacheWriter(other, fp) as w:
+        w.add(Utterance("z_new", "/z.wav", "spk9", "S9", "sad"), np.ones((3, 1, 80), np.float32),
+              np.ones((4, 3), bool), duration=0.1, truncated=False)
+    (cache_.parent / "F.data").mkdir()
+    shutil.copy(other, cache_.parent / "F.data" / "part-000001.h5")
+    assert finish_pack(cache_) == [] and (cache_.parent / "F.data" / "part-000001.h5").exists()
+    with cache.writer.CacheWriter(cache_, fp):  # the rerun links it
+        pass
+    after = snapshot(cache_)
+    assert set(after["features"]) == set(reference["features"]) | {"z_new"}
+
+
 def test_pack_in_place_then_copying_the_file_alone_works(linked, reference, tmp_path):
     cache_ = copy_cache(linked, tmp_path / "c")
     code, out = cli("pack", cache_)
