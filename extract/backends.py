@@ -269,10 +269,12 @@ class HFBackend:
 # ----------------------------------------------------------------------------- choosing one
 
 
-# oneDNN, torch's CPU convolution library, keeps each primitive it creates in a cache keyed by
-# the input shape, 1024 entries by default. Utterances have distinct lengths, so every one adds
-# an entry: ~13 MB each with WavLM's 512-channel conv front end, up to ~13 GB, and no speed
-# gained (bench/results/extract-memory-cpu.md). 0 turns the cache off.
+# oneDNN, torch's CPU kernel library, keeps each primitive it creates in a cache keyed by the
+# input shape, 1024 entries by default. Utterances have distinct lengths, so every one adds
+# entries: with WavLM's 512-channel conv front end, cli extract's peak RSS grew from 771 to
+# 1,081 MiB between 50 and 4,000 utterances (766 MiB at 4,000 with the cache off), and a
+# single stream over 40 utterances in corpus order added 637 MiB (9 MiB off), with no
+# measurable gain in speed (bench/results/extract-memory-cpu.md). 0 turns the cache off.
 ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
 
 

@@ -63,7 +63,7 @@ def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | F
 
 def audio_sha256(samples: np.ndarray) -> str:
     """SHA-256 of the samples the model sees (16 kHz float32, after truncation): the same audio in
-    another file or format gives the same digest; ~1 ms per minute of audio."""
+    another file or format gives the same digest; a few ms per minute of audio."""
     return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
