@@ -4,12 +4,10 @@ the features waiting for the disk and the part being built; oneDNN's per-shape c
 from __future__ import annotations
 
 import os
-import threading
 import time
 from concurrent.futures import Future
 
 import numpy as np
-import pytest
 
 import cache.parts
 import extract.loading
