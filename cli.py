@@ -213,9 +213,9 @@ def pack(
                f"{done['bytes'] / 2**20:.1f} MiB{removed}")
 
 
-def _x(name: str, *flags: str) -> typer.models.OptionInfo:
+def _x(name: str) -> typer.models.OptionInfo:
     """`cli extract`'s option for ExtractConfig field `name`: its flag and help from the dataclass."""
-    return typer.Option(*(flags or (flag_of(ExtractConfig, name),)), help=help_of(ExtractConfig, name))
+    return typer.Option(flag_of(ExtractConfig, name), help=help_of(ExtractConfig, name))
 
 
 X = ExtractConfig  # the defaults below are ExtractConfig's (default_of(X, name) == getattr(X(), name))
