@@ -23,13 +23,12 @@ import typer
 from rich.console import Console
 
 # The tables below hold every default and list of choices the options show; none imports torch.
-from core.devices import AMP_MODES
 from core.errors import UserError, os_error_message
 from core.folds import PROTOCOLS
 from core.interrupts import signals_interrupt, stopped
-from core.records import CLASSES_4
+from core.records import CLASSES_4, parse_classes
+from extract.config import ExtractConfig
 from extract.corpora import DATASETS
-from extract.models import DEFAULT_MODEL
 from heads.config import AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config, parse_ensemble
 from heads.demo import DemoConfig
 from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
@@ -85,6 +84,72 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# --- options from settings dataclasses (extract/config.py, heads/config.py): one home for each default and its help ---
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A settings dataclass a command takes as options: each field with `cli=True` (or those in `only`)
+    becomes `--field-name` with the field's default and help; the command receives the built object
+    as its parameter `param`."""
+
+    cls: type
+    param: str
+    only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] = ()  # fields this command does not take (they keep their defaults)
+    make: Callable[..., Any] | None = None  # how the object is built from the options (default: cls)
+    helps: dict[str, str] = field(default_factory=dict)  # help worded for this command
+
+    def fields(self) -> list[Any]:
+        return [f for f in fields(self.cls) if f.name not in self.skip
+                and (f.name in self.only if self.only else f.metadata.get("cli", True))]
+
+    def defaults(self) -> Any:
+        return (self.make or self.cls)()
+
+    def option(self, f: Any, hint: Any, default: Any) -> inspect.Parameter:
+        meta = f.metadata
+        kind = str if meta.get("parse") else hint
+        # a switch that is on by default can be turned off; one that is off is just named
+        flag = meta.get("flag") or ("--{0}/--no-{0}" if hint is bool and default else "--{0}").format(f.name.replace("_", "-"))
+        option = typer.Option(flag, help=self.helps.get(f.name) or meta.get("help", ""), metavar=meta.get("metavar"))
+        shown = (",".join(default) if isinstance(default, tuple) else str(default)) if meta.get("parse") else default
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=shown, annotation=Annotated[kind, option])
+
+    def build(self, options: dict[str, Any]) -> Any:
+        parsed = {f.name: f.metadata["parse"](options[f.name]) if f.metadata.get("parse") else options[f.name]
+                  for f in self.fields()}
+        return (self.make or self.cls)(**parsed)
+
+
+def takes(*groups: Settings) -> Callable[[Callable], Callable]:
+    """Give a command the options of settings dataclasses: train-head, ablate and finetune share TrainConfig's
+    declarations instead of repeating them; the command gets the built objects."""
+
+    def decorate(fn: Callable) -> Callable:
+        own = inspect.signature(fn, eval_str=True)
+        taken = {g.param for g in groups}
+        params = [p for p in own.parameters.values() if p.name not in taken]
+        names: dict[str, list[str]] = {}
+        for g in groups:
+            hints, defaults = get_type_hints(g.cls), g.defaults()
+            chosen = g.fields()
+            names[g.param] = [f.name for f in chosen]
+            params += [g.option(f, hints[f.name], getattr(defaults, f.name)) for f in chosen]
+
+        @functools.wraps(fn)
+        def command(**options: Any) -> Any:
+            for g in groups:
+                options[g.param] = g.build({n: options.pop(n) for n in names[g.param]})
+            return fn(**options)
+
+        command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
 # --- commands (each one: options, then one call into extract/, cache/ or heads/) ---
 
 # Options that every corpus-reading command (manifest, extract, finetune) takes the same way.
@@ -95,11 +160,6 @@ CLASS_SET = ",".join(CLASSES_4)
 MaxSecondsOpt = Annotated[float | None, typer.Option(
     "--max-seconds", help="keep the first S seconds [default: the dataset's, 0 = all]")]
 ProtocolOpt = Annotated[str, typer.Option("--protocol", help=f"fold plan: {PROTOCOLS.help()}")]
-
-
-def parse_classes(classes: str) -> tuple[str, ...]:
-    """`--classes "Angry, happy"` -> ("angry", "happy"); the readers check the names."""
-    return tuple(c.strip().lower() for c in classes.split(",") if c.strip())
 
 
 @app.command()
@@ -204,101 +264,39 @@ def info(
 
 @app.command()
 @user_errors
+def pack(
+    cache: Annotated[Path, typer.Argument(help="cache file F.h5 (an index with its F.data/ folder, or the base path of a shard set)")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the packed file here and keep the cache as it is (default: replace F.h5 in place and delete the data files it now holds)")] = None,
+) -> None:
+    """Pack a cache into one self-contained HDF5 file (no F.data/ folder beside it), to copy it to another
+    machine or archive it; features and VAD masks are copied bit for bit."""
+    from cache.pack import pack_cache  # h5py only when this command runs
+
+    done = pack_cache(cache, out)
+    removed = f"; deleted the {len(done['removed'])} data file(s) it absorbed" if done["removed"] else ""
+    typer.echo(f"{done['out']}: one self-contained file, {done['utterances']:,} utterances, "
+               f"{done['bytes'] / 2**20:.1f} MiB{removed}")
+
+
+@app.command()
+@user_errors
+@takes(Settings(ExtractConfig, "config"))
 def extract(
+    config: ExtractConfig,
     dataset: DatasetOpt,
     root: RootOpt,
-    out: Annotated[Path | None, typer.Option("--out", help="cache file [default: features/<corpus>-<model>.h5]")] = None,
-    model: Annotated[str, typer.Option("--model", help="Hugging Face hub id or local folder (wav2vec2 family or Whisper), or fbank / egemaps")] = DEFAULT_MODEL,
-    layers: Annotated[str, typer.Option("--layers", help="hidden states to keep: all, 24, 12-24 or 0,6,12")] = "all",
-    max_seconds: MaxSecondsOpt = None,
-    batch_seconds: Annotated[float | None, typer.Option("--batch-seconds", help="padded audio seconds per model batch; 0 = one utterance per forward (default: 0 on CPU, 100 on CUDA)")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N]")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="storage dtype: float16 or float32")] = "float16",
-    amp: Annotated[str, typer.Option("--amp", help=f"autocast: {AMP_MODES.help()}")] = "auto",
-    workers: Annotated[int | None, typer.Option("--workers", help="audio decoding + VAD processes; 0 = a thread (default: 0 on CPU, cores - 1, at most 8, on CUDA)")] = None,
-    streams: Annotated[int | None, typer.Option("--streams", help="model calls at once, each with cores/streams torch threads (default: one per core, at most 8, on CPU; 1 on CUDA)")] = None,
-    shard: Annotated[str | None, typer.Option("--shard", help="do part i of n (1-based, e.g. 2/4) [default: RANK/WORLD_SIZE under torchrun]")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad utterance instead of skipping it")] = False,
-    classes: ClassesOpt = CLASS_SET,
+    out: Annotated[Path | None, typer.Option("--out", help="cache file (default: features/<corpus>-<model>.h5)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """SSL hidden states (or fbank / eGeMAPS) and VAD masks of every utterance into a resumable HDF5 cache."""
     from extract.pipeline import run_extract, summary_table
 
-    class_set = parse_classes(classes)
-    summary = run_extract(dataset, root, out=out, model=model, layers=layers, max_seconds=max_seconds,
-                          batch_seconds=batch_seconds, device=device, dtype=dtype, amp=amp, workers=workers, streams=streams,
-                          shard=shard, strict=strict, classes=class_set, progress=not quiet)
+    summary = run_extract(dataset, root, config, out=out, progress=not quiet)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
         Console().print(summary_table(summary))
-
-
-# --- the training commands: their options are the settings dataclasses' fields (heads/config.py) ---
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A settings dataclass a command takes as options: each field with `cli=True` (or those in `only`)
-    becomes `--field-name` with the field's default and help; the command receives the built object
-    as its parameter `param`."""
-
-    cls: type
-    param: str
-    only: tuple[str, ...] | None = None
-    skip: tuple[str, ...] = ()  # fields this command does not take (they keep their defaults)
-    make: Callable[..., Any] | None = None  # how the object is built from the options (default: cls)
-    helps: dict[str, str] = field(default_factory=dict)  # help worded for this command
-
-    def fields(self) -> list[Any]:
-        return [f for f in fields(self.cls) if f.name not in self.skip
-                and (f.name in self.only if self.only else f.metadata.get("cli", True))]
-
-    def defaults(self) -> Any:
-        return (self.make or self.cls)()
-
-    def option(self, f: Any, hint: Any, default: Any) -> inspect.Parameter:
-        meta = f.metadata
-        kind = str if meta.get("parse") else hint
-        flag = meta.get("flag") or ("--{0}/--no-{0}" if hint is bool else "--{0}").format(f.name.replace("_", "-"))
-        option = typer.Option(flag, help=self.helps.get(f.name) or meta.get("help", ""), metavar=meta.get("metavar"))
-        shown = str(default) if meta.get("parse") else default
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=shown, annotation=Annotated[kind, option])
-
-    def build(self, options: dict[str, Any]) -> Any:
-        parsed = {f.name: f.metadata["parse"](options[f.name]) if f.metadata.get("parse") else options[f.name]
-                  for f in self.fields()}
-        return (self.make or self.cls)(**parsed)
-
-
-def takes(*groups: Settings) -> Callable[[Callable], Callable]:
-    """Give a command the options of settings dataclasses: train-head, ablate and finetune share TrainConfig's
-    declarations instead of repeating them; the command gets the built objects."""
-
-    def decorate(fn: Callable) -> Callable:
-        own = inspect.signature(fn, eval_str=True)
-        taken = {g.param for g in groups}
-        params = [p for p in own.parameters.values() if p.name not in taken]
-        names: dict[str, list[str]] = {}
-        for g in groups:
-            hints, defaults = get_type_hints(g.cls), g.defaults()
-            chosen = g.fields()
-            names[g.param] = [f.name for f in chosen]
-            params += [g.option(f, hints[f.name], getattr(defaults, f.name)) for f in chosen]
-
-        @functools.wraps(fn)
-        def command(**options: Any) -> Any:
-            for g in groups:
-                options[g.param] = g.build({n: options.pop(n) for n in names[g.param]})
-            return fn(**options)
-
-        command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
-
-    return decorate
 
 
 TRAIN = Settings(TrainConfig, "config")

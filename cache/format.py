@@ -15,6 +15,8 @@ A finished cache `F.h5` is one self-contained HDF5 file, readable with plain h5p
     /meta/<column>         (N,) one row per utterance, sorted by utt_id:
         utt_id, key, speaker, session, emotion ("" = none), path, dataset   UTF-8 strings
         split ("" = none; absent in caches made before it existed)          UTF-8 string
+        audio_sha256 (of the 16 kHz float32 samples the model saw; "" = not
+        recorded, and absent in caches made before it existed)               UTF-8 string
         valence, arousal (NaN = none), duration (seconds)                    float64
         n_frames                                                             int64
         truncated, float32_fallback                                          bool
@@ -68,6 +70,9 @@ FORMAT_VERSION = 1
 FORMAT_ATTR = "sapser_format"
 FINGERPRINT_ATTR = "fingerprint"
 ROOT_ATTRS = (FORMAT_ATTR, FINGERPRINT_ATTR, "classes", "layers", "hidden_size", "dtype")
+# Root attribute of a file packed in place (cache.pack): JSON list of the data files it absorbed,
+# relative to its folder; they are deleted after the packed file is in place.
+PACKED_ATTR = "packed_from"
 
 FEATURES = "features"
 VAD = "vad"
@@ -79,13 +84,13 @@ DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 _STR = h5py.string_dtype("utf-8")
 
-STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset", "split")
+STR_COLUMNS = ("utt_id", "key", "speaker", "session", "emotion", "path", "dataset", "split", "audio_sha256")
 FLOAT_COLUMNS = ("valence", "arousal", "duration")
 INT_COLUMNS = ("n_frames",)
 BOOL_COLUMNS = ("truncated", "float32_fallback")
 META_COLUMNS = STR_COLUMNS + FLOAT_COLUMNS + INT_COLUMNS + BOOL_COLUMNS
 # Columns added after format 1 was fixed: a file without them reads them as "" (old caches keep working).
-OPTIONAL_COLUMNS = ("split",)
+OPTIONAL_COLUMNS = ("split", "audio_sha256")
 SKIP_COLUMNS = ("item", "reason", "detail")
 
 # Skips a rerun tries again: a model error can be transient (out of GPU memory, a driver
@@ -106,17 +111,46 @@ class CacheError(UserError):
 
 
 class CacheDamaged(CacheError):
-    """A file in the cache format whose structure contradicts itself (edited, truncated, mixed up)."""
+    """A file in the cache format whose structure contradicts itself (edited, truncated, mixed up).
+
+    The message is `the cache is damaged: PATH: <problem>; <the fix>`; the fix depends on what
+    the file is (see `damage_fix`), so a caller that knows more (an index that links the file,
+    how many utterances it held) can restate it with `refix`.
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str) -> None:
+        super().__init__(f"the cache is damaged: {path}: {problem}; {fix}")
+        self.path, self.problem = Path(path), problem
+
+    def refix(self, fix: str) -> CacheDamaged:
+        return CacheDamaged(self.path, self.problem, fix)
 
 
-def damaged(path: Path, problem: str) -> CacheDamaged:
-    """`the cache is damaged: F.h5: <problem>; <the fix>` (the fix depends on what the file is)."""
-    path = Path(path)
-    if path.parent.name.endswith(".parts"):
-        fix = "delete that part and rerun the same extract command: its utterances will be extracted again"
-    else:
-        fix = f"delete {path.name} and rerun the extract command that made it (or restore it from a copy)"
-    return CacheDamaged(f"the cache is damaged: {path}: {problem}; {fix}")
+def damaged(path: Path, problem: str, fix: str | None = None) -> CacheDamaged:
+    """`the cache is damaged: F.h5: <problem>; <the fix>` (by default the fix for what `path` is)."""
+    return CacheDamaged(Path(path), problem, fix or damage_fix(Path(path)))
+
+
+def damage_fix(path: Path, *, utterances: int | None = None, index: Path | None = None) -> str:
+    """What to do about a damaged file: deletion is advised only for the file that is damaged, naming
+    what is lost with it; an index (which holds no features) is rebuilt from its data folder."""
+    what = f"its {utterances} utterance(s)" if utterances is not None else "its utterances"
+    folder = path.parent.name
+    if folder.endswith(".parts"):
+        return "delete that part and rerun the same extract command: its utterances will be extracted again"
+    if folder.endswith(".data"):
+        beside = f"the index {index.name}" if index is not None else "the index beside that folder"
+        return (f"the features of {what} are lost: move {path.name} out of {folder}/, delete {beside} (it holds "
+                "no features) and rerun the extract command that made it: it extracts them again and keeps the rest")
+    return (f"delete {path.name} and rerun the extract command that made it (or restore it from a copy): "
+            f"{what} are extracted again")
+
+
+def index_fix(path: Path, folders: list[str]) -> str:
+    """The fix for a damaged index file: its features are elsewhere and intact."""
+    where = " and ".join(f"{f}/" for f in folders) or "its data folder"
+    return (f"{path.name} is only an index and the features in {where} are intact: delete {path.name} and rerun "
+            "the extract command that made it to rebuild the index (nothing is extracted again)")
 
 
 def utt_key(utt_id: str) -> str:
@@ -148,6 +182,15 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ..
     keys = (set(a) | set(b)) - set(ignore)
     diff = sorted(k for k in keys if k not in a or k not in b or not _same(a[k], b[k]))
     return sorted(diff, key=lambda k: k != "corpus")
+
+
+def corpora(fp: dict[str, Any]) -> list[str]:
+    """The corpus identities a fingerprint records: one (`corpus` is a string), several (a list:
+    the cache was appended to), or none (a cache made before `corpus` existed, from a manifest)."""
+    value = _implied(fp).get("corpus")
+    if isinstance(value, list):
+        return [str(x) for x in value]
+    return [] if value is None else [str(value)]
 
 
 def _implied(fp: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +261,10 @@ def resolve_paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
         if not shards:
             if parts_dir(path).exists():
                 raise CacheError(f"{path} is unfinished (its writer was interrupted); rerun the same extract command to complete it")
+            if data_dir(path).is_dir() and any(data_dir(path).glob("part-*.h5")):
+                raise CacheError(f"no cache file at {path}, but {data_dir(path).name}/ beside it holds finished "
+                                 "features (the index was not copied, or was deleted): rerun the extract command that "
+                                 "made it to rebuild the index (nothing is extracted again)")
             raise CacheError(f"no cache at {path} (and no shard files {path.stem}.shard-*-of-*.h5 beside it)")
         paths = shards
     else:
@@ -369,15 +416,12 @@ def _check_lengths(group: Any, names: tuple[str, ...], path: Path) -> None:
         raise damaged(path, f"its {group.name} columns have different lengths ({shown})")
 
 
-def check_rows(f: Any, path: Path, fp: dict[str, Any], hidden: int, meta: dict[str, list]) -> None:
+def check_rows(f: Any, path: Path, fp: dict[str, Any], hidden: int, meta: dict[str, list], *,
+               shapes: bool = True) -> None:
     """Every listed utterance: a unique id, its key, n_frames >= 1, sane labels, and (from the
-    dataset headers only) features (L, n_frames, D) and VAD masks (4, n_frames)."""
-    n_layers = len(fp["layers"])
+    dataset headers only, unless `shapes` is False: an index checks its data files instead)
+    features (L, n_frames, D) and VAD masks (4, n_frames)."""
     seen: set[str] = set()
-    feats, vads = f[FEATURES], f[VAD]
-    # Names listed once, shapes from the low-level dataset headers: ~3x faster than h5py's
-    # Group.get per utterance (0.2 s for 5,000 utterances on the 2-core dev machine).
-    feat_names, vad_names = set(feats.keys()), set(vads.keys())
     for i, utt in enumerate(meta["utt_id"]):
         key, t = meta["key"][i], meta["n_frames"][i]
         where = f"utterance {utt!r}"
@@ -392,6 +436,22 @@ def check_rows(f: Any, path: Path, fp: dict[str, Any], hidden: int, meta: dict[s
             v = meta[name][i]
             if not (math.isnan(v) or abs(v) <= MAX_RATING):
                 raise damaged(path, f"{where} has {name} {v!r}")
+    if shapes:
+        check_shapes(f, path, fp, hidden, meta, range(len(meta["utt_id"])))
+
+
+def check_shapes(f: Any, path: Path, fp: dict[str, Any], hidden: int, meta: dict[str, list],
+                 rows: Sequence[int]) -> None:
+    """Rows `rows` of `meta` have, in file `f` (the cache file or one of an index's data files),
+    features (L, n_frames, D) and VAD masks (4, n_frames), from the dataset headers only."""
+    n_layers = len(fp["layers"])
+    feats, vads = f[FEATURES], f[VAD]
+    # Names listed once, shapes from the low-level dataset headers: ~3x faster than h5py's
+    # Group.get per utterance (0.2 s for 5,000 utterances on the 2-core dev machine).
+    feat_names, vad_names = set(feats.keys()), set(vads.keys())
+    for i in rows:
+        key, t = meta["key"][i], meta["n_frames"][i]
+        where = f"utterance {meta['utt_id'][i]!r}"
         shape = _shape(feats, key, feat_names)
         if shape is None:
             raise damaged(path, f"{where} is listed but its features (/{FEATURES}/{key}) are missing")

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from cache.contents import storage
+from cache.format import corpora
 from cache.reader import FeatureCache
 
 
@@ -29,8 +31,10 @@ def cache_info(path: str | Path | Sequence[str | Path]) -> dict[str, Any]:
             "float32_fallback": int(meta["float32_fallback"].sum()),
             "truncated": int(meta["truncated"].sum()),
             "size_bytes": int(cache.size_on_disk()),
+            "storage": [storage(p) for p in cache.paths],
             "model": fp.get("model", ""),
             "dataset": fp.get("dataset", fp.get("corpus", "")),
+            "corpora": corpora(fp),  # more than one: rows were appended from other corpora (cli extract --append)
             "max_seconds": fp.get("max_seconds"),
             "vad": _vad_settings(fp),
             "classes": {c: int((emotions == c).sum()) for c in cache.classes},
@@ -62,12 +66,14 @@ def info_table(info: dict[str, Any]) -> Group:
         ("layers", _span(info["layers"])),
         ("hidden size", str(info["hidden_size"])),
         ("dtype", info["dtype"] + (f" ({info['float32_fallback']} in float32: overflow)" if info["float32_fallback"] else "")),
-        ("size on disk", f"{info['size_bytes'] / 2**30:.2f} GiB" if info["size_bytes"] >= 2**30 else f"{info['size_bytes'] / 2**20:.1f} MiB"),
+        ("size on disk", _size(info["size_bytes"])),
         ("model", str(info["model"])),
         ("dataset", str(info["dataset"])),
+        ("corpus" if len(info["corpora"]) < 2 else "corpora", ", ".join(info["corpora"]) or "(not recorded)"),
         ("max seconds", f"{info['max_seconds']:g} ({info['truncated']} utterances cut)" if info["max_seconds"] else "none"),
         ("VAD", ", ".join(f"{k}={v}" for k, v in info["vad"].items()) or "-"),
         ("files", "\n".join(info["files"])),
+        ("stored as", "\n".join(_stored_as(s) for s in info["storage"])),
     ]
     for name, value in rows:
         head.add_row(name, value)
@@ -75,6 +81,20 @@ def info_table(info: dict[str, Any]) -> Group:
     parts.append(_counts("speaker", info["speakers"]))
     parts.append(_skips(info["skipped_items"]) if info["skipped_items"] else "no skipped items")
     return Group(*parts)
+
+
+def _stored_as(s: dict[str, Any]) -> str:
+    """`one self-contained file`, or `index (12 KiB) + F.data/ (3 files, 1.2 GiB): ...`."""
+    name = Path(s["file"]).name
+    if s["self_contained"]:
+        return f"{name}: one self-contained file"
+    folders = " + ".join(f"{f}/" for f in s["data_folders"])
+    return (f"{name}: an index ({_size(s['file_bytes'])}) + {folders} ({s['data_files']} files, "
+            f"{_size(s['data_bytes'])}); copy or move them together, or `cli pack {name}` for one file")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _skips(items: list[dict[str, str]], examples: int = 3) -> Table:

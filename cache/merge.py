@@ -16,7 +16,7 @@ from typing import Any
 
 import h5py
 
-from cache.contents import LINKED_ATTR, Contents, cache_bytes, read_contents
+from cache.contents import LINKED_ATTR, Contents, cache_bytes, direct_files, read_contents
 from cache.format import (FEATURES, META_COLUMNS, SKIP_COLUMNS, VAD, CacheError, fingerprint_diff, live_skips,
                           lock_path, resolve_paths, write_header, write_tables)
 from cache.lock import WriterLock
@@ -71,14 +71,17 @@ def write_index(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
     return out
 
 
-def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any]) -> Path:
+def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any],
+                attrs: dict[str, str] | None = None) -> Path:
     """Write every utterance and skip of `sources` once into `out`, one self-contained file, atomically.
 
     Rows are sorted by utt_id and skips by (item, reason), so any split of the same work
-    (parts, resumes, shards) gives a file with the same content. Features are copied chunk
-    by chunk with H5Ocopy (no decode/encode), so they stay bit-identical; a source that is
-    an index is read through its links. Used by `merge_shards` (a real copy is the point
-    there); a writer's `close()` links instead.
+    (parts, resumes, shards) gives a file with the same content. Features are copied with
+    H5Ocopy (no decode/encode), so they stay bit-identical, one source file at a time: an
+    index's data files are read directly (not through its links), each opened once and
+    closed before the next, so memory and open files stay bounded however large the cache.
+    Refused up front when the disk cannot hold the copy. `attrs`: extra root attributes.
+    Used by `merge_shards` and `cache.pack`; a writer's `close()` links instead.
     """
     contents = [read_contents(p) for p in sources]
     hidden_size = merged_hidden_size(contents, fingerprint)
@@ -90,28 +93,37 @@ def consolidate(sources: Sequence[Path], out: Path, fingerprint: dict[str, Any])
             "is free; free some space and rerun"
         )
     owner, skips = merge_rows(contents)
+    key_of = {u: contents[s].meta["key"][r] for u, (s, r) in owner.items()}
+    files, where = direct_files(sources, {u: s for u, (s, _) in owner.items()}, key_of)
+    by_file: dict[int, list[str]] = {}
+    for utt_id in sorted(owner):
+        by_file.setdefault(where[utt_id], []).append(utt_id)
     tmp = out.with_name(out.name + ".tmp")
     try:
         with h5py.File(tmp, "w") as dst:
             write_header(dst, fingerprint, hidden_size)
+            for name, value in (attrs or {}).items():
+                dst.attrs[name] = value
             feats, vads = dst.create_group(FEATURES), dst.create_group(VAD)
-            handles = [h5py.File(p, "r") for p in sources]
-            try:
-                for utt_id in sorted(owner):
-                    s, r = owner[utt_id]
-                    key = contents[s].meta["key"][r]
-                    handles[s].copy(handles[s][FEATURES][key], feats, name=key)
-                    handles[s].copy(handles[s][VAD][key], vads, name=key)
-            finally:
-                for h in handles:
-                    h.close()
+            for i, utt_ids in sorted(by_file.items()):
+                with h5py.File(files[i], "r") as src:
+                    for utt_id in utt_ids:
+                        key = key_of[utt_id]
+                        src.copy(src[FEATURES][key], feats, name=key)
+                        src.copy(src[VAD][key], vads, name=key)
             write_tables(dst, [_row(contents, *owner[u]) for u in sorted(owner)], skips)
         fsync_file(tmp)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise (disk_error(err, out) or err) from None
+        if disk_error(err, out):
+            raise CacheError(f"out of disk space while writing {out}; free some space and rerun "
+                             "(the sources are unchanged)") from None
+        raise
+    except BaseException:  # Ctrl-C: no torn copy left beside the cache
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -44,6 +44,7 @@ from cache.format import (
     CacheError,
     data_dir,
     describe_diff,
+    corpora,
     fingerprint_diff,
     lock_path,
     normalize_fingerprint,
@@ -54,13 +55,18 @@ from cache.format import (
 )
 from cache.lock import WriterLock
 from cache.merge import write_index
+from cache.pack import finish_pack
 from cache.parts import PART_GLOB, PART_NAME, Part, disk_error, layer_major, write_image
 from core.files import fsync_dir, fsync_file
 from core.records import Skip, Utterance, storable, unstorable
 
+UNRECORDED = "(not recorded)"  # the corpus of a manifest cache made before fingerprints named it
+# What a resuming or appending run may compare an utterance of its corpus with (stored_rows).
+ROW_FACTS = ("path", "audio_sha256", "duration", "speaker", "emotion", "valence", "arousal")
+
 PART_UTTERANCES = 64  # a kill loses at most this many finished utterances' work ...
 PART_BYTES = 128 << 20  # ... or this many bytes of features, whichever comes first
-QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the disk
+QUEUE_BYTES = 512 << 20  # add() blocks only when this much is waiting for the disk (with its encoded copies)
 # The float32 -> float16 cast is the writer's biggest CPU cost; numpy and torch release
 # the GIL while casting, so a few threads scale it (and the model thread never waits).
 ENCODE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
@@ -80,10 +86,11 @@ class CacheWriter:
         fingerprint: dict[str, Any],
         *,
         shard: tuple[int, int] | None = None,
-        part_utterances: int = PART_UTTERANCES,
-        part_bytes: int = PART_BYTES,
-        queue_bytes: int = QUEUE_BYTES,
+        part_utterances: int | None = None,
+        part_bytes: int | None = None,
+        queue_bytes: int | None = None,
         encode_threads: int = ENCODE_THREADS,
+        append: bool = False,
     ) -> None:
         base = Path(path)
         if parse_shard_name(base):
@@ -93,10 +100,14 @@ class CacheWriter:
         if shard:
             fp["shard"] = [shard[0], shard[1]]
         self.fingerprint = fp
+        self.append = append
         self.layers: tuple[int, ...] = tuple(int(x) for x in fp["layers"])
         self.dtype = np.dtype(fp["dtype"])
         self.hidden_size = int(fp.get("hidden_size", 0))
-        self.part_utterances, self.part_bytes, self.queue_bytes = part_utterances, part_bytes, queue_bytes
+        # None: the module's defaults, read now (so a test or a budget can change them)
+        self.part_utterances = PART_UTTERANCES if part_utterances is None else part_utterances
+        self.part_bytes = PART_BYTES if part_bytes is None else part_bytes
+        self.queue_bytes = QUEUE_BYTES if queue_bytes is None else queue_bytes
         self.parts = parts_dir(self.path)
         self.data = data_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,19 +139,24 @@ class CacheWriter:
         every part in `F.parts/`.
         """
         self.path.with_name(self.path.name + ".tmp").unlink(missing_ok=True)
-        self.parts.mkdir(exist_ok=True)
+        if self.path.is_file():
+            try:
+                finish_pack(self.path)  # a pack in place killed before it deleted what it absorbed
+            except (OSError, ValueError, TypeError):
+                pass  # not readable: read_contents below says how
         for tmp in self.parts.glob("*.tmp"):
             tmp.unlink()  # torn by a kill before its rename: its utterances are not done
         parts = sorted(self.parts.glob(PART_GLOB))
         data = sorted(self.data.glob(PART_GLOB)) if self.data.is_dir() else []
         for p in data + parts:
             if not PART_NAME.fullmatch(p.name):  # int() of its number would fail below
-                raise CacheDamaged(f"the cache is damaged: {p} is not a part this writer made (those are named "
-                                   f"part-NNNNNN.h5); move it out of {p.parent} and rerun")
+                raise CacheDamaged(p, "it is not a part this writer made (those are named part-NNNNNN.h5)",
+                                   f"move it out of {p.parent} and rerun")
         self._sources: list[Path] = ([self.path] if self.path.exists() else []) + data + parts
         self._next_part = 1 + max((int(p.stem.split("-")[1]) for p in data + parts), default=0)
         self.stored: set[str] = set()
         self._skips: dict[tuple[str, str], str] = {}  # (item, reason) -> detail
+        recorded: list[str] = []  # the corpora the cache was built from, in order
         for src in self._sources:
             try:
                 c = read_contents(src)
@@ -152,19 +168,55 @@ class CacheWriter:
             self._check_fingerprint(c.fingerprint, src)
             if c.hidden_size:
                 self._check_hidden(c.hidden_size, src)
+            recorded += [x for x in corpora(c.fingerprint) if x not in recorded]
             self.stored.update(c.utt_ids)
             for item, reason, detail in zip(*(c.skipped[k] for k in SKIP_COLUMNS)):
                 self._skips.setdefault((item, reason), detail)
         self.done: set[str] = set(self.stored) | {i for i, r in self._skips if r not in NOT_DONE_REASONS}
         self.resumed = bool(self._sources)
+        self.corpora = self._add_corpus(recorded)
+        self.parts.mkdir(exist_ok=True)  # only now: a refused cache is left as it was found
+
+    def stored_rows(self) -> dict[str, dict[str, Any]]:
+        """utt_id -> what the cache says of each stored utterance (ROW_FACTS), read from its files
+        again on demand (only a cache built from several corpora needs it, see extract.pipeline)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for src in self._sources:
+            c = read_contents(src)
+            for i, utt_id in enumerate(c.utt_ids):
+                rows.setdefault(utt_id, {k: c.meta[k][i] for k in ROW_FACTS})
+        return rows
 
     def _check_fingerprint(self, theirs: dict[str, Any], where: Path) -> None:
-        keys = fingerprint_diff(self.fingerprint, theirs)
+        """The same settings: every fingerprint key equal, except that `corpus` may differ (a cache
+        built from several corpora by appending; `_add_corpus` decides)."""
+        keys = fingerprint_diff(self.fingerprint, theirs, ignore=("corpus",))
         if keys:
+            ours = corpora(self.fingerprint)
+            if ours and not set(ours) <= set(corpora(theirs)):
+                keys = ["corpus", *keys]
             raise CacheError(
                 f"{where} was made with different settings ({describe_diff(keys, self.fingerprint, theirs)}); "
-                f"use another --out or delete it"
+                "use another --out (that cache stays as it is)"
             )
+
+    def _add_corpus(self, recorded: list[str]) -> list[str]:
+        """The corpora the cache records once this run is in it. A corpus the cache was not built
+        from is refused unless this is an append, which adds it (and its rows) to the list."""
+        ours = corpora(self.fingerprint)
+        if not ours or not self._sources:  # a writer without corpora, or a new cache
+            return ours
+        recorded = recorded or [UNRECORDED]  # a manifest cache made before `corpus` was recorded
+        new = [x for x in ours if x not in recorded]
+        if new and not self.append:
+            shown = recorded[0] if len(recorded) == 1 else recorded
+            raise CacheError(
+                f"{self.path} was made from another corpus (corpus: {shown!r} (cache) vs {new[0]!r} (now)); to add "
+                "this corpus's rows to it, rerun with --append (same model and settings), else use another --out"
+            )
+        mine = recorded + new
+        self.fingerprint["corpus"] = mine[0] if len(mine) == 1 else mine
+        return mine
 
     def _check_hidden(self, size: int, where: Any) -> None:
         if self.hidden_size and size != self.hidden_size:
@@ -173,8 +225,10 @@ class CacheWriter:
 
     # -- the model thread's side ------------------------------------------------------
 
-    def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool) -> None:
-        """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool."""
+    def add(self, utt: Utterance, features: np.ndarray, vad: np.ndarray, *, duration: float, truncated: bool,
+            audio_sha256: str = "") -> None:
+        """Queue one utterance. features (T, L, D) float32/float16, vad (4, T) bool; `audio_sha256`
+        identifies the samples the features were computed from (see extract.loading)."""
         self._raise_pending()
         if not utt.utt_id:
             raise ValueError(f"an utterance without an id cannot be stored ({utt.path})")
@@ -199,12 +253,15 @@ class CacheWriter:
             "emotion": utt.emotion or "", "path": str(utt.path), "dataset": utt.dataset, "split": utt.split,
             "valence": float(utt.valence), "arousal": float(utt.arousal), "duration": float(duration),
             "n_frames": int(t), "truncated": bool(truncated), "float32_fallback": False,
+            "audio_sha256": audio_sha256,
         }
         self.stored.add(utt.utt_id)
         self.done.add(utt.utt_id)
         self.n_added += 1
         encoded = self._encoder.submit(self._encode, row, features)
-        self._put(("utt", row, encoded, vad.astype(bool)), features.nbytes)
+        # the features as given, plus the storage-dtype copy the encoder makes of them
+        held = features.nbytes + features.size * self.dtype.itemsize + vad.size
+        self._put(("utt", row, encoded, vad.astype(bool)), held)
 
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         """Record an item not stored, with a SKIP_REASONS key; recording it twice is a no-op."""
@@ -255,11 +312,11 @@ class CacheWriter:
                 raise self._error
             parts = sorted(self.parts.glob(PART_GLOB))
             data = sorted(self.data.glob(PART_GLOB)) if self.data.is_dir() else []
-            linked = set(cache_files(self.path)[1:]) if self.path.exists() else set()
+            linked = self._linked()
             if not self.path.exists() and not data and len(parts) == 1:
                 os.replace(parts[0], self.path)  # already a complete cache: no copy
-            elif parts or set(data) != linked:  # new parts, or data files a kill left unlinked
-                self._link(parts)
+            elif parts or not set(data) <= set(linked):  # new parts, or data files a kill left unlinked
+                self._link(parts, linked)
             elif not self.path.exists():
                 self._empty_cache()
             try:
@@ -273,8 +330,14 @@ class CacheWriter:
             self._lock.release()
         return self.path
 
-    def _link(self, parts: list[Path]) -> None:
-        """Move `parts` into F.data/ (renames) and write F.h5 as the index over every data file."""
+    def _linked(self) -> list[Path]:
+        """The data files the existing F.h5 links (none for a self-contained file or no file). Usually
+        F.data/*, but an index renamed without its folder (G.h5 beside F.data/) links F.data/*."""
+        return cache_files(self.path)[1:] if self.path.exists() else []
+
+    def _link(self, parts: list[Path], linked: list[Path]) -> None:
+        """Move `parts` into F.data/ (renames) and write F.h5 as the index over every data file
+        (those in F.data/ and those the old index linked, wherever they are)."""
         self.data.mkdir(exist_ok=True)
         if self.path.exists() and not is_index(self.path):
             # A self-contained F.h5 (a one-part run, or a cache from before links) becomes a
@@ -294,7 +357,8 @@ class CacheWriter:
             os.replace(p, self.data / p.name)
         fsync_dir(self.data)
         fsync_dir(self.parts)
-        write_index(sorted(self.data.glob(PART_GLOB)), self.path, self.fingerprint)
+        files = {p.resolve(): p for p in [*linked, *self.data.glob(PART_GLOB)]}
+        write_index(sorted(files.values()), self.path, self.fingerprint)
 
     def abort(self) -> None:
         """Keep every finished utterance in parts (a rerun completes the cache); no merge."""

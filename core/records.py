@@ -21,6 +21,13 @@ from core.errors import UserError
 # The paper's four classes, in the order used for class indices everywhere.
 CLASSES_4: tuple[str, ...] = ("angry", "happy", "neutral", "sad")
 
+
+def parse_classes(classes: str | tuple[str, ...]) -> tuple[str, ...]:
+    """`--classes "Angry, happy"` -> ("angry", "happy"); the readers check the names."""
+    if not isinstance(classes, str):
+        return tuple(classes)
+    return tuple(c.strip().lower() for c in classes.split(",") if c.strip())
+
 # Every reason a reader or the extractor may give for skipping an item.
 SKIP_REASONS: dict[str, str] = {
     "missing_audio": "the audio file named by the annotation does not exist",

@@ -8,6 +8,7 @@ torch or h5py: spawned workers import only what decoding needs.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
@@ -32,6 +33,7 @@ class Loaded:
     samples: np.ndarray  # (N,) float32, 16 kHz
     vad: np.ndarray  # (4, T) bool on the backend's grid
     truncated: bool
+    sha256: str = ""  # of the samples' float32 bytes: what an appended row is compared by (cache.writer)
 
     @property
     def seconds(self) -> float:
@@ -56,7 +58,13 @@ def load_item(utt: Utterance, max_seconds: float, grid: FrameGrid) -> Loaded | F
     if grid.n_frames(n) == 0:
         detail = f"{n} samples, the backend's frame needs {grid.window}"
         return Failed(utt, "too_short", detail, f"{utt.path}: {SKIP_REASONS['too_short']} ({detail})")
-    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated)
+    return Loaded(utt, audio.samples, vad_masks(audio.samples, grid), audio.truncated, audio_sha256(audio.samples))
+
+
+def audio_sha256(samples: np.ndarray) -> str:
+    """SHA-256 of the samples the model sees (16 kHz float32, after truncation): the same audio in
+    another file or format gives the same digest; a few ms per minute of audio."""
+    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
 class _Threads(ThreadPoolExecutor):
@@ -76,22 +84,43 @@ def audio_executor(workers: int) -> Executor:
 
 
 def prefetch(batches: list[list[Utterance]], executor: Executor, max_seconds: float, grid: FrameGrid,
-             ahead: int = PREFETCH_BATCHES) -> Iterator[list[Loaded | Failed]]:
-    """Yield each batch's loaded items in order while the next `ahead` batches load."""
-    pending: deque[list[Future]] = deque()
-    upcoming = iter(batches)
+             ahead: int = PREFETCH_BATCHES, sizes: Sequence[int] | None = None,
+             budget: int | None = None) -> Iterator[list[Loaded | Failed]]:
+    """Yield each batch's loaded items in order while up to `ahead` next batches load.
 
-    def submit_next() -> None:
-        batch = next(upcoming, None)
-        if batch is not None:
-            pending.append([executor.submit(load_item, u, max_seconds, grid) for u in batch])
+    With `sizes` (each batch's decoded bytes, estimated) and `budget`, the batches loaded or
+    loading beyond the one being consumed hold at most `budget` bytes (at least one batch is
+    always ahead, however large), so long batches do not multiply the audio held in RAM.
+    """
+    pending: deque[tuple[list[Future], int]] = deque()
+    upcoming = iter(zip(batches, sizes if sizes is not None else [0] * len(batches)))
+    held = 0  # bytes of the batches in `pending`
+    waiting: tuple[list[Utterance], int] | None = None
 
-    for _ in range(ahead + 1):
-        submit_next()
+    def fill() -> None:
+        nonlocal held, waiting
+        while len(pending) <= ahead:
+            waiting = waiting or next(upcoming, None)
+            if waiting is None:
+                return
+            batch, size = waiting
+            if pending and budget is not None and held + size > budget:
+                return  # the budget is full: load it once a batch ahead of it is consumed
+            pending.append(([executor.submit(load_item, u, max_seconds, grid) for u in batch], size))
+            held += size
+            waiting = None
+
+    fill()
     while pending:
-        futures = pending.popleft()
-        submit_next()
+        futures, size = pending.popleft()
+        held -= size
+        fill()
         yield [f.result() for f in futures]
+
+
+def decoded_bytes(samples: int) -> int:
+    """RAM one loaded utterance of `samples` 16 kHz samples holds: float32 samples + 4 VAD masks."""
+    return 4 * samples + samples // 80 + 1024
 
 
 def load_corpus(utterances: Sequence[Utterance], grid: FrameGrid, max_seconds: float, *, workers: int = 0,

@@ -7,8 +7,9 @@ Three stages run at once:
     (a thread, or worker      (`streams` threads, each   (bounded queue, see
      processes; look-ahead)    with its torch threads)    cache.writer)
 
-Memory is bounded by the look-ahead (a few batches of audio), the batches in the
-streams and the writer's queue, never by the corpus size.
+Memory is bounded, never by the corpus size: `--buffer-mb` (ExtractConfig.budget) splits
+one budget between the audio decoded ahead, the writer's queue and the part it builds;
+the model streams hold their batches; oneDNN's per-shape cache is off (extract.backends).
 
 The policy is per device (`default_policy`, measured in bench/extract.py and the
 bench/results/extract-cpu.md): on a CPU, one utterance per forward in one stream per core,
@@ -32,26 +33,25 @@ retried one utterance at a time to find it) becomes a skip with its reason.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.choices import spoken
-from core.devices import AMP_MODES
-from core.errors import UserError
 from core.frames import SAMPLE_RATE
-from core.records import Corpus
+from core.records import Corpus, Utterance
 from extract.audio import RESAMPLE_QUALITY
-from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, prefetch
-from extract.models import DEFAULT_MODEL, model_slug
+from extract.config import ExtractConfig, ExtractError, parse_shard
+from extract.loading import PREFETCH_BATCHES, Failed, Loaded, audio_executor, decoded_bytes, prefetch
+from extract.models import model_slug
 from extract.planning import (Batch, Policy, default_policy, estimate_samples, plan_corpus, select_shard,
                               select_shard_skips)
 from extract.progress import progress_bar
@@ -64,10 +64,6 @@ if TYPE_CHECKING:
 # features is broken, not unlucky: stop instead of skipping the whole corpus.
 # Utterances that already failed in an earlier run (and are retried) do not count.
 MAX_ERRORS_BEFORE_FIRST_SUCCESS = 8
-
-
-class ExtractError(UserError):
-    """An extraction that cannot go on (strict mode, or a model that fails on everything)."""
 
 
 # --------------------------------------------------------------------------- the fingerprint
@@ -146,67 +142,62 @@ class _Tally:
     model_errors_before_success: int = 0
     # model_error skips of an earlier run, retried now: failing again says nothing new about the model
     retried: set[str] = field(default_factory=set)
+    in_cache: int = 0  # utterances of this corpus (shard) the cache held before this run
 
 
 
 
 
 
-def extract_corpus(
-    corpus: Corpus,
-    out: str | Path,
-    backend: Backend,
-    *,
-    max_seconds: float,
-    batch_seconds: float | None = None,
-    workers: int | None = None,
-    streams: int | None = None,
-    shard: tuple[int, int] | None,
-    progress: bool = True,
-    strict: bool = False,
-    dtype: str = "float16",
-    env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Extract every utterance of `corpus` (of shard (i, n), 0-based) into the cache at `out`.
+def extract_corpus(corpus: Corpus, out: str | Path, backend: Backend, config: ExtractConfig, *,
+                   progress: bool = True, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Extract every utterance of `corpus` (of the config's shard) into the cache at `out`.
 
     Resumes a cache with the same fingerprint (utterances already stored or skipped
-    are not stored again). `batch_seconds`, `workers` and `streams` default to the
+    are not stored again). `batch_seconds`, `workers` and `streams` left None take the
     device's measured policy (`default_policy`; batch_seconds 0 = one utterance per
-    forward, workers 0 = audio loaded in a thread). Returns a summary (see `summarize`).
+    forward, workers 0 = audio loaded in a thread); `max_seconds` None takes the
+    dataset's. `model`, `layers`, `device` and `amp` are the backend's (`run_extract`
+    loads it). Returns a summary (see `summarize`).
     """
     from cache.format import RETRIED_REASONS
     from cache.writer import CacheWriter  # h5py only in the parent, never in the workers
 
-    if batch_seconds is not None and not batch_seconds >= 0:
-        raise ExtractError(f"--batch-seconds must be >= 0 (0 = one utterance per forward), got {batch_seconds}")
-    if streams is not None and streams < 1:
-        raise ExtractError(f"--streams must be at least 1, got {streams}")
-    if workers is not None and workers < 0:
-        raise ExtractError(f"--workers must be >= 0 (0 = audio in a thread), got {workers}")
+    config.validate()
+    env = dict(os.environ) if env is None else env
+    max_seconds = resolved_max_seconds(config, corpus.name)
+    shard = parse_shard(config.shard, env)
     started = time.perf_counter()
-    policy = default_policy(backend, dict(os.environ) if env is None else env, batch_seconds=batch_seconds,
-                            streams=streams, workers=workers)
+    policy = default_policy(backend, env, batch_seconds=config.batch_seconds, streams=config.streams,
+                            workers=config.workers)
     if hasattr(backend, "one_per_forward"):  # the fingerprint says how batches were formed
         backend.one_per_forward = policy.batch_seconds == 0
     tally = _Tally()
-    fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=dtype)
-    with CacheWriter(out, fp, shard=shard) as writer:
+    fp = fingerprint(corpus, backend, max_seconds=max_seconds, dtype=config.dtype)
+    budget = config.budget()
+    with CacheWriter(out, fp, shard=shard, append=config.append, part_bytes=budget.part,
+                     queue_bytes=budget.queue) as writer:
+        mine = select_shard(corpus.utterances, shard)
+        if len(writer.corpora) > 1:  # a cache built from several corpora: an id already there must be the same
+            check_existing(mine, writer.stored_rows(), max_seconds, writer.path)  # before anything is written
         already = len(writer.done)
         tally.retried = {s.item for s in writer.skipped if s.reason in RETRIED_REASONS}
+        tally.in_cache = sum(u.utt_id in writer.done for u in mine)
         for s in select_shard_skips(corpus, shard):
-            writer.skip(s.item, s.reason, s.detail)
-        mine = select_shard(corpus.utterances, shard)
+            if s.item not in writer.stored or s.reason == "duplicate_id":  # else the cache holds it (an earlier
+                writer.skip(s.item, s.reason, s.detail)                  # run or corpus): not a skip of the cache
         with ThreadPoolExecutor(max_workers=8) as headers:  # file headers: I/O-bound, threads suffice
             lengths = list(headers.map(lambda u: estimate_samples(u, max_seconds), mine))
         batches = plan_corpus(mine, lengths, policy.batch_seconds, set(writer.done))
         todo = [n for u, n in zip(mine, lengths) if u.utt_id not in writer.done]
-        estimate = {u.utt_id: n / SAMPLE_RATE for u, n in zip(mine, lengths)}  # the bar's unit
+        samples = {u.utt_id: n for u, n in zip(mine, lengths)}
+        estimate = {u: n / SAMPLE_RATE for u, n in samples.items()}  # the bar's unit
         # closing(): an error in _apply stops the loaders and streams at once, not at garbage collection
         with progress_bar(progress, len(todo), sum(todo) / SAMPLE_RATE) as bar, \
-                closing(_run(batches, backend, policy, max_seconds)) as results:
+                closing(_run(batches, backend, policy, max_seconds, samples, budget.audio)) as results:
             loop_started = time.perf_counter()
             for batch, outcomes in results:
-                written = _apply(batch, outcomes, writer, tally, strict)
+                written = _apply(batch, outcomes, writer, tally, config.strict)
                 bar.advance(len(written), sum(estimate[u] for u in written))
             loop_seconds = time.perf_counter() - loop_started
         path = writer.close()
@@ -218,9 +209,10 @@ def extract_corpus(
                      loop_seconds=loop_seconds, model=backend.name, policy=policy)
 
 
-def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: float
-         ) -> Generator[tuple[Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
-    """Load and compute the plan; yield each batch's items and outcomes in plan order."""
+def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: float, samples: dict[str, int],
+         audio_budget: int) -> Generator[tuple[Batch, tuple[list[Loaded | Failed], list[_Outcome]]], None, None]:
+    """Load and compute the plan; yield each batch's items and outcomes in plan order. The audio
+    decoded ahead of the model holds at most `audio_budget` bytes (`samples`: estimated lengths)."""
     import torch
 
     main_threads = torch.get_num_threads()
@@ -229,8 +221,9 @@ def _run(batches: list[Batch], backend: Backend, policy: Policy, max_seconds: fl
                                initargs=(policy.threads,))
     running: deque[tuple[Batch, list[Loaded | Failed], Future]] = deque()
     try:
+        sizes = [sum(decoded_bytes(samples[u.utt_id]) for u in b.utts) for b in batches]
         loaded = prefetch([b.utts for b in batches], loaders, max_seconds, backend.grid,
-                          ahead=PREFETCH_BATCHES * policy.streams)
+                          ahead=PREFETCH_BATCHES * policy.streams, sizes=sizes, budget=audio_budget)
         for batch, items in zip(batches, loaded):
             running.append((batch, items, model.submit(_compute, items, backend)))
             if len(running) > policy.streams:  # every stream busy and one batch waiting
@@ -278,7 +271,7 @@ def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], w
         # the backend's grid and the VAD's grid are the same object; a mismatch is a bug, not bad input
         f = o.features
         assert f.shape[0] == it.vad.shape[1], f"{it.utt.utt_id}: {f.shape[0]} frames vs VAD {it.vad.shape[1]}"
-        writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated)
+        writer.add(it.utt, f, it.vad, duration=it.seconds, truncated=it.truncated, audio_sha256=it.sha256)
         tally.written += 1
         tally.audio_seconds += it.seconds
     return handled
@@ -287,6 +280,66 @@ def _apply(batch: Batch, result: tuple[list[Loaded | Failed], list[_Outcome]], w
 def _skip(writer: Any, tally: _Tally, item: str, reason: str, detail: str) -> None:
     writer.skip(item, reason, detail)
     tally.skipped[reason] += 1
+
+
+# --------------------------------------------------------------------------- appending
+
+
+def check_existing(utts: list[Utterance], rows: dict[str, dict[str, Any]], max_seconds: float, path: Path) -> None:
+    """Refuse (ExtractError, before anything is written) utterances whose utt_id the cache holds
+    as a different utterance: other labels, or other audio. The same file path counts as the same
+    audio (as a resume assumes); another path is decoded and compared by the SHA-256 of its
+    samples (by its length in samples for rows stored before the digest was recorded)."""
+    from extract.audio import AudioError, load_audio
+    from extract.loading import audio_sha256
+
+    conflicts: list[tuple[str, str]] = []
+    to_decode = []
+    for u in utts:
+        row = rows.get(u.utt_id)
+        if row is None:
+            continue
+        labels = _label_difference(u, row)
+        if labels:
+            conflicts.append((u.utt_id, f"other labels ({labels})"))
+        elif str(u.path) != row["path"]:
+            to_decode.append((u, row))
+
+    def same_audio(item: tuple[Utterance, dict[str, Any]]) -> str | None:
+        u, row = item
+        try:
+            samples = load_audio(u.path, start=u.start, end=u.end, max_seconds=max_seconds).samples
+        except AudioError as err:
+            return f"audio that cannot be compared ({err.reason})"
+        if row["audio_sha256"]:
+            same = audio_sha256(samples) == row["audio_sha256"]
+        else:  # stored before digests were: the sample count is what is left to compare
+            same = len(samples) / SAMPLE_RATE == row["duration"]
+        return None if same else f"other audio ({u.path} vs {row['path']} in the cache)"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding: soundfile and soxr release the GIL
+        for (u, _), problem in zip(to_decode, pool.map(same_audio, to_decode)):
+            if problem:
+                conflicts.append((u.utt_id, problem))
+    if conflicts:
+        utt_id, problem = sorted(conflicts)[0]
+        raise ExtractError(
+            f"{len(conflicts)} utterance(s) of this corpus are already in {path} as different utterances "
+            f"(e.g. {utt_id!r}: {problem}); give them other utt_ids, or use another --out"
+        )
+
+
+def _label_difference(u: Utterance, row: dict[str, Any]) -> str:
+    """`emotion 'sad' (cache) vs 'angry' (now)` for the first label that differs, else ""."""
+    ours = {"speaker": u.speaker, "emotion": u.emotion or "", "valence": float(u.valence), "arousal": float(u.arousal)}
+    for name, value in ours.items():
+        theirs = row[name]
+        if isinstance(value, float):
+            if not (value == theirs or (math.isnan(value) and math.isnan(theirs))):
+                return f"{name} {theirs!r} (cache) vs {value!r} (now)"
+        elif value != theirs:
+            return f"{name} {theirs!r} (cache) vs {value!r} (now)"
+    return ""
 
 
 def _free_accelerator_memory() -> None:
@@ -308,6 +361,7 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
               loop_seconds: float, model: str, policy: Policy) -> dict[str, Any]:
     """What this run did, and what the cache (or shard) file now holds, read back from it."""
     from cache.contents import cache_bytes, read_contents  # reads one file, shard or not
+    from cache.format import corpora
 
     contents = read_contents(path)
     return {
@@ -325,27 +379,13 @@ def summarize(path: Path, tally: _Tally, writer: Any, *, already: int, todo: int
         "policy": policy.describe(),
         "compute_dtype": str(contents.fingerprint.get("compute_dtype", "float32")),
         "cache_utterances": len(contents.utt_ids),
+        "corpora": corpora(contents.fingerprint),
+        "corpus_in_cache_before": tally.in_cache,
         "cache_skipped": dict(sorted(Counter(contents.skipped["reason"]).items())),
     }
 
 
 # --------------------------------------------------------------------------- the `cli extract` entry
-
-
-def parse_shard(spec: str | None, env: dict[str, str]) -> tuple[int, int] | None:
-    """`--shard i/n` (1-based, 1 <= i <= n) -> (i - 1, n); without it, torchrun's RANK/WORLD_SIZE."""
-    if spec is None:
-        world = int(env.get("WORLD_SIZE", "1") or 1)
-        return (int(env.get("RANK", "0") or 0), world) if world > 1 else None
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ExtractError(f"--shard must look like i/n (e.g. 1/4), got {spec!r}") from None
-    if not 1 <= i <= n:
-        raise ExtractError(f"--shard {spec}: i must be between 1 and n")
-    return (i - 1, n) if n > 1 else None
-
-
 
 
 def compute_dtype(amp: str, out: Path) -> str:
@@ -367,43 +407,42 @@ def default_out(corpus: Corpus, model: str) -> Path:
     return Path("features") / f"{corpus_slug(corpus)}-{model_slug(model)}.h5"
 
 
-def run_extract(dataset: str, root: str | Path, *, out: str | Path | None = None, model: str = DEFAULT_MODEL,
-                layers: str = "all", max_seconds: float | None = None,
-                batch_seconds: float | None = None, device: str = "auto", dtype: str = "float16",
-                amp: str = "auto", workers: int | None = None, streams: int | None = None,
-                shard: str | None = None, strict: bool = False,
-                classes: Sequence[str] | None = None, progress: bool = True,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`cli extract`: read the corpus, load the backend, extract; returns the summary."""
-    from cache.format import DTYPES, shard_path
-    from core.records import CLASSES_4
+def resolved_max_seconds(config: ExtractConfig, dataset: str) -> float:
+    """The config's --max-seconds, or the dataset's default truncation when it gives none."""
+    from extract.corpora import default_max_seconds
+
+    return default_max_seconds(dataset) if config.max_seconds is None else float(config.max_seconds)
+
+
+def run_extract(dataset: str, root: str | Path, config: ExtractConfig | None = None, *,
+                out: str | Path | None = None, progress: bool = True, env: dict[str, str] | None = None,
+                **settings: Any) -> dict[str, Any]:
+    """`cli extract`: read the corpus, load the backend, extract; returns the summary.
+
+    `settings` are ExtractConfig fields given by name, a shorthand for (or changes to)
+    `config`: `run_extract("manifest", csv, out=F, model="fbank", workers=0)`.
+    """
+    from cache.format import shard_path
     from extract.backends import load_backend
-    from extract.corpora import default_max_seconds, read_corpus
+    from extract.corpora import read_corpus
     from extract.models import parse_layers
 
+    config = replace(config or ExtractConfig(), **settings).validate()
     env = dict(os.environ) if env is None else env
-    if dtype not in DTYPES:
-        raise ExtractError(f"--dtype is the storage dtype: {spoken(list(DTYPES))}, got {dtype!r}")
-    AMP_MODES.check(amp)
-    shard_ = parse_shard(shard, env)
+    shard = parse_shard(config.shard, env)
+    device = config.device
     if device == "auto" and "LOCAL_RANK" in env:
         import torch
 
         if torch.cuda.is_available():  # one GPU per torchrun rank
             device = f"cuda:{int(env['LOCAL_RANK'])}"
-    max_s = default_max_seconds(dataset) if max_seconds is None else float(max_seconds)
-    if max_s < 0:
-        raise ExtractError(f"--max-seconds must be >= 0 (0 = no truncation), got {max_s}")
-    corpus = read_corpus(dataset, root, classes=tuple(classes or CLASSES_4), strict=strict)
-    out_path = Path(out) if out is not None else default_out(corpus, model)
-    written = shard_path(out_path, shard_) if shard_ else out_path  # the file CacheWriter resumes
-    backend = load_backend(model, layers=parse_layers(layers), device=device,
-                           dtype=compute_dtype(amp, written))
-    summary = extract_corpus(
-        corpus, out_path, backend,
-        max_seconds=max_s, batch_seconds=batch_seconds, workers=workers, streams=streams,
-        shard=shard_, progress=progress, strict=strict, dtype=dtype, env=env,
-    )
+    resolved_max_seconds(config, dataset)  # an unknown dataset is named before the corpus is read
+    corpus = read_corpus(dataset, root, classes=tuple(config.classes), strict=config.strict)
+    out_path = Path(out) if out is not None else default_out(corpus, config.model)
+    written = shard_path(out_path, shard) if shard else out_path  # the file CacheWriter resumes
+    backend = load_backend(config.model, layers=parse_layers(config.layers), device=device,
+                           dtype=compute_dtype(config.amp, written))
+    summary = extract_corpus(corpus, out_path, backend, config, progress=progress, env=env)
     summary["reader_skipped"] = corpus.skip_counts()
     return summary
 
@@ -428,6 +467,9 @@ def summary_table(summary: dict[str, Any]):
         ("skipped", ", ".join(f"{r} {n}" for r, n in skipped.items()) if skipped else "none"),
         ("reader skipped", ", ".join(f"{r} {n}" for r, n in summary.get("reader_skipped", {}).items()) or "none"),
         ("already in cache", f"{summary['resumed_from']:,}"),
+        *([("corpora", ", ".join(summary["corpora"]) + f" ({summary['corpus_in_cache_before']:,} utterances of this "
+                                                         "one were in the cache before)")]
+          if len(summary.get("corpora", ())) > 1 else []),
         ("speed", f"{summary['x_real_time']:.1f}x real time ({summary['seconds']:.1f} s in all)"),
         ("policy", summary["policy"]),
         ("precision", precision_line(summary.get("compute_dtype", "float32"))),

@@ -79,6 +79,7 @@ def prepare_out(out: Path) -> None:
 def run_demo(out: str | Path, config: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the demo into `out`; returns what it wrote to OUT/demo.json."""
     from extract.backends import tiny_wavlm
+    from extract.config import ExtractConfig
     from extract.pipeline import run_extract
     from extract.synthetic import generate
     from heads.evaluate.plots import write_run_plots
@@ -106,8 +107,8 @@ def run_demo(out: str | Path, config: DemoConfig, console: Console | None = None
     caches: dict[str, Path] = {}
     for name in config.backends:
         console.print(f"[bold]2/4[/bold] extracting {name}: {BACKENDS[name]}")
-        summary = run_extract("manifest", manifest, out=out / "features" / f"{name}.h5", model=models[name],
-                              progress=True, workers=0)
+        summary = run_extract("manifest", manifest, ExtractConfig(model=models[name], workers=0),
+                              out=out / "features" / f"{name}.h5", progress=True)
         caches[name] = Path(summary["out"])
 
     train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, ensemble=config.ensemble)

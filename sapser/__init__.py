@@ -3,7 +3,7 @@
 One importable name over the repository's libraries (extract/, cache/, heads/);
 the `cli` commands are thin wrappers over these same functions:
 
-    extract(dataset, root, out=..., model=...)     cli extract      features + VAD masks into a cache
+    extract(dataset, root, ExtractConfig(...))     cli extract      features + VAD masks into a cache
     FeatureCache(path)                             cli info         read a cache (features, masks, meta)
     train_folds(cache, TrainConfig(...), folds=)   cli train-head   train and test folds into a run folder
     ablate(cache, TrainConfig(...))                cli ablate       GAP, SAP and SR over all folds
@@ -12,6 +12,8 @@ the `cli` commands are thin wrappers over these same functions:
     run_finetune(dataset, root, config, settings)  cli finetune     end-to-end fine-tuning
     read_corpus(dataset, root) + plan_folds(...)   cli manifest     a corpus and its fold plan
 
+`extract` takes the cache path as `out=`, and ExtractConfig's fields by name as well:
+`extract(dataset, root, out=..., model=...)`.
 Everything a user can get wrong raises `UserError` (one-sentence message).
 In a script, call `extract` (which starts worker processes) under
 `if __name__ == "__main__":`, or pass `workers=0`.
@@ -25,6 +27,7 @@ from cache.reader import FeatureCache
 from core.errors import UserError
 from core.folds import PROTOCOLS, Fold
 from core.folds import plan as plan_folds
+from extract.config import ExtractConfig
 from extract.corpora import read_corpus
 from extract.pipeline import run_extract as extract
 from heads.config import FinetuneSettings
@@ -41,7 +44,7 @@ except PackageNotFoundError:  # a source checkout without `pip install -e .`
     __version__ = "unknown"
 
 __all__ = [
-    "PROTOCOLS", "Ensemble", "FeatureCache", "FinetuneSettings", "Fold", "Prediction", "Predictor", "TrainConfig",
-    "UserError", "ablate", "extract", "load_predictor", "load_run", "plan_folds", "read_corpus", "run_finetune",
+    "PROTOCOLS", "Ensemble", "ExtractConfig", "FeatureCache", "FinetuneSettings", "Fold", "Prediction", "Predictor",
+    "TrainConfig", "UserError", "ablate", "extract", "load_predictor", "load_run", "plan_folds", "read_corpus", "run_finetune",
     "summarize_run", "train_folds",
 ]

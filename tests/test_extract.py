@@ -22,6 +22,7 @@ from core.devices import autocast_dtype, cpu_has_native_bf16
 from core.frames import FrameGrid
 from extract.audio import load_audio
 from extract.backends import load_backend
+from extract.config import ExtractConfig
 from extract.corpora import read_corpus
 from extract.pipeline import ExtractError, compute_dtype, extract_corpus, parse_shard, run_extract
 from extract.planning import plan_batches, select_shard
@@ -76,9 +77,11 @@ def tiny(tiny_dir):
 
 
 def run(corpus, out, backend, **kw):
-    options = dict(max_seconds=0.0, batch_seconds=3.0, workers=0, shard=None, progress=False)
+    options = dict(max_seconds=0.0, batch_seconds=3.0, workers=0, shard=None)
     options.update(kw)
-    return extract_corpus(corpus, out, backend, **options)
+    shard = options.pop("shard")  # (i, n) counted from 0, as the writer's
+    config = ExtractConfig(**options, shard=None if shard is None else f"{shard[0] + 1}/{shard[1]}")
+    return extract_corpus(corpus, out, backend, config, progress=False)
 
 
 def cache_arrays(path):

@@ -15,6 +15,7 @@ import soundfile as sf
 
 from cache.reader import FeatureCache
 from extract.backends import load_backend
+from extract.config import ExtractConfig
 from extract.corpora import read_corpus
 from extract.pipeline import extract_corpus
 from extract.planning import Policy, default_policy, plan_batches
@@ -84,7 +85,7 @@ def test_the_cpu_default_runs_each_utterance_alone_without_measuring_padding(tmp
     calls = []
     real_run = tiny._run
     tiny._run = lambda waves: (calls.append(len(waves)), real_run(waves))[1]  # one forward
-    summary = extract_corpus(corpus, tmp_path / "c.h5", tiny, max_seconds=0.0, shard=None, progress=False,
+    summary = extract_corpus(corpus, tmp_path / "c.h5", tiny, ExtractConfig(max_seconds=0.0), progress=False,
                              env={})
     assert tiny._pads is None  # the padding measurement never ran: nothing is padded
     assert set(calls) == {1} and len(calls) == 24
@@ -98,8 +99,8 @@ def test_two_streams_are_deterministic(tmp_path, corpus_csv, tiny_dir):
     tiny = load_backend(str(tiny_dir), layers=None, device="cpu", dtype="float32")
     runs = []
     for k in range(2):
-        extract_corpus(corpus, tmp_path / f"{k}.h5", tiny, max_seconds=0.0, shard=None, progress=False,
-                       streams=2, dtype="float32")
+        extract_corpus(corpus, tmp_path / f"{k}.h5", tiny, ExtractConfig(max_seconds=0.0, streams=2, dtype="float32"),
+                       progress=False)
         runs.append(stored(tmp_path / f"{k}.h5")[0])
     assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 24
     assert all(np.array_equal(runs[0][u], runs[1][u]) for u in runs[0])
@@ -110,7 +111,7 @@ def test_a_resumed_padded_run_is_bit_identical(tmp_path, corpus_csv, tiny_dir):
     exactly as an uninterrupted run would (float32 storage: any other padding shows)."""
     corpus = read_corpus("manifest", corpus_csv)
     tiny = load_backend(str(tiny_dir), layers=None, device="cpu", dtype="float32")
-    opts = dict(max_seconds=0.0, shard=None, progress=False, batch_seconds=4.0, dtype="float32")
+    opts = dict(config=ExtractConfig(max_seconds=0.0, batch_seconds=4.0, dtype="float32"), progress=False)
     extract_corpus(corpus, tmp_path / "whole.h5", tiny, **opts)
     whole, _ = stored(tmp_path / "whole.h5")
 
