@@ -15,10 +15,11 @@ import json
 import pickle
 import signal
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, get_type_hints
 
+import click
 import typer
 from rich.console import Console
 
@@ -29,7 +30,8 @@ from core.interrupts import signals_interrupt, stopped
 from core.records import CLASSES_4, parse_classes
 from extract.config import ExtractConfig
 from extract.corpora import DATASETS
-from heads.config import AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config, parse_ensemble
+from heads.config import (AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config,
+                          parse_ensemble, recipe_of)
 from heads.demo import DemoConfig
 from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
 
@@ -116,10 +118,18 @@ class Settings:
         shown = (",".join(default) if isinstance(default, tuple) else str(default)) if meta.get("parse") else default
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=shown, annotation=Annotated[kind, option])
 
-    def build(self, options: dict[str, Any]) -> Any:
+    def build(self, options: dict[str, Any], given: set[str]) -> Any:
+        """The settings object from the options. With a recipe other than "default" (`--recipe`), the
+        recipe's values replace the command's defaults and only the options given on the command line
+        (`given`) override them."""
         parsed = {f.name: f.metadata["parse"](options[f.name]) if f.metadata.get("parse") else options[f.name]
                   for f in self.fields()}
-        return (self.make or self.cls)(**parsed)
+        make = self.make or self.cls
+        recipe = parsed.get("recipe", "default")
+        if recipe == "default":
+            return make(**parsed)
+        explicit = {k: v for k, v in parsed.items() if k in given and k != "recipe"}
+        return make(**{**recipe_of(recipe), **explicit, "recipe": recipe})
 
 
 def takes(*groups: Settings) -> Callable[[Callable], Callable]:
@@ -139,8 +149,11 @@ def takes(*groups: Settings) -> Callable[[Callable], Callable]:
 
         @functools.wraps(fn)
         def command(**options: Any) -> Any:
+            ctx = click.get_current_context(silent=True)
+            given = {n for n in options if ctx is not None and ctx.get_parameter_source(n) is not None
+                     and ctx.get_parameter_source(n).name not in ("DEFAULT", "DEFAULT_MAP")}
             for g in groups:
-                options[g.param] = g.build({n: options.pop(n) for n in names[g.param]})
+                options[g.param] = g.build({n: options.pop(n) for n in names[g.param]}, given)
             return fn(**options)
 
         command.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
@@ -384,7 +397,7 @@ def baseline(
 
 # Fine-tuning takes the head's settings at the paper's fine-tuning values (heads.config.finetune_config);
 # the input statistics, layer mix, ensembles and step minimum are for heads on a cache.
-FINETUNE_TRAIN = ("pooling", "vad_mode", "epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "alpha",
+FINETUNE_TRAIN = ("recipe", "pooling", "vad_mode", "epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "alpha",
                   "beta", "gamma", "proj_dim", "heads", "device", "protocol")
 
 
@@ -413,6 +426,8 @@ def finetune(
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
+    if config.recipe == "paper":  # the paper fine-tunes all of WavLM Large
+        settings = replace(settings, full=True)
     result = run_finetune(dataset, root, config, settings, folds=None if all_folds else [fold], out=out,
                           cache_path=str(cache) if cache else None, resume=resume,
                           max_epochs_this_run=max_epochs_this_run, classes=parse_classes(classes), progress=not quiet,

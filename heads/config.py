@@ -85,13 +85,39 @@ def heads_for(ensemble: int | str, n_train: int) -> int:
     return int(n)
 
 
+# --- recipes: named sets of settings (`--recipe NAME`); explicit options override a recipe's values ---
+#
+# "default" is TrainConfig's own defaults: the head this toolkit recommends (docs/training.md, "Defaults").
+# "paper" is the SAP paper's head on the last cached layer, as the paper describes it and nothing more:
+# eq. 6's SR = [GAP | SAP] (no --spread, no --speech-stats, no --pooled-norm), the 32-d multi-task head, the
+# paper's optimizer settings (30 epochs, batch 64, lr 3e-5, warm-up 0.1, cosine, patience 5), one head per
+# fold, no step minimum, no input normalization (a fine-tuned WavLM's last layer is layer-normed).
+LAST_LAYER = -1  # `--layer -1`: the last cached layer (the paper's head reads WavLM's last hidden state)
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"pooling": "sr", "layer": LAST_LAYER, "norm": "none", "spread": False, "speech_stats": False,
+              "pooled_norm": "none", "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1, "min_steps": 0,
+              "sap_frames": None, "epochs": 30, "batch_size": 64, "lr": 3e-5, "warmup_ratio": 0.1, "patience": 5,
+              "alpha": 0.5, "beta": 0.25, "gamma": 0.25, "proj_dim": 32},
+}
+
+
+def recipe_of(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, not {name!r}")
+    return RECIPES[name]
+
+
 @dataclass
 class TrainConfig:
     """Every training setting; saved in RUN/config.json. Defaults: paper settings + our head choices
     (docs/training.md, "Defaults", gives each one's reason)."""
 
+    recipe: str = setting("default", "a named set of the settings below, which explicit options override: "
+                                     "default (this toolkit's head) or paper (the SAP paper's head, nothing added)")
     pooling: str = setting("sr", POOLINGS.help())
-    layer: int | None = setting(None, "use this one cached layer (e.g. 24) instead of the learnable mix of all")
+    layer: int | None = setting(None, "use this one cached layer (e.g. 24; -1: the last) instead of the learnable "
+                                      "mix of all")
     norm: str = setting("train", f"input normalization before the layer mix: {NORMS.help()}")  # heads/model/input_norm.py
     spread: bool = setting(True, "append each dimension's std over the utterance's frames to the pooled vector "
                                  "(not in the paper)")  # heads/model/head.py
@@ -101,6 +127,8 @@ class TrainConfig:
     pooled_dropout: float = setting(0.0, "dropout on the pooled vector before the projection (training only; 0: none, "
                                          "as in the paper)")
     layer_weights: str = setting("probe", f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")
+    sap_frames: int | None = setting(None, "in training, SAP attends among at most this many of an utterance's "
+                                           "speech frames, drawn at random each step (all of them at test)")
     vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask SAP uses")
     epochs: int = setting(30, "maximum epochs")
     batch_size: int = setting(64, "utterances per batch")
@@ -129,7 +157,13 @@ class TrainConfig:
     device: str = setting("auto", spoken(list(DEVICES)))  # core.devices.DEVICES
     protocol: str = setting("speaker", f"fold plan: {PROTOCOLS.help()}")  # core.folds.PROTOCOLS
 
+    @classmethod
+    def from_recipe(cls, recipe: str = "default", **explicit: Any) -> TrainConfig:
+        """The recipe's settings, then the explicitly given ones over them."""
+        return cls(**{**recipe_of(recipe), **explicit, "recipe": recipe})
+
     def validate(self) -> None:
+        recipe_of(self.recipe)
         for choices, value in ((POOLINGS, self.pooling), (NORMS, self.norm), (LAYER_WEIGHTS, self.layer_weights),
                                (POOLED_NORMS, self.pooled_norm)):
             choices.check(value)
@@ -146,6 +180,7 @@ class TrainConfig:
             (self.proj_dim >= 1 and self.heads >= 1, "--proj-dim and --heads must be at least 1"),
             (0 <= self.pooled_dropout < 1, "--pooled-dropout must be in [0, 1)"),
             (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
+            (self.sap_frames is None or self.sap_frames >= 1, "--sap-frames must be at least 1"),
             (self.memory_gb >= 0, "--memory-gb must not be negative"),
         ]
         for ok, message in checks:
@@ -238,6 +273,8 @@ class BaselineConfig:
     statistics: str = setting("mean+std", f"per-dimension statistics: {STATISTICS.help()}", flag="--stats")
     frames: str = setting("speech", FRAMES.help())
     layer: int | None = setting(None, "statistics of this one cached layer [default: every cached layer, concatenated]")
+    sap_frames: int | None = setting(None, "in training, SAP attends among at most this many of an utterance's "
+                                           "speech frames, drawn at random each step (all of them at test)")
     vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask `--frames "
                                "speech` uses")
     protocol: str = setting("speaker", f"fold plan: {PROTOCOLS.help()}")  # the fold plan, as for the heads

@@ -163,7 +163,8 @@ NOT_RESULT_SETTINGS = ("memory_gb", "device")
 # Settings added after runs were first written, with the value that reproduces what those runs did.
 LEGACY_SETTINGS = {"protocol": "speaker", "norm": "none", "layer_weights": "joint", "min_steps": 0,
                    "spread": False, "speech_stats": False, "pooled_norm": "none",
-                   "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1}
+                   "pooled_dropout": 0.0, "ema": 0.0, "ensemble": 1, "sap_frames": None,
+                   "recipe": "default"}
 
 
 def sapser_version() -> str:

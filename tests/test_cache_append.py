@@ -118,8 +118,8 @@ def test_append_adds_the_new_rows_equal_to_a_single_run_and_records_both_corpora
 def test_a_head_run_trained_before_an_append_sees_another_cache(corpus, tmp_path):
     from cache.reader import FeatureCache
     from core.errors import UserError
-    from heads.run import prepare_run_dir, run_config
-    from heads.trainer import TrainConfig
+    from heads.runfolder import prepare_run_dir, run_config
+    from heads.config import TrainConfig
 
     cache_ = tmp_path / "F.h5"
     assert extract(corpus["A"], cache_, "fbank")[0] == 0

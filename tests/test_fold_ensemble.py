@@ -47,14 +47,17 @@ def test_an_ensemble_fold_is_the_average_of_the_single_head_runs_with_consecutiv
     assert list(got["pred"]) == [classes[i] for i in got[probs].to_numpy().argmax(1)]
     metrics = json.loads((fold / "metrics.json").read_text())
     assert metrics["ua"] == pytest.approx(recall_score(got["true"], got["pred"], average="macro"))
-    # member i is the run with seed 3 + i - 1: same weights, same history, its own UA recorded
+    # member i is the run with seed 3 + i - 1: same weights, same history, its own UA recorded (the members
+    # are heads of one stacked computation, the single runs stacks of one: equal within float tolerance)
     assert [m["seed"] for m in metrics["members"]] == [3, 4]
     for i, seed in enumerate((3, 4), start=1):
         single = runs[seed] / "fold-01"
         name, history = ("head.safetensors", "history.csv") if i == 1 else (f"head-{i}.safetensors", f"history-{i}.csv")
         a, b = load_weights(fold / name), load_weights(single / "head.safetensors")
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
-        assert (fold / history).read_bytes() == (single / "history.csv").read_bytes()
+        assert set(a) == set(b), name
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(pd.read_csv(fold / history), pd.read_csv(single / "history.csv"), atol=1e-5)
         assert metrics["members"][i - 1]["ua"] == json.loads((single / "metrics.json").read_text())["ua"]
     assert not all(torch.equal(load_weights(fold / "head.safetensors")[k], v)
                    for k, v in load_weights(fold / "head-2.safetensors").items())

@@ -14,7 +14,7 @@ from heads.train.batches import BucketBatchSampler
 from heads.train.feature_trainer import FeatureTrainer
 from heads.train.folds import FoldData
 from heads.train.statistics import class_weights, target_scale
-from heads.train.trainer import EarlyStop, TrainingError, warmup_cosine
+from heads.train.trainer import EarlyStop, TrainingError, lr_factor, warmup_cosine
 
 D, L = 8, 2
 
@@ -124,6 +124,17 @@ def schedule_factors(total_steps: int, warmup_ratio: float) -> list[float]:
         opt.step()
         sched.step()
     return factors
+
+
+@pytest.mark.parametrize("total, ratio", [(100, 0.1), (37, 0.1), (5, 0.0), (1, 0.5), (1000, 0.25)])
+def test_schedule_is_transformers_cosine_with_warmup_one_step_ahead(total, ratio):
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(total * ratio)
+    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(scratch, warmup + 1, total + 1).lr_lambdas[0]
+    ours = lr_factor(total, ratio)
+    assert [ours(s) for s in range(total + 1)] == pytest.approx([theirs(s + 1) for s in range(total + 1)], abs=1e-12)
 
 
 def test_schedule_warms_up_then_decays_to_zero():

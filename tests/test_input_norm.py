@@ -152,9 +152,13 @@ def test_wildly_scaled_features_train_as_well_as_their_standardized_copy(tmp_pat
     for name, cache, norm in (("plain", plain, "train"), ("wild", wild, "train"), ("wild raw", wild, "none")):
         # raw = no normalization anywhere: --pooled-norm would rescale GAP's half of the pooled vector too
         pooled_norm = "none" if norm == "none" else cfg.pooled_norm
-        _, (m,) = train_folds(cache, TrainConfig(**{**cfg.__dict__, "norm": norm, "pooled_norm": pooled_norm}),
-                              folds=[1], out=tmp_path / name, progress=False)
-        ua[name] = m["ua"]
+        scores = []  # how raw features fare depends on the seed (0.25 to 0.92 on one fold): a mean of four runs
+        for seed in (0, 1):
+            _, ms = train_folds(cache, TrainConfig(**{**cfg.__dict__, "norm": norm, "pooled_norm": pooled_norm,
+                                                      "seed": seed}), folds=[1, 2], out=tmp_path / f"{name}{seed}",
+                                progress=False)
+            scores += [m["ua"] for m in ms]
+        ua[name] = float(np.mean(scores))
     assert ua["plain"] > 0.85
     assert abs(ua["wild"] - ua["plain"]) <= 0.05, ua
     assert ua["wild raw"] < ua["plain"] - 0.2, ua  # without it the same features fail: the test has teeth

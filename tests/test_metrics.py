@@ -11,7 +11,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from heads.evaluate.metrics import ccc, classification_metrics, regression_metrics
+from heads.evaluate.metrics import ccc, classification_metrics, regression_metrics, ua_wa
 from heads.runfolder import json_safe
 
 CLASSES = ("angry", "happy", "neutral", "sad")
@@ -28,6 +28,7 @@ def random_labels(seed: int, n: int = 200, true_classes=(0, 1, 2, 3), pred_class
 
 def assert_matches_sklearn(y_true, y_pred):
     m = classification_metrics(y_true, y_pred, CLASSES)
+    assert ua_wa(np.asarray(y_true), np.asarray(y_pred), 4) == pytest.approx((m["ua"], m["wa"]), abs=1e-12)
     assert m["ua"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
     assert m["wa"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
     assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-12)
@@ -158,3 +159,8 @@ def test_json_safe_writes_strict_json():
     back = json.loads(text)
     assert back["recall"]["neutral"] is None and back["recall"]["happy"] == 0.5
     assert back["mae"] == 0.5 and back["n"] == 3
+
+
+def test_the_fast_validation_scores_drop_unlabelled_rows_and_handle_none():
+    assert ua_wa(np.array([0, 0, -1, 2]), np.array([0, 1, 3, 2]), 4) == pytest.approx((0.75, 2 / 3))
+    assert all(math.isnan(x) for x in ua_wa(np.array([-1, -1]), np.array([0, 1]), 4))

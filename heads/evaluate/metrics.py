@@ -85,6 +85,22 @@ def classification_metrics(y_true, y_pred, classes: Sequence[str]) -> dict:
     }
 
 
+def ua_wa(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """(UA, WA) of class indices (-1 = no label, dropped) from one confusion count: what
+    `classification_metrics` gives (tested against it), without scikit-learn's input checks, for the
+    per-epoch validation scores of many heads."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    keep = t >= 0
+    t, p = t[keep], p[keep]
+    if not len(t):
+        return math.nan, math.nan
+    counts = np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    totals = counts.sum(axis=1)
+    present = totals > 0
+    recall = np.diag(counts)[present] / totals[present]
+    return float(recall.mean()), float(np.trace(counts) / len(t))
+
+
 def ccc(x, y) -> float:
     """Lin's concordance correlation coefficient with population (ddof=0) moments.
 

@@ -229,6 +229,7 @@ def summarize(run: Run | str | Path) -> dict:
     settings = run.config.get("settings")
     summary["settings"] = settings if isinstance(settings, dict) else run.config
     summary["method"] = summary["settings"].get("method")  # "baseline" for heads/train/baseline.py runs
+    summary["recipe"] = summary["settings"].get("recipe", "default")  # --recipe (runs before it: default)
     summary["heads_per_fold"] = sorted({_heads(m) for m in folds})  # [1]; [3] under --ensemble 3 or auto on small folds
     return summary
 
@@ -282,7 +283,9 @@ def method_label(summary: dict) -> str:
     pooling = summary.get("pooling")
     label = POOLINGS.label(str(pooling).lower()) if pooling is not None else "?"
     n = summary.get("heads_per_fold") or [1]  # --ensemble: heads averaged per fold
-    return label if max(n) == 1 else f"{label} x{n[0]}" if len(n) == 1 else f"{label} x{min(n)}-{max(n)}"
+    label = label if max(n) == 1 else f"{label} x{n[0]}" if len(n) == 1 else f"{label} x{min(n)}-{max(n)}"
+    recipe = summary.get("recipe")
+    return label if recipe in (None, "default") else f"{label} ({recipe})"
 
 
 CAPTION = ("UA, WA, macro-F1, recall in %. Per-class recall: mean over folds of each fold's recall "

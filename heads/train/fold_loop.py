@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from rich.console import Console
@@ -33,12 +33,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cache.reader import FeatureCache
 from core.errors import UserError
 from core.processes import quiet_child
-from heads.config import POOLINGS, TrainConfig, heads_for
+from heads.config import POOLINGS, TrainConfig
 from heads.runfolder import finished_fold, prepare_run_dir, run_config, write_fold, write_run_utterances
 from heads.train.batches import preload
-from heads.train.ensemble import combine
-from heads.train.feature_trainer import FeatureTrainer
-from heads.train.folds import fold_count, fold_data, open_cache, select_layers
+from heads.train.fold_group import groups, planned_epochs, train_group
+from heads.train.folds import FoldData, fold_count, fold_data, open_cache, select_layers
+from heads.train.trainer import FoldResult
 
 
 def default_run_dir(cache_path: str | Path, pooling: str) -> Path:
@@ -63,33 +63,12 @@ def _members(m: dict[str, Any]) -> str:
     return f" (+{len(members) - 1} heads: best " + ", ".join(str(x.get("best_epoch")) for x in members[1:]) + ")"
 
 
-def train_one(cache: FeatureCache, k: int, config: TrainConfig, out: Path, layers: list[int], run_cfg: dict[str, Any],
-              on_epoch: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train, test and write fold k of an open (possibly preloaded) cache; returns its metrics.
-
-    `config.ensemble` heads (`auto`: by the size of the fold's training split), seeds `config.seed`
-    upwards, averaged (heads/train/ensemble.py).
-    """
-    data = fold_data(cache, k, config.protocol)
-    seeds = [config.seed + i for i in range(heads_for(config.ensemble, len(data.train)))]
-    results, models, done = [], [], 0
-    for i, seed in enumerate(seeds):
-        # the progress bar's total: epochs run by the members before, planned epochs for the rest
-        tell = None if on_epoch is None else (
-            lambda row, before=done, left=len(seeds) - i: on_epoch({**row, "epochs": before + row["epochs"] * left}))
-        try:
-            trainer = FeatureTrainer(replace(config, seed=seed), data, cache=cache, layers=layers, on_epoch=tell)
-            results.append(trainer.run())
-        except OSError as err:  # h5py reports unreadable chunks as OSError
-            raise UserError(f"the cache {cache.path} could not be read during training of fold {k} ({err}); "
-                            "it may be corrupted") from None
-        models.append(trainer.model)
-        done += trainer.epoch
-        del trainer  # its loaders and any GPU copy of the features go before the next member makes its own
-    result = combine(results, seeds, data.classes)
+def write_result(out: Path, run_cfg: dict[str, Any], cache: FeatureCache, k: int, result: FoldResult,
+                 data: FoldData, models: list[torch.nn.Module], histories: list[list[dict]]) -> dict[str, Any]:
+    """Fold k's folder from its (ensemble-averaged) result, its heads and their histories; returns its metrics."""
     _check_scored(result.test.utt_id, result.test.probs, cache, k)
     write_fold(out, result.metrics, result.test, data.classes, run_cfg, heads=[m.state_dict() for m in models],
-               histories=[r.history for r in results])
+               histories=histories)
     return result.metrics
 
 
@@ -103,15 +82,23 @@ def _check_scored(utt_ids: list[str], probs: Any, cache: FeatureCache, k: int) -
                         f"finite numbers (non-finite features in {cache.path}?); nothing was written for this fold")
 
 
-def _worker(cache_path: str, k: int, config: TrainConfig, out: str, layers: list[int], run_cfg: dict[str, Any],
-            threads: int, memory_gb: float) -> tuple[dict[str, Any], float]:
+def _worker(cache_path: str, ks: list[int], config: TrainConfig, out: str, layers: list[int],
+            run_cfg: dict[str, Any], threads: int, memory_gb: float) -> list[tuple[dict[str, Any], float]]:
+    """A process's folds, trained as one stack: (metrics, seconds since the process started) per fold."""
     torch.set_num_threads(threads)
-    config = replace(config, memory_gb=memory_gb)  # this process's share, also for the frames it mixes once
+    config = replace(config, memory_gb=memory_gb)  # this process's share, also for the frames it prepares
     start = time.perf_counter()
+    done = []
     with open_cache(cache_path) as cache:
         preload(cache, layers, memory_gb)
-        metrics = train_one(cache, k, config, Path(out), layers, run_cfg)
-    return metrics, time.perf_counter() - start
+
+        def write(k, result, data, models, histories):
+            done.append((write_result(Path(out), run_cfg, cache, k, result, data, models, histories),
+                         time.perf_counter() - start))
+
+        for group in groups(cache, ks, config, layers):
+            train_group(cache, group, config, layers, write=write)
+    return done
 
 
 def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[int] | None = None,
@@ -155,40 +142,43 @@ def _serial(cache: FeatureCache, ks: list[int], config: TrainConfig, out: Path, 
     if not in_ram:
         console.print(f"features do not fit --memory-gb {config.memory_gb:g}: reading them from disk every epoch")
     results = {}
+    start = time.perf_counter()
     with _progress(console, show) as bar:
-        folds_task = bar.add_task("folds", total=len(ks))
-        for k in ks:
-            epochs_task = bar.add_task(f"fold {k:02d} epochs", total=config.epochs)
-            start = time.perf_counter()
-            results[k] = train_one(cache, k, config, out, layers, run_cfg,
-                                   on_epoch=lambda row, t=epochs_task: bar.update(t, advance=1, total=row["epochs"]))
-            bar.remove_task(epochs_task)
+        task = bar.add_task(f"{len(ks)} folds, head epochs", total=planned_epochs(cache, ks, config))
+
+        def write(k, result, data, models, histories):
+            results[k] = write_result(out, run_cfg, cache, k, result, data, models, histories)
             bar.console.print(fold_line(results[k], time.perf_counter() - start))
-            bar.advance(folds_task)
+
+        for group in groups(cache, ks, config, layers):
+            train_group(cache, group, config, layers, write=write, on_epoch=lambda n: bar.advance(task, n))
     return results
 
 
 def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, layers: list[int],
               run_cfg: dict[str, Any], jobs: int, console: Console, show: bool) -> dict[int, dict[str, Any]]:
+    """`--jobs N`: the folds dealt to N processes, each training its share as one stack with cores / N threads."""
     jobs = min(jobs, len(ks))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    shares = [ks[i::jobs] for i in range(jobs)]
     results = {}
     with _progress(console, show) as bar, ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
                                                               initializer=quiet_child,
                                                               initargs=(os.getpid(),)) as pool:
         task = bar.add_task(f"folds ({jobs} processes)", total=len(ks))
-        futures = {pool.submit(_worker, cache_path, k, config, str(out), layers, run_cfg, threads,
-                               config.memory_gb / jobs): k for k in ks}
+        futures = [pool.submit(_worker, cache_path, share, config, str(out), layers, run_cfg, threads,
+                               config.memory_gb / jobs) for share in shares]
         try:
             for fut in as_completed(futures):
                 try:
-                    metrics, seconds = fut.result()
+                    done = fut.result()
                 except BrokenProcessPool:
                     raise UserError("a fold process ended abruptly (killed, or out of memory?); the folds finished "
                                     "so far are kept: rerun the same command to train the rest") from None
-                results[futures[fut]] = metrics
-                bar.console.print(fold_line(metrics, seconds))
-                bar.advance(task)
+                for metrics, seconds in done:
+                    results[metrics["fold"]] = metrics
+                    bar.console.print(fold_line(metrics, seconds))
+                    bar.advance(task)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the fold processes ignore SIGINT, so end them here
             _stop_workers(pool)
             raise

@@ -97,9 +97,11 @@ def fold_split(meta: pd.DataFrame, classes: Sequence[str], k: int, protocol: str
 
 
 def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:
-    """The cache layers to read: all of them for the learnable mix, or the one asked for."""
+    """The cache layers to read: all of them for the learnable mix, or the one asked for (-1: the last)."""
     if layer is None:
         return list(cache.layers)
+    if layer == -1:
+        return [list(cache.layers)[-1]]
     if layer not in cache.layers:
         held = ", ".join(str(x) for x in cache.layers)
         raise UserError(f"the cache holds layers {held}; layer {layer} is not among them (choose --layer from these)")

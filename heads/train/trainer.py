@@ -47,7 +47,7 @@ import torch
 
 from core.devices import resolve_device
 from heads.config import TrainConfig
-from heads.evaluate.metrics import classification_metrics, fold_scores
+from heads.evaluate.metrics import fold_scores, ua_wa
 from heads.model.head import HeadOutput, SERHead
 from heads.model.loss import LossParts, MTLLoss
 from heads.runfolder import Predictions, trained_outputs
@@ -56,8 +56,8 @@ from heads.train.statistics import TrainingError, class_weights, target_scale
 from heads.train.step_plan import step_plan
 from heads.train.weight_average import WeightAverage
 
-__all__ = ["EarlyStop", "FoldResult", "Predictions", "TrainConfig", "Trainer", "TrainingError", "seed_everything",
-           "warmup_cosine"]
+__all__ = ["EarlyStop", "FoldResult", "Predictions", "TrainConfig", "Trainer", "TrainingError", "lr_factor",
+           "seed_everything", "warmup_cosine"]
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -78,20 +78,29 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
                   warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The optimizer's rate times `lr_factor(total_steps, warmup_ratio)` at each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps, warmup_ratio))
+
+
+def lr_factor(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """transformers' linear warm-up + cosine decay to 0, one step ahead: step s trains at
     peak * (s + 1) / (warmup + 1) during the warm-up, so the first step uses peak / (warmup + 1),
-    not 0 (a step at rate 0 would be wasted), and the peak is reached on step `warmup`.
+    not 0 (a step at rate 0 would be wasted), and the peak is reached on step `warmup`; then
+    peak * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2.
 
-    `get_cosine_schedule_with_warmup`'s factor at step s + 1, with warmup + 1 warm-up and
-    total + 1 steps, is exactly that (tested). Its factor is borrowed from a throwaway
-    optimizer, so the scheduler here counts optimizer steps as before (checkpoints resume).
+    It is `get_cosine_schedule_with_warmup`'s factor at step s + 1 with warmup + 1 warm-up and
+    total + 1 steps (tests/test_head_training.py), written out: importing transformers for it
+    cost every head-training command two seconds.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
     warmup = math.ceil(total_steps * warmup_ratio)
-    scratch = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    theirs = get_cosine_schedule_with_warmup(scratch, warmup + 1, total_steps + 1).lr_lambdas[0]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: theirs(step + 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
 
 
 @dataclass
@@ -289,9 +298,9 @@ class Trainer:
                 val = self.predict("val")
                 if not math.isfinite(val.loss):
                     raise TrainingError(f"the validation loss became {val.loss} at epoch {epoch}; stopping this fold")
-                scores = classification_metrics(val.emotion, val.probs.argmax(1), self.classes)
-                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": scores["ua"],
-                       "val_wa": scores["wa"], "lr": lr}
+                ua, wa = ua_wa(val.emotion, val.probs.argmax(1), len(self.classes))
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.loss, "val_ua": ua, "val_wa": wa,
+                       "lr": lr}
                 self.history.append(row)
                 if self.early.update(epoch, val.loss, self.plan.patience):
                     self.best_state = self.snapshot()
