@@ -202,16 +202,11 @@ class Stack:
             (row_first.view(a, b) - head_first[:, None])  # (A, B) each row's first slot in x.view(A*F, D)
         real = flat_count.nonzero().squeeze(1)  # rows with frames
         use_flash = flash_pays(int(flat_count[real].float().mean()) if len(real) else 1, d_model)
-        if use_flash:
-            qkv = torch.baddbmm(b_in[:, None], x, w_in.transpose(1, 2)).view(a * packed, 3 * d_model)  # (A*F, 3D)
-            heads_out = x.new_zeros(a * b, nh, d)
-        else:
-            q = torch.baddbmm(b_in[:, None, :d_model], x, w_in[:, :d_model].transpose(1, 2)) / math.sqrt(d)
-            k = torch.baddbmm(b_in[:, None, d_model : 2 * d_model], x, w_in[:, d_model : 2 * d_model].transpose(1, 2))
-            qk = torch.cat([q, k], dim=-1).view(a * packed, 2 * d_model)  # (A*F, 2D)
-            xf = x.view(a * packed, d_model)
-            z = x.new_zeros(a * b, nh, d_model)
-            mass = x.new_zeros(a * b, nh)
+        width = 3 if use_flash else 2  # the chunked formulation projects only queries and keys per frame
+        proj = torch.baddbmm(b_in[:, None, : width * d_model], x, w_in[:, : width * d_model].transpose(1, 2))
+        proj = proj.view(a * packed, width * d_model)  # (A*F, 2D or 3D)
+        xf = x.view(a * packed, d_model)
+        done, parts, masses = [], [], []
         for rows in length_groups(flat_count, real):
             s = int(flat_count[rows].max())
             t = torch.arange(s, device=count.device)
@@ -219,20 +214,26 @@ class Stack:
             index = torch.where(mask, base.view(-1)[rows][:, None] + t[None, :], base.view(-1)[rows][:, None])
             keys = attendable_keys(mask)
             weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True)  # (n_g, S) the mean over queries
+            heads_qkv = proj[index].view(len(rows), s, width, nh, d).permute(2, 0, 3, 1, 4)  # (width, n_g, nh, S, d)
             if use_flash:
-                qg, kg, vg = qkv[index].view(len(rows), s, 3, nh, d).permute(2, 0, 3, 1, 4)  # (n_g, nh, S, d) each
-                h = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=keys[:, None, None, :])  # (n_g, nh, S, d)
-                heads_out = heads_out.index_put((rows,), torch.einsum("nhsd,ns->nhd", h, weights))
+                h = F.scaled_dot_product_attention(*heads_qkv, attn_mask=keys[:, None, None, :])  # (n_g, nh, S, d)
+                parts.append(torch.einsum("nhsd,ns->nhd", h, weights))  # (n_g, nh, d)
             else:
-                qg, kg = qk[index].view(len(rows), s, 2, nh, d).permute(2, 0, 3, 1, 4)
                 bias = torch.zeros(len(rows), 1, 1, s, dtype=x.dtype, device=x.device)
                 bias.masked_fill_(~keys[:, None, None, :], float("-inf"))
-                abar = MeanSoftmax.apply(qg, kg, bias, weights)  # (n_g, nh, S)
-                z = z.index_put((rows,), torch.einsum("nhs,nsd->nhd", abar, xf[index]))
-                mass = mass.index_put((rows,), abar.sum(-1))
+                abar = MeanSoftmax.apply(heads_qkv[0] / math.sqrt(d), heads_qkv[1], bias, weights)  # (n_g, nh, S)
+                parts.append(torch.einsum("nhs,nsd->nhd", abar, xf[index]))  # (n_g, nh, D)
+                masses.append(abar.sum(-1))  # (n_g, nh)
+            done.append(rows)
+        if not done:  # no row has a frame (all padding)
+            return x.new_zeros(a, b, d_model)
+        order = torch.cat(done)  # every row with frames, once
         if use_flash:
-            mean = heads_out.view(a, b, d_model)  # (A, B, D) heads concatenated as in nn.MultiheadAttention
+            mean = x.new_zeros(a * b, nh, d).index_put((order,), torch.cat(parts))
+            mean = mean.view(a, b, d_model)  # (A, B, D) heads concatenated as in nn.MultiheadAttention
         else:
+            z = x.new_zeros(a * b, nh, d_model).index_put((order,), torch.cat(parts))  # (A*B, nh, D)
+            mass = x.new_zeros(a * b, nh).index_put((order,), torch.cat(masses))  # (A*B, nh)
             w_v, b_v = w_in[:, 2 * d_model :].reshape(a, nh, d, d_model), b_in[:, 2 * d_model :].reshape(a, 1, nh, d)
             v = torch.einsum("abhD,ahdD->abhd", z.view(a, b, nh, d_model), w_v) + b_v * mass.view(a, b, nh, 1)
             mean = v.reshape(a, b, d_model)
