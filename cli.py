@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, get_type_hints
 
-import click
 import typer
 from rich.console import Console
 
@@ -147,10 +146,13 @@ def takes(*groups: Settings) -> Callable[[Callable], Callable]:
             names[g.param] = [f.name for f in chosen]
             params += [g.option(f, hints[f.name], getattr(defaults, f.name)) for f in chosen]
 
+        # typer hands the command its context, which knows the options given on the command line
+        params.append(inspect.Parameter("cli_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+
         @functools.wraps(fn)
         def command(**options: Any) -> Any:
-            ctx = click.get_current_context(silent=True)
-            given = {n for n in options if ctx is not None and ctx.get_parameter_source(n) is not None
+            ctx = options.pop("cli_context")
+            given = {n for n in options if ctx.get_parameter_source(n) is not None
                      and ctx.get_parameter_source(n).name not in ("DEFAULT", "DEFAULT_MAP")}
             for g in groups:
                 options[g.param] = g.build({n: options.pop(n) for n in names[g.param]}, given)
@@ -254,6 +256,8 @@ def report(
     if len(loaded) == 1:
         console.print(render_folds(loaded[0]))
     for s in summaries:
+        if s.get("cross_corpus"):
+            console.print(f"{s['run']}: cross-corpus, {s['cross_corpus']}", highlight=False)
         console.print(pooled_recall_line(s), highlight=False)
     for p in written:
         console.print(f"wrote {p}", highlight=False)
@@ -314,7 +318,16 @@ def extract(
 
 TRAIN = Settings(TrainConfig, "config")
 DEMO = DemoConfig()  # heads.demo imports nothing heavy at module level
-CacheOpt = Annotated[Path, typer.Option("--cache", help="feature cache F.h5 (from `cli extract`)")]
+CacheOpt = Annotated[list[Path], typer.Option("--cache", metavar="F.h5", help="feature cache F.h5 (from `cli extract`); several: "
+                                               "a cross-corpus run over them (leave one corpus out, or train on "
+                                               "them all with --test-cache)")]
+TestCacheOpt = Annotated[list[Path] | None, typer.Option("--test-cache", metavar="F.h5", help="cross-corpus: test on this cache (one "
+                                                         "fold each; repeatable), train on the --cache ones")]
+
+
+def caches(cache: list[Path]) -> Path | list[Path]:
+    """One --cache as itself, several as the list a cross-corpus run reads."""
+    return cache[0] if len(cache) == 1 else cache
 JobsOpt = Annotated[int, typer.Option("--jobs", help="folds trained in parallel processes")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 FoldOpt = Annotated[int | None, typer.Option("--fold", help="train and test fold K (tests speaker K, sorted order)")]
@@ -327,6 +340,7 @@ AllFoldsOpt = Annotated[bool, typer.Option("--all-folds", help="train every fold
 def train_head(
     config: TrainConfig,
     cache: CacheOpt,
+    test_cache: TestCacheOpt = None,
     fold: FoldOpt = None,
     all_folds: AllFoldsOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-<pooling>]")] = None,
@@ -338,7 +352,8 @@ def train_head(
 
     if (fold is None) == (not all_folds):
         raise UserError("give exactly one of --fold K or --all-folds")
-    run, _ = train_folds(cache, config, folds=None if all_folds else [fold], out=out, jobs=jobs, progress=not quiet)
+    run, _ = train_folds(caches(cache), config, folds=None if all_folds else [fold], out=out, jobs=jobs,
+                         progress=not quiet, test_caches=test_cache or ())
     if all_folds:
         from heads.evaluate.compare import end_of_run_lines
 
@@ -353,6 +368,7 @@ def train_head(
 def ablate(
     config: TrainConfig,
     cache: CacheOpt,
+    test_cache: TestCacheOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="folder for gap/, sap/, sr/ [default: runs/<cache stem>-ablation]")] = None,
     jobs: JobsOpt = 1,
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also run `cli baseline` (same --layer and --vad-mode) into OUT/baseline and show it as a row")] = True,
@@ -363,8 +379,10 @@ def ablate(
     from heads.evaluate.report import render_runs, table_width
     from heads.train.fold_loop import ablate as run_ablation
 
-    runs = run_ablation(cache, config, out=out, jobs=jobs, progress=not quiet, baseline=baseline)
-    table = render_runs(runs, title=f"Pooling ablation on {cache.name}")
+    runs = run_ablation(caches(cache), config, out=out, jobs=jobs, progress=not quiet, baseline=baseline,
+                        test_caches=test_cache or ())
+    table = render_runs(runs, title=f"Pooling ablation on {', '.join(c.name for c in cache)}"
+                                    + (f" -> {', '.join(c.name for c in test_cache)}" if test_cache else ""))
     Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
     if baseline:
         from heads.evaluate.compare import baseline_comparisons
@@ -380,6 +398,7 @@ def ablate(
 def baseline(
     config: BaselineConfig,
     cache: CacheOpt,
+    test_cache: TestCacheOpt = None,
     fold: Annotated[int | None, typer.Option("--fold", help="only fold K [default: every fold]")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="run folder [default: runs/<cache stem>-baseline]")] = None,
     quiet: QuietOpt = False,
@@ -389,7 +408,8 @@ def baseline(
     from heads.evaluate.compare import end_of_run_lines
     from heads.train.baseline import run_baseline
 
-    run, _ = run_baseline(cache, config, folds=None if fold is None else [fold], out=out, progress=not quiet)
+    run, _ = run_baseline(caches(cache), config, folds=None if fold is None else [fold], out=out,
+                          progress=not quiet, test_caches=test_cache or ())
     for line in end_of_run_lines(run, baselines=False):
         typer.echo(line)
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")

@@ -13,6 +13,12 @@ A fold holds out groups of one column of the metadata (`Fold.column`):
   SUPERB-ER instead validates on a random 20 % of the training sessions'
   utterances, so it trains on 4 sessions where this plan trains on 3 and
   validates on unseen speakers: expect numbers slightly below theirs.
+- `corpus` (cross-corpus, several caches read as one, cache/corpus_set.py): fold K
+  tests corpus K, all of it, and trains on the other training corpora; the
+  validation speakers are each training corpus's last session in sorted order
+  (`cross_corpus_groups`: its utterances are group "NAME#val", the rest "NAME"). With
+  test-only corpora (`--test-cache`) the folds are one per test corpus and
+  every other corpus trains; without them, leave-one-corpus-out.
 - `split`: one fold from the manifest's `split` column: `train`, `val` (also
   `valid`, `validation`, `dev`, `development`) and `test`, case-insensitive.
   Utterances with an empty split take no part; any other value is refused,
@@ -57,7 +63,7 @@ class Fold:
     @property
     def column(self) -> str:
         """The metadata column whose values the groups are."""
-        return self.protocol
+        return "corpus_group" if self.protocol == "corpus" else self.protocol
 
     # The held-out group under its historical names: metrics.json, reports and
     # older code call it the test/validation "speaker" whatever the protocol.
@@ -75,6 +81,9 @@ class Fold:
 
     def role(self, group: str) -> str:
         """"train", "val", "test", or "" for a group that takes no part."""
+        if self.protocol == "corpus":  # "NAME" or "NAME#val" (a training corpus's validation speakers)
+            name, _, val = group.partition("#")
+            return "test" if name == self.test else ("val" if val else "train") if name in self.train else ""
         group = split_name(group) if self.protocol == "split" else group
         if group == self.test:
             return "test"
@@ -159,6 +168,35 @@ def _plan_split(meta: pd.DataFrame) -> list[Fold]:
     return plan_split_fold(meta["split"])
 
 
+VAL_MARK = "#val"
+CORPUS_VAL = "last sessions"  # what a cross-corpus fold's validation group is called in its metrics and lines
+
+
+def cross_corpus_groups(meta: pd.DataFrame) -> pd.Series:
+    """Each utterance's group under `--protocol corpus`: its corpus's name, with "#val" for the speakers of
+    the corpus's last session (sorted): those validate when the corpus trains. meta: columns corpus, session."""
+    last = {name: max(str(x) for x in sessions) for name, sessions in meta.groupby("corpus")["session"]}
+    is_val = [str(x) == last[c] for c, x in zip(meta["corpus"], meta["session"])]
+    return meta["corpus"].astype(str) + [VAL_MARK if v else "" for v in is_val]
+
+
+def _plan_corpora(meta: pd.DataFrame) -> list[Fold]:
+    if "corpus_role" not in meta.columns:
+        raise FoldError("--protocol corpus needs several caches: train on some (--cache A.h5 --cache B.h5) and test "
+                        "on another (--test-cache C.h5), or leave one corpus out of several")
+    roles = dict(zip(meta["corpus"].astype(str), meta["corpus_role"].astype(str)))
+    names = sorted(roles)
+    tests = [n for n in names if roles[n] == "test"]
+    train = [n for n in names if roles[n] == "train"]
+    if not train or (not tests and len(train) < 2):
+        raise FoldError("cross-corpus folds need a corpus to train on and another to test on")
+    if tests:
+        return [Fold(fold=k, test=t, val=CORPUS_VAL, train=tuple(train), protocol="corpus")
+                for k, t in enumerate(tests, start=1)]
+    return [Fold(fold=k, test=t, val=CORPUS_VAL, train=tuple(n for n in train if n != t), protocol="corpus")
+            for k, t in enumerate(train, start=1)]
+
+
 @dataclass(frozen=True)
 class Protocol(Choice):
     """A fold plan: `plan(meta)` makes its folds; `label` titles the manifest's fold table."""
@@ -175,6 +213,8 @@ PROTOCOLS: Choices[Protocol] = Choices("--protocol", {
                         _plan_sessions),
     "split": Protocol("the manifest's train/val/test column", "the official split", "the official split",
                       _plan_split),
+    "corpus": Protocol("cross-corpus: train on some caches, test on another", "cross-corpus folds",
+                       "one per test corpus", _plan_corpora),
 }, error=FoldError)
 
 

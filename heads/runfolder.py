@@ -186,7 +186,8 @@ def run_config(settings: Any, cache: Any, layers: list[int]) -> dict[str, Any]:
     """config.json of a run on a cache: `settings` (a settings dataclass), the cache's identity, the fold plan."""
     return {
         "settings": asdict(settings),
-        "cache": str(Path(cache.path).resolve()),
+        "cache": (str(Path(cache.path).resolve()) if not hasattr(cache, "caches")  # several: cross-corpus
+                  else [str(Path(p).resolve()) for p in cache.paths]),
         "fingerprint": cache.fingerprint,
         "cache_content": cache_content(cache.meta),
         "classes": list(cache.classes),

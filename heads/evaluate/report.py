@@ -230,8 +230,20 @@ def summarize(run: Run | str | Path) -> dict:
     summary["settings"] = settings if isinstance(settings, dict) else run.config
     summary["method"] = summary["settings"].get("method")  # "baseline" for heads/train/baseline.py runs
     summary["recipe"] = summary["settings"].get("recipe", "default")  # --recipe (runs before it: default)
+    summary["cross_corpus"] = cross_corpus_line(run.config)
     summary["heads_per_fold"] = sorted({_heads(m) for m in folds})  # [1]; [3] under --ensemble 3 or auto on small folds
     return summary
+
+
+def cross_corpus_line(config: dict) -> str | None:
+    """'A + B -> C' (trained on A and B, tested on C), or 'leave one corpus out of A, B, C'; None for one corpus."""
+    sides = (config.get("fingerprint") or {}).get("cross_corpus") if isinstance(config, dict) else None
+    if not isinstance(sides, dict):
+        return None
+    train, test = sides.get("train") or [], sides.get("test") or []
+    if test:
+        return f"{' + '.join(train)} -> {', '.join(test)}"
+    return f"leave one corpus out of {', '.join(train)}"
 
 
 def _heads(fold_metrics: dict) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,7 +46,8 @@ from cache.reader import FeatureCache
 from heads.config import STATISTICS, BaselineConfig
 from heads.evaluate.metrics import classification_metrics, fold_scores
 from heads.runfolder import Predictions, prepare_run_dir, run_config, trained_outputs, write_fold
-from heads.train.folds import FoldData, fold_count, fold_data, open_cache, select_layers
+from heads.train.folds import (FoldData, cross_corpus, fold_count, fold_data, open_cache, run_name,
+                               select_layers)
 
 # --- statistics ---------------------------------------------------------------------------
 
@@ -262,10 +263,6 @@ def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict
     return FoldOutput(metrics, model, pred)
 
 
-def default_baseline_dir(cache_path: str | Path) -> Path:
-    return Path("runs") / f"{Path(cache_path).stem}-baseline"
-
-
 def baseline_line(m: dict[str, Any], seconds: float) -> str:
     def pct(x: Any) -> str:
         return "  n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}"
@@ -276,16 +273,19 @@ def baseline_line(m: dict[str, Any], seconds: float) -> str:
             f"no-speech {m['no_speech']}/{m['n_test']}  {seconds:.1f} s")
 
 
-def run_baseline(cache_path: str | Path, config: BaselineConfig, *, folds: Sequence[int] | None = None,
-                 out: str | Path | None = None, console: Console | None = None,
-                 progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
-    """The baseline on the given folds (None = all) of a cache into RUN; returns RUN and the metrics in fold order."""
+def run_baseline(cache_path: str | Path | Sequence[str | Path], config: BaselineConfig, *,
+                 folds: Sequence[int] | None = None, out: str | Path | None = None, console: Console | None = None,
+                 progress: bool = True, test_caches: Sequence[str | Path] = ()) -> tuple[Path, list[dict[str, Any]]]:
+    """The baseline on the given folds (None = all) of a cache into RUN; returns RUN and the metrics in fold order.
+    Several caches, or `test_caches`: cross-corpus folds, as `train_folds` makes them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     config.validate()
     console = console or Console(stderr=True)
-    out = Path(out) if out else default_baseline_dir(cache_path)
-    with open_cache(cache_path) as cache:
+    out = Path(out) if out else Path("runs") / f"{run_name(cache_path, test_caches)}-baseline"
+    with open_cache(cache_path, test_caches) as cache:
+        if cross_corpus(cache):
+            config = replace(config, protocol="corpus")
         layers = select_layers(cache, config.layer)
         ks = list(folds) if folds else list(range(1, fold_count(cache, config.protocol) + 1))
         datas = [fold_data(cache, k, config.protocol) for k in ks]  # every fold checked before any work

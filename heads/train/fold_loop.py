@@ -37,12 +37,13 @@ from heads.config import POOLINGS, TrainConfig
 from heads.runfolder import finished_fold, prepare_run_dir, run_config, write_fold, write_run_utterances
 from heads.train.batches import preload
 from heads.train.fold_group import groups, planned_epochs, train_group
-from heads.train.folds import FoldData, fold_count, fold_data, open_cache, select_layers
+from heads.train.folds import FoldData, cross_corpus, fold_count, fold_data, open_cache, run_name, select_layers
 from heads.train.trainer import FoldResult
 
 
-def default_run_dir(cache_path: str | Path, pooling: str) -> Path:
-    return Path("runs") / f"{Path(cache_path).stem}-{pooling}"
+def default_run_dir(cache_path: str | Path | Sequence[str | Path], pooling: str,
+                    test_caches: Sequence[str | Path] = ()) -> Path:
+    return Path("runs") / f"{run_name(cache_path, test_caches)}-{pooling}"
 
 
 def fold_line(m: dict[str, Any], seconds: float | None) -> str:
@@ -82,14 +83,14 @@ def _check_scored(utt_ids: list[str], probs: Any, cache: FeatureCache, k: int) -
                         f"finite numbers (non-finite features in {cache.path}?); nothing was written for this fold")
 
 
-def _worker(cache_path: str, ks: list[int], config: TrainConfig, out: str, layers: list[int],
+def _worker(source: tuple, ks: list[int], config: TrainConfig, out: str, layers: list[int],
             run_cfg: dict[str, Any], threads: int, memory_gb: float) -> list[tuple[dict[str, Any], float]]:
     """A process's folds, trained as one stack: (metrics, seconds since the process started) per fold."""
     torch.set_num_threads(threads)
     config = replace(config, memory_gb=memory_gb)  # this process's share, also for the frames it prepares
     start = time.perf_counter()
     done = []
-    with open_cache(cache_path) as cache:
+    with open_cache(*source) as cache:
         preload(cache, layers, memory_gb)
 
         def write(k, result, data, models, histories):
@@ -101,16 +102,25 @@ def _worker(cache_path: str, ks: list[int], config: TrainConfig, out: str, layer
     return done
 
 
-def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[int] | None = None,
-                out: str | Path | None = None, jobs: int = 1, console: Console | None = None,
-                progress: bool = True) -> tuple[Path, list[dict[str, Any]]]:
-    """Train the given folds (None = all) into RUN; returns RUN and the metrics in fold order."""
+def train_folds(cache_path: str | Path | Sequence[str | Path], config: TrainConfig, *,
+                folds: Sequence[int] | None = None, out: str | Path | None = None, jobs: int = 1,
+                console: Console | None = None, progress: bool = True,
+                test_caches: Sequence[str | Path] = ()) -> tuple[Path, list[dict[str, Any]]]:
+    """Train the given folds (None = all) into RUN; returns RUN and the metrics in fold order.
+
+    Several caches, or `test_caches`, make a cross-corpus run (`--protocol corpus`, core/folds.py): fold K
+    tests test cache K (or, without test caches, leaves out cache K) and trains on the others.
+    """
     config.validate()
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
     console = console or Console(stderr=True)
-    out = Path(out) if out else default_run_dir(cache_path, config.pooling)
-    with open_cache(cache_path) as cache:
+    out = Path(out) if out else default_run_dir(cache_path, config.pooling, test_caches)
+    source = (cache_path if isinstance(cache_path, (str, Path)) else [str(p) for p in cache_path],
+              [str(p) for p in test_caches])
+    with open_cache(*source) as cache:
+        if cross_corpus(cache):
+            config = replace(config, protocol="corpus")
         layers = select_layers(cache, config.layer)
         ks = list(folds) if folds else list(range(1, fold_count(cache, config.protocol) + 1))
         for k in ks:  # every fold checked before any training starts
@@ -132,7 +142,7 @@ def train_folds(cache_path: str | Path, config: TrainConfig, *, folds: Sequence[
             results.update(_serial(cache, todo, config, out, layers, run_cfg, console, progress) if todo else {})
             todo = []
     if todo:
-        results.update(_parallel(str(cache_path), todo, config, out, layers, run_cfg, jobs, console, progress))
+        results.update(_parallel(source, todo, config, out, layers, run_cfg, jobs, console, progress))
     return out, [results[k] for k in ks]
 
 
@@ -155,7 +165,7 @@ def _serial(cache: FeatureCache, ks: list[int], config: TrainConfig, out: Path, 
     return results
 
 
-def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, layers: list[int],
+def _parallel(source: tuple, ks: list[int], config: TrainConfig, out: Path, layers: list[int],
               run_cfg: dict[str, Any], jobs: int, console: Console, show: bool) -> dict[int, dict[str, Any]]:
     """`--jobs N`: the folds dealt to N processes, each training its share as one stack with cores / N threads."""
     jobs = min(jobs, len(ks))
@@ -166,7 +176,7 @@ def _parallel(cache_path: str, ks: list[int], config: TrainConfig, out: Path, la
                                                               initializer=quiet_child,
                                                               initargs=(os.getpid(),)) as pool:
         task = bar.add_task(f"folds ({jobs} processes)", total=len(ks))
-        futures = [pool.submit(_worker, cache_path, share, config, str(out), layers, run_cfg, threads,
+        futures = [pool.submit(_worker, source, share, config, str(out), layers, run_cfg, threads,
                                config.memory_gb / jobs) for share in shares]
         try:
             for fut in as_completed(futures):
@@ -201,24 +211,26 @@ def _progress(console: Console, show: bool) -> Progress:
                     console=console, disable=not show, transient=True)
 
 
-def ablate(cache_path: str | Path, config: TrainConfig, *, out: str | Path | None = None, jobs: int = 1,
-           console: Console | None = None, progress: bool = True, baseline: bool = True) -> list[Path]:
+def ablate(cache_path: str | Path | Sequence[str | Path], config: TrainConfig, *, out: str | Path | None = None,
+           jobs: int = 1, console: Console | None = None, progress: bool = True, baseline: bool = True,
+           test_caches: Sequence[str | Path] = ()) -> list[Path]:
     """GAP, SAP and SR over all folds of one cache, into OUT/gap, OUT/sap, OUT/sr (same other settings),
     after the classical baseline (heads/train/baseline.py, same layer and VAD mode) into OUT/baseline."""
     console = console or Console(stderr=True)
-    out = Path(out) if out else Path("runs") / f"{Path(cache_path).stem}-ablation"
+    out = Path(out) if out else Path("runs") / f"{run_name(cache_path, test_caches)}-ablation"
     runs = []
     if baseline:
         from heads.config import BaselineConfig
         from heads.train.baseline import run_baseline
 
         console.print(f"[bold]Baseline[/bold] -> {out / 'baseline'}")
-        run, _ = run_baseline(cache_path, BaselineConfig(layer=config.layer, vad_mode=config.vad_mode, protocol=config.protocol),
-                              out=out / "baseline", console=console, progress=progress)
+        run, _ = run_baseline(cache_path, BaselineConfig(layer=config.layer, vad_mode=config.vad_mode,
+                                                         protocol=config.protocol),
+                              out=out / "baseline", console=console, progress=progress, test_caches=test_caches)
         runs.append(run)
     for pooling in POOLINGS:  # in the table's order: GAP, SAP, SR
         console.print(f"[bold]{POOLINGS.label(pooling)}[/bold] -> {out / pooling}")
         run, _ = train_folds(cache_path, replace(config, pooling=pooling), out=out / pooling, jobs=jobs,
-                             console=console, progress=progress)
+                             console=console, progress=progress, test_caches=test_caches)
         runs.append(run)
     return runs

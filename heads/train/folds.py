@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -108,13 +108,32 @@ def select_layers(cache: FeatureCache, layer: int | None) -> list[int]:
     return [layer]
 
 
-def open_cache(path: str | Path) -> FeatureCache:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"the cache {path} does not exist (make one with `cli extract`)")
+def open_cache(path: str | Path | Sequence[str | Path], test: Sequence[str | Path] = ()) -> Any:
+    """A cache (a FeatureCache), or for a cross-corpus run several as one (cache/corpus_set.py: the training
+    caches `path`, several of them, and the test-only caches `test`)."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    for p in [*paths, *map(Path, test)]:
+        if not p.exists():
+            raise UserError(f"the cache {p} does not exist (make one with `cli extract`)")
     try:
-        return FeatureCache(path)
+        if len(paths) == 1 and not test:
+            return FeatureCache(paths[0])
+        from cache.corpus_set import CorpusSet
+
+        return CorpusSet(paths, test)
     except UserError:
         raise
     except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"the cache {path} could not be read ({type(err).__name__}: {err}); it may be corrupted") from None
+        raise UserError(f"the cache {paths[0]} could not be read ({type(err).__name__}: {err}); "
+                        "it may be corrupted") from None
+
+
+def cross_corpus(cache: Any) -> bool:
+    return "corpus_role" in cache.meta.columns
+
+
+def run_name(path: str | Path | Sequence[str | Path], test: Sequence[str | Path] = ()) -> str:
+    """A run's default folder name: the cache's stem, or for cross-corpus `A+B-to-C` (leave-one-out: `A+B+C`)."""
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    name = "+".join(p.stem for p in paths)
+    return name + ("-to-" + "+".join(Path(p).stem for p in test) if test else "")
