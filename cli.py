@@ -31,7 +31,7 @@ from extract.config import ExtractConfig
 from extract.corpora import DATASETS
 from heads.config import AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config, parse_ensemble
 from heads.demo import DemoConfig
-from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
+from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT, LAYERS_JSON, LAYERS_PLOT
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -380,6 +380,43 @@ def baseline(
     for line in end_of_run_lines(run, baselines=False):
         typer.echo(line)
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
+
+
+# `cli layers` reads the fold plan and VAD mode from TrainConfig, and with --heads the head's main settings.
+LAYERS_TRAIN = ("vad_mode", "protocol", "pooling", "ensemble", "epochs", "seed", "memory_gb", "device")
+
+
+@app.command()
+@user_errors
+@takes(Settings(TrainConfig, "config", only=LAYERS_TRAIN, helps={
+    "pooling": "with --heads: the pooling of each layer's head",
+    "ensemble": "with --heads: heads per fold, averaged (N or auto)",
+    "epochs": "with --heads: maximum epochs", "seed": "with --heads: random seed",
+    "memory_gb": "with --heads: RAM budget for preloading features", "device": "with --heads: auto, cpu or cuda"}))
+def layers(
+    config: TrainConfig,
+    cache: CacheOpt,
+    out: Annotated[Path | None, typer.Option("--out", help=f"folder for {LAYERS_JSON}, {LAYERS_PLOT} (and layer-KK/ run folders) [default: runs/<cache stem>-layers]")] = None,
+    heads: Annotated[bool, typer.Option("--heads", help="also train the head on each layer alone (train-head --layer K --all-folds) and show its UA beside the probe's")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=f"print only the JSON summary (what {LAYERS_JSON} holds)")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """UA per cached layer: a linear probe on each layer's utterance means, fitted on every fold's training
+    speakers and scored on its test speaker (and, with --heads, the head on that layer alone); mean and
+    95% CI over folds as a table, layers.json and layers.png."""
+    from heads.evaluate.layers import render_layers
+    from heads.evaluate.report import table_width
+    from heads.runfolder import json_safe
+    from heads.train.layer_scan import scan_layers
+
+    summary = scan_layers(cache, config, heads=heads, out=out, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+        return
+    table = render_layers(summary, title=f"{cache.name}: UA per layer, mean over {summary['folds']} folds (95% CI)")
+    Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
+    for p in summary["files"]:
+        typer.echo(f"wrote {p}")
 
 
 # Fine-tuning takes the head's settings at the paper's fine-tuning values (heads.config.finetune_config);

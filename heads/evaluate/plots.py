@@ -127,3 +127,34 @@ def write_run_plots(run: Run) -> list[Path]:
     if histories:
         written.append(curves_png(histories, run.path / CURVES_PLOT, title=f"{run.name}: training curves"))
     return written
+
+
+def layers_png(summary: dict, path: str | Path, *, title: str = "") -> Path:
+    """UA per layer (`cli layers`): the probe's mean over folds with its 95% CI as error bars, and the
+    head's beside it when it was trained; a dashed line at chance (1 / classes present)."""
+    rows = summary["layers"]
+    layers = np.array([r["layer"] for r in rows])
+    fig = Figure(figsize=(max(5.0, 0.35 * len(layers) + 3.0), 4.0))
+    ax = fig.add_subplot()
+    styles = {"probe": ("tab:blue", "o", -0.08), "head": ("tab:orange", "s", 0.08)}
+    shown = [m for m in styles if rows and f"{m}_ua" in rows[0]]
+    for method in shown:
+        colour, marker, shift = styles[method]
+        shift = shift if len(shown) > 1 else 0.0  # side by side, so the error bars do not hide each other
+        key = f"{method}_ua"
+        mean = np.array([np.nan if r[key]["mean"] is None else 100 * r[key]["mean"] for r in rows])
+        ci = [r[key]["ci95"] for r in rows]
+        lo = np.array([np.nan if c is None else 100 * c[0] for c in ci])
+        hi = np.array([np.nan if c is None else 100 * c[1] for c in ci])
+        err = np.nan_to_num(np.vstack([mean - lo, hi - mean]))  # (2, L); no interval (one fold): no bar
+        label = {"probe": "linear probe", "head": "head on the layer alone"}[method]
+        ax.errorbar(layers + shift, mean, yerr=err, color=colour, marker=marker, capsize=3, lw=1.4, label=label)
+    classes = summary.get("classes")
+    if classes:
+        ax.axhline(100 / len(classes), color="grey", ls="--", lw=1, label="chance")
+    ax.set_xticks(layers)
+    ax.set(xlabel="layer", ylabel="test UA (%)",
+           title=title or f"UA per layer: mean and 95% CI over {summary['folds']} folds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
