@@ -124,3 +124,14 @@ def test_a_cache_without_emotions_is_one_line(tmp_path):
         scan_layers(path, out=tmp_path / "out", progress=False)
     result = runner.invoke(app, ["layers", "--cache", str(tmp_path / "nope.h5")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "does not exist" in result.output
+
+
+def test_the_validation_ua_is_the_reported_ua():
+    from heads.evaluate.metrics import classification_metrics
+    from heads.train.layer_scan import balanced_accuracy
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y, pred = rng.integers(0, 4, 30), rng.integers(0, 4, 30)
+        y[y == 3] = 2  # a class absent from the truth is left out of both
+        assert balanced_accuracy(y, pred) == pytest.approx(classification_metrics(y, pred, list("abcd"))["ua"])
