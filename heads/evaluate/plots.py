@@ -158,3 +158,49 @@ def layers_png(summary: dict, path: str | Path, *, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
+
+
+def timeline_png(table: str | Path | pd.DataFrame, classes: Sequence[str], outputs: Sequence[str], seconds: float,
+                 path: str | Path, *, title: str = "") -> Path:
+    """A long recording's segments over time (`cli predict --segments`): a bar per segment in its emotion's
+    lane (darker = more probable), and valence/arousal per segment when the head learned them.
+
+    `table` is segments.csv (or its frame): start, end, emotion, prob_<class>..., valence, arousal.
+    """
+    rows = table if isinstance(table, pd.DataFrame) else pd.read_csv(table)
+    panels = (["emotion"] if "emotion" in outputs else []) + (["dims"] if {"valence", "arousal"} & set(outputs)
+                                                                  else [])
+    panels = panels or ["emotion"]
+    fig = Figure(figsize=(12, 1.2 + 0.45 * len(classes) + (2.2 if "dims" in panels else 0)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [0.45 * len(classes) + 0.6 if p == "emotion" else 2.2
+                                                       for p in panels]})[:, 0]
+    colours = colormaps["tab10"]
+    for ax, panel in zip(axes, panels):
+        if panel == "emotion":
+            for i, c in enumerate(classes):
+                mine = rows[rows["emotion"] == c] if "emotion" in rows else rows.iloc[:0]
+                if len(mine):
+                    shade = [(*colours(i)[:3], 0.35 + 0.65 * float(p)) for p in mine[f"prob_{c}"]]
+                    ax.broken_barh(list(zip(mine["start"], mine["end"] - mine["start"])), (i - 0.4, 0.8),
+                                   facecolors=shade, edgecolor="white", linewidth=0.6)  # parts of a split run show
+            ax.set_yticks(range(len(classes)), labels=list(classes))
+            ax.set_ylim(-0.6, len(classes) - 0.4)
+            ax.set_ylabel("emotion")
+            ax.grid(axis="x", alpha=0.3)
+        else:
+            for d, colour in (("valence", "tab:green"), ("arousal", "tab:red")):
+                if d in outputs and d in rows:
+                    ax.hlines(rows[d], rows["start"], rows["end"], color=colour, lw=2.5, label=d)  # no line across pauses
+            ax.set_ylabel("label scale")
+            ax.legend(fontsize=8, loc="upper right")
+            ax.grid(alpha=0.3)
+    last = axes[-1]
+    last.set_xlim(0, max(seconds, float(rows["end"].max()) if len(rows) else 0.0, 1e-3))
+    if seconds > 120:  # minutes:seconds reads better than thousands of seconds
+        last.xaxis.set_major_formatter(lambda x, _: f"{int(x // 60)}:{int(x % 60):02d}")
+        last.set_xlabel("time (min:s)")
+    else:
+        last.set_xlabel("time (s)")
+    axes[0].set_title(title or f"{len(rows)} speech segments")
+    return _save(fig, Path(path))
