@@ -174,6 +174,21 @@ def test_each_segment_is_predicted_as_predict_array_predicts_its_samples(fold, r
         assert s.prediction.seconds == pytest.approx(s.end - s.start)
 
 
+def test_a_baseline_fold_predicts_segments_too(fold, recording):
+    from heads.config import BaselineConfig
+    from heads.train.baseline import run_baseline
+
+    path, _ = recording
+    run, _ = run_baseline(fold.parent.parent / "fbank.h5", BaselineConfig(), folds=[1],
+                          out=fold.parent.parent / "baseline", progress=False)
+    predictor = load_predictor(run / "fold-01")
+    x, rate = sf.read(path, dtype="float32")
+    got = list(predictor.predict_segments(path))
+    assert len(got) == 8
+    for s in got[:3]:
+        assert s.prediction.probs == predictor.predict_array(x[round(s.start * rate):round(s.end * rate)], rate).probs
+
+
 def test_cli_writes_segments_csv_and_the_timeline(fold, recording, tmp_path):
     path, _ = recording
     out = tmp_path / "out"
