@@ -47,8 +47,8 @@ class SegmentRule:
     min_segment: float = setting(1.0, "segments: drop speech runs shorter than this (seconds)")
     max_segment: float = setting(10.0, "segments: split speech runs longer than this into parts between half "
                                        "and all of it (seconds)")
-    merge_gap: float = setting(0.3, "segments: join speech runs separated by a pause shorter than this (seconds)")
-    pad: float = setting(0.1, "segments: audio kept before and after each segment (seconds; at most half of "
+    merge_gap: float = setting(0.5, "segments: join speech runs separated by a pause shorter than this (seconds)")
+    pad: float = setting(0.25, "segments: audio kept before and after each segment (seconds; at most half of "
                               "--merge-gap)")
 
     def validate(self) -> None:

@@ -39,16 +39,16 @@ def cut(frames: list[tuple[bool, int]], rule: SegmentRule = SegmentRule()) -> li
 
 
 def test_a_pause_just_under_the_merge_gap_joins_and_one_at_it_splits():
-    assert cut([(False, 50), (True, 150), (False, 29), (True, 150), (False, 100)]) == [(50, 379, True, True)]
-    assert cut([(False, 50), (True, 150), (False, 30), (True, 150), (False, 100)]) == [
-        (50, 200, True, True), (230, 380, True, True)]
+    assert cut([(False, 50), (True, 150), (False, 49), (True, 150), (False, 100)]) == [(50, 399, True, True)]
+    assert cut([(False, 50), (True, 150), (False, 50), (True, 150), (False, 100)]) == [
+        (50, 200, True, True), (250, 400, True, True)]
 
 
 def test_a_burst_under_the_minimum_is_dropped_and_one_at_it_kept():
-    assert cut([(False, 10), (True, 99), (False, 40)]) == []
-    assert cut([(False, 10), (True, 100), (False, 40)]) == [(10, 110, True, True)]
+    assert cut([(False, 10), (True, 99), (False, 60)]) == []
+    assert cut([(False, 10), (True, 100), (False, 60)]) == [(10, 110, True, True)]
     # short bursts closer than the merge gap add up (the pauses count): 3 x 40 + 2 x 10 frames
-    assert cut([(True, 40), (False, 10), (True, 40), (False, 10), (True, 40), (False, 40)]) == [(0, 140, True, True)]
+    assert cut([(True, 40), (False, 10), (True, 40), (False, 10), (True, 40), (False, 60)]) == [(0, 140, True, True)]
 
 
 @pytest.mark.parametrize("n, parts", [
@@ -58,7 +58,7 @@ def test_a_burst_under_the_minimum_is_dropped_and_one_at_it_kept():
     (4000, [(0, 1000), (1000, 2000), (2000, 3000), (3000, 4000)]),  # a rest of exactly 2 max: two halves of max
 ])
 def test_speech_longer_than_the_maximum_is_split_into_parts_between_half_and_all_of_it(n, parts):
-    spans = cut([(False, 20), (True, n), (False, 50)])
+    spans = cut([(False, 20), (True, n), (False, 60)])
     assert [(a - 20, b - 20) for a, b, _, _ in spans] == parts
     assert [(before, after) for _, _, before, after in spans] == [(i == 0, i == len(parts) - 1)
                                                                    for i in range(len(parts))]
@@ -72,7 +72,7 @@ def test_the_end_of_the_stream_closes_the_open_run():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"pad": 0.2}, "at most half of --merge-gap"),
+    ({"pad": 0.3}, "at most half of --merge-gap"),
     ({"min_segment": 12.0}, "must not exceed --max-segment"),
     ({"max_segment": 0.0, "min_segment": 0.0}, "at least 0.1 s"),
     ({"merge_gap": -1.0}, "must not be negative"),
@@ -122,13 +122,12 @@ def test_the_streamed_vad_is_extract_vads_on_the_whole_file(recording, tmp_path,
 def test_segments_lie_where_the_speech_was_written(recording):
     path, chunks = recording
     found = [s.seconds for s in segments(iter(AudioStream(path)), SegmentRule(), 3)]
-    # (3-6)+(6.2-8) merge; 12-12.5 is too short; 20-44 is 24 s: parts of 10, 7, 7; (60-61)+(61.4-63) stay apart
-    # (a 0.4 s pause) and each is kept; the VAD's onset and hangover move edges by a few frames, the pad by 0.1 s
-    expected = [(3.0, 8.0), (20.0, 30.0), (30.0, 37.0), (37.0, 44.0), (50.0, 51.4), (60.0, 61.0), (61.4, 63.0),
-                (90.0, 99.5)]
+    # (3-6)+(6.2-8) and (60-61)+(61.4-63) merge (pauses of 0.2 and 0.4 s); 12-12.5 is too short; 20-44 is 24 s:
+    # parts of 10, 7, 7; the VAD's onset and hangover move edges by a few frames, the pad by 0.25 s
+    expected = [(3.0, 8.0), (20.0, 30.0), (30.0, 37.0), (37.0, 44.0), (50.0, 51.4), (60.0, 63.0), (90.0, 99.5)]
     assert len(found) == len(expected), found
     for (a, b), (ea, eb) in zip(found, expected):
-        assert ea - 0.2 <= a <= ea + 0.1 and eb - 0.1 <= b <= eb + 0.25, (a, b, ea, eb)
+        assert ea - 0.35 <= a <= ea + 0.1 and eb - 0.1 <= b <= eb + 0.4, (a, b, ea, eb)
 
 
 def test_the_held_audio_is_bounded_by_the_rule_not_the_recording(recording):
@@ -138,7 +137,7 @@ def test_the_held_audio_is_bounded_by_the_rule_not_the_recording(recording):
     for block in AudioStream(path):
         segmenter.feed(block)
     segmenter.finish()
-    bound = (2 * rule.max_segment + rule.merge_gap + rule.pad + 1.0) * 16_000  # + one block
+    bound = (2 * rule.max_segment + rule.merge_gap + rule.pad + 1.0) * 16_000  # + one decoded block
     assert 0.5 * bound < segmenter.peak_buffer <= bound  # the 24 s run was held only in 8 s pieces
 
 
@@ -166,7 +165,7 @@ def test_each_segment_is_predicted_as_predict_array_predicts_its_samples(fold, r
     predictor = load_predictor(fold)
     x, rate = sf.read(path, dtype="float32")
     got = list(predictor.predict_segments(path))
-    assert len(got) == 8 and all(s.prediction.ok for s in got)
+    assert len(got) == 7 and all(s.prediction.ok for s in got)
     for s in got:
         alone = predictor.predict_array(x[round(s.start * rate):round(s.end * rate)], rate)
         assert s.prediction.probs == alone.probs and s.prediction.emotion == alone.emotion
@@ -184,7 +183,7 @@ def test_a_baseline_fold_predicts_segments_too(fold, recording):
     predictor = load_predictor(run / "fold-01")
     x, rate = sf.read(path, dtype="float32")
     got = list(predictor.predict_segments(path))
-    assert len(got) == 8
+    assert len(got) == 7
     for s in got[:3]:
         assert s.prediction.probs == predictor.predict_array(x[round(s.start * rate):round(s.end * rate)], rate).probs
 
@@ -196,22 +195,23 @@ def test_cli_writes_segments_csv_and_the_timeline(fold, recording, tmp_path):
                                  "--json"])
     assert result.exit_code == 0, result.output
     done = json.loads(result.stdout)
-    assert done["segments"] == 8 and done["failed"] == 0 and done["seconds"] == pytest.approx(100.0)
-    assert done["rule"] == {"min_segment": 1.0, "max_segment": 10.0, "merge_gap": 0.3, "pad": 0.1}
+    assert done["segments"] == 7 and done["failed"] == 0 and done["seconds"] == pytest.approx(100.0)
+    assert done["rule"] == {"min_segment": 1.0, "max_segment": 10.0, "merge_gap": 0.5, "pad": 0.25}
     with (out / "segments.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["start", "end", "emotion", "prob_angry", "prob_happy", "prob_neutral", "prob_sad",
                              "valence", "arousal", "speech_ratio"]
-    assert len(rows) == 8 and all(abs(sum(float(r[f"prob_{c}"]) for c in ("angry", "happy", "neutral", "sad")) - 1)
+    assert len(rows) == 7 and all(abs(sum(float(r[f"prob_{c}"]) for c in ("angry", "happy", "neutral", "sad")) - 1)
                                   < 1e-5 for r in rows)
     assert (out / "timeline.png").read_bytes().startswith(b"\x89PNG")
 
     lines = runner.invoke(app, ["predict", str(path), "--run", str(fold), "--segments", "--out", str(out),
                                 "--max-segment", "4", "--min-segment", "0.5"])
-    assert lines.exit_code == 0 and lines.stdout.count(" s: ") == 15 and "15 segments" in lines.stdout
     with (out / "segments.csv").open() as fh:
         starts = [float(r["start"]) for r in csv.DictReader(fh)]
-    assert any(11.8 <= a <= 12.0 for a in starts)  # the 0.5 s burst at 12 s is kept now
+    assert lines.exit_code == 0 and lines.stdout.count(" s: ") == len(starts) > 7
+    assert f"{len(starts)} segments" in lines.stdout
+    assert any(11.6 <= a <= 12.0 for a in starts)  # the 0.5 s burst at 12 s is kept now
 
 
 def test_only_what_the_head_learned_is_a_column():
