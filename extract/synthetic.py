@@ -24,6 +24,7 @@ speaker and utterance, so the same seed writes byte-identical files.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def write_recording(path: str | Path, seconds: float, speech: Sequence[tuple[flo
     spk = make_speakers(seed, 1)[0]
     total = round(seconds * SR)
     bounds = [(round(a * SR), round(b * SR)) for a, b in speech]
-    if any(not 0 <= a < b <= total for a, b in bounds) or any(b > c for (_, b), (c, _) in zip(bounds, bounds[1:])):
+    if any(not 0 <= a < b <= total for a, b in bounds) or any(b > c for (_, b), (c, _) in itertools.pairwise(bounds)):
         raise ValueError("speech spans must be sorted, disjoint and inside the recording")
     rng = np.random.default_rng([seed, 7_000_001])
     written = []
@@ -186,7 +187,9 @@ def read(root: Path, *, classes: tuple[str, ...], strict: bool, seed: int = 0, *
 
     A folder generated with other options is refused rather than silently reused.
     """
-    from extract import csv_manifest as manifest_reader  # another corpus module; imported on use
+    from extract import (
+        csv_manifest as manifest_reader,  # another corpus module; imported on use
+    )
 
     unknown = sorted(set(gen_options) - set(DEFAULTS))
     if unknown:

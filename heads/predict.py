@@ -579,7 +579,7 @@ class SegmentPrediction:
 def predict_segments(predictor: Any, path: str | Path, rule: SegmentRule | None = None) -> Iterator[SegmentPrediction]:
     """Stream `path` (extract.audio.AudioStream), cut it with `rule` under the run's VAD mode
     (extract.segments) and yield each segment's prediction, made by `predictor.predict_array` on the
-    segment's 16 kHz samples. Raises AudioError (a UserError) for a file that cannot be streamed."""
+    segment's 16 kHz samples. Raises AudioError (a UserError) at once for a file that cannot be opened."""
     rule = rule or SegmentRule()
     rule.validate()
     longest = rule.max_segment + 2 * rule.pad
@@ -587,11 +587,15 @@ def predict_segments(predictor: Any, path: str | Path, rule: SegmentRule | None 
         raise PredictError(f"this run truncates its input at {predictor.max_seconds:g} s, and a segment may last "
                            f"{longest:g} s (--max-segment plus twice --pad); give a --max-segment of at most "
                            f"{predictor.max_seconds - 2 * rule.pad:g}")
-    stream = AudioStream(path)
-    for seg in segments(iter(stream), rule, predictor.vad_mode):
-        start, end = seg.seconds
-        yield SegmentPrediction(start, end, predictor.predict_array(seg.samples, SAMPLE_RATE,
-                                                                    name=f"{start:.2f}-{end:.2f} s"))
+    stream = AudioStream(path)  # opened now: a missing or unreadable file fails before anything is written
+
+    def predicted() -> Iterator[SegmentPrediction]:
+        for seg in segments(iter(stream), rule, predictor.vad_mode):
+            start, end = seg.seconds
+            yield SegmentPrediction(start, end, predictor.predict_array(seg.samples, SAMPLE_RATE,
+                                                                        name=f"{start:.2f}-{end:.2f} s"))
+
+    return predicted()
 
 
 def segment_columns(classes: Sequence[str], outputs: Sequence[str]) -> list[str]:
@@ -615,6 +619,7 @@ def write_segments(predictor: Any, path: str | Path, out: str | Path, rule: Segm
     from heads.evaluate.plots import timeline_png
 
     rule = rule or SegmentRule()
+    found = predictor.predict_segments(path, rule)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / SEGMENTS_FILE
@@ -624,7 +629,7 @@ def write_segments(predictor: Any, path: str | Path, out: str | Path, rule: Segm
     with table.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
-        for s in predictor.predict_segments(path, rule):
+        for s in found:
             if on_segment:
                 on_segment(s)
             if not s.prediction.ok:

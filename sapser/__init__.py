@@ -32,13 +32,20 @@ from core.folds import PROTOCOLS, Fold
 from core.folds import plan as plan_folds
 from extract.config import ExtractConfig
 from extract.corpora import read_corpus
-from extract.segments import SegmentRule
 from extract.pipeline import run_extract as extract
+from extract.segments import SegmentRule
 from heads.config import FinetuneSettings
 from heads.evaluate.report import load_run
 from heads.evaluate.report import summarize as summarize_run
 from heads.finetune.run import run_finetune
-from heads.predict import Ensemble, Prediction, Predictor, SegmentPrediction, load_predictor, write_segments
+from heads.predict import (
+    Ensemble,
+    Prediction,
+    Predictor,
+    SegmentPrediction,
+    load_predictor,
+    write_segments,
+)
 from heads.train.fold_loop import ablate, train_folds
 from heads.train.layer_scan import scan_layers
 from heads.train.trainer import TrainConfig

@@ -6,15 +6,22 @@ import json
 
 import numpy as np
 import pytest
+from head_fixtures import make_cache
 from typer.testing import CliRunner
 
+from cache.reader import FeatureCache
 from cli import app
 from core.errors import UserError
-from head_fixtures import make_cache
 from heads.config import TrainConfig
 from heads.train.folds import fold_data
-from heads.train.layer_scan import PROBE_ALPHA_FACTORS, fit_ridge_probes, fold_rows, layer_means, probe_layer, scan_layers
-from cache.reader import FeatureCache
+from heads.train.layer_scan import (
+    PROBE_ALPHA_FACTORS,
+    fit_ridge_probes,
+    fold_rows,
+    layer_means,
+    probe_layer,
+    scan_layers,
+)
 
 runner = CliRunner()
 
@@ -62,7 +69,9 @@ def test_the_figure_ranks_the_layer_that_carries_the_label_first(cache, tmp_path
 def test_test_speakers_enter_no_fit(tmp_path):
     """Fold 1 tests S1F: making S1F's frames extreme must leave fold 1's fitted probes and validation choice
     exactly as they were (only its test scores may move), while the folds that train on S1F change."""
-    def extreme(speaker, x, base=noisy()):
+    base = noisy()  # the same draws as the plain cache's, in the same order
+
+    def extreme(speaker, x):
         x = base(speaker, x)
         return x * 40 + 300 if speaker == "S1F" else x
 

@@ -20,7 +20,7 @@ from cli import app
 from core.errors import UserError
 from extract import synthetic
 from extract.audio import AudioStream, load_audio
-from extract.segments import SegmentRule, Segmenter, SpanCutter, segments
+from extract.segments import Segmenter, SegmentRule, SpanCutter, segments
 from extract.vad import vad_frames
 from heads.predict import load_predictor, segment_columns
 
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-def cut(frames: list[tuple[bool, int]], rule: SegmentRule = SegmentRule()) -> list[tuple[int, int, bool, bool]]:
-    """The rule on frame decisions given as (speech?, how many 10 ms frames) pieces."""
-    cutter = SpanCutter(rule)
+def cut(frames: list[tuple[bool, int]], rule: SegmentRule | None = None) -> list[tuple[int, int, bool, bool]]:
+    """The rule (default: SegmentRule()) on frame decisions given as (speech?, how many 10 ms frames) pieces."""
+    cutter = SpanCutter(rule or SegmentRule())
     spans = [s for speech, n in frames for _ in range(n) for s in cutter.push(speech)] + cutter.finish()
     return [(s.start, s.end, s.pad_before, s.pad_after) for s in spans]
 
@@ -120,7 +120,7 @@ def test_the_streamed_vad_is_extract_vads_on_the_whole_file(recording, tmp_path,
 
 
 def test_segments_lie_where_the_speech_was_written(recording):
-    path, chunks = recording
+    path, _ = recording
     found = [s.seconds for s in segments(iter(AudioStream(path)), SegmentRule(), 3)]
     # (3-6)+(6.2-8) and (60-61)+(61.4-63) merge (pauses of 0.2 and 0.4 s); 12-12.5 is too short; 20-44 is 24 s:
     # parts of 10, 7, 7; the VAD's onset and hangover move edges by a few frames, the pad by 0.25 s
@@ -236,6 +236,7 @@ def test_a_missing_recording_is_one_line(fold, tmp_path):
     result = runner.invoke(app, ["predict", str(tmp_path / "nope.wav"), "--run", str(fold), "--segments",
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "nope.wav" in result.output
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_peak_memory_does_not_grow_with_the_recording(fold, tmp_path):
     for minutes in (1, 10):
         audio = long_file(tmp_path / f"{minutes}.wav", minutes)
         out = subprocess.run([sys.executable, "-c", PEAK, str(fold), str(audio), str(tmp_path / f"o{minutes}")],
-                             capture_output=True, text=True, cwd=ROOT, timeout=600,
+                             capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr
         n, peak_kib = map(int, out.stdout.split())

@@ -69,7 +69,7 @@ def layer_means(cache: FeatureCache, utt_ids: Sequence[str], layers: Sequence[in
     """(N, L, 2D) float32 [mean of all frames | mean of speech frames] per layer, and (N,) bool no-speech.
 
     One pass, one utterance's (T, L, D) frames at a time; only the result is held (N * L * 2D * 4 bytes:
-    1.1 GiB for IEMOCAP's 5,531 utterances at WavLM Large's 25 x 1024).
+    about 1 GiB for IEMOCAP's 5,531 utterances at WavLM Large's 25 x 1024).
     """
     d = int(cache.hidden_size)
     out = np.empty((len(utt_ids), len(layers), 2 * d), dtype=np.float32)  # (N, L, 2D)
@@ -272,7 +272,13 @@ def scan_layers(cache_path: str | Path, config: TrainConfig | None = None, *, he
 
 def _statistics(cache: FeatureCache, ids: list[str], layers: list[int], vad_mode: int, console: Console,
                 progress: bool) -> np.ndarray:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not progress, transient=True) as bar:
