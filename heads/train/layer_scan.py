@@ -242,10 +242,18 @@ def scan_layers(cache_path: str | Path, config: TrainConfig | None = None, *, he
                          "probe": {str(layer): r.as_dict() for layer, r in results.items()}})
         console.print(f"fold {data.fold.fold:02d} {data.fold.test_speaker}: probe UA %  "
                       + "  ".join(f"L{layer} {_pct(r.ua)}" for layer, r in results.items()), highlight=False)
-    head_runs: dict[str, str] = {}
+    about = {"cache": str(cache_path), "model": str(model), "classes": classes, "protocol": config.protocol,
+             "vad_mode": config.vad_mode, "probe": {"statistics": STATISTICS_NAME,
+                                                    "classifier": "standardized ridge classifier, class-balanced",
+                                                    "alpha_factors": list(PROBE_ALPHA_FACTORS)}}
+    title = (f"{Path(cache_path).name} ({Path(str(model)).name or '?'}): test UA per layer, mean and 95% CI over "
+             f"{len(per_fold)} folds")
+    # the probe's figure first: training a head per layer takes hours on a CPU, and a rerun continues it
+    summary = _write(out, per_fold, layers, {**about, "heads": None}, title, start)
     if heads:
         from heads.train.fold_loop import train_folds
 
+        head_runs: dict[str, str] = {}
         for layer in layers:
             run, metrics = train_folds(cache_path, replace(config, layer=layer), folds=ks,
                                        out=layer_run_dir(out, layer), console=console, progress=progress)
@@ -254,20 +262,20 @@ def scan_layers(cache_path: str | Path, config: TrainConfig | None = None, *, he
             for f in per_fold:
                 m = by_fold[f["fold"]]
                 f.setdefault("head", {})[str(layer)] = {"ua": _finite(m["ua"]), "wa": _finite(m["wa"])}
-    summary = layers_summary(per_fold, layers, cache=str(cache_path), model=str(model), classes=classes,
-                             protocol=config.protocol,
-                             vad_mode=config.vad_mode, probe={"statistics": STATISTICS_NAME,
-                                                              "classifier": "standardized ridge classifier, "
-                                                                            "class-balanced",
-                                                              "alpha_factors": list(PROBE_ALPHA_FACTORS)},
-                             heads={"settings": _head_settings(config), "runs": head_runs} if heads else None)
+        summary = _write(out, per_fold, layers, {**about, "heads": {"settings": _head_settings(config),
+                                                                     "runs": head_runs}}, title, start)
+    return summary
+
+
+def _write(out: Path, per_fold: list[dict[str, Any]], layers: list[int], about: dict[str, Any], title: str,
+           start: float) -> dict[str, Any]:
+    """OUT/layers.json and OUT/layers.png from the per-fold scores so far; the summary, with the files."""
+    summary = layers_summary(per_fold, layers, **about)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / LAYERS_JSON, summary)
-    layers_png(summary, out / LAYERS_PLOT, title=f"{Path(cache_path).name} ({Path(str(model)).name or '?'}): "
-                                                  f"test UA per layer, mean and 95% CI over {len(per_fold)} folds")
-    summary["files"] = [str(out / LAYERS_JSON), str(out / LAYERS_PLOT)]
-    return summary
+    layers_png(summary, out / LAYERS_PLOT, title=title)
+    return {**summary, "files": [str(out / LAYERS_JSON), str(out / LAYERS_PLOT)]}
 
 
 def _statistics(cache: FeatureCache, ids: list[str], layers: list[int], vad_mode: int, console: Console,
