@@ -241,7 +241,8 @@ def scan_layers(cache_path: str | Path, config: TrainConfig | None = None, *, he
                          "n_test": len(data.test),
                          "probe": {str(layer): r.as_dict() for layer, r in results.items()}})
         console.print(f"fold {data.fold.fold:02d} {data.fold.test_speaker}: probe UA %  "
-                      + "  ".join(f"L{layer} {_pct(r.ua)}" for layer, r in results.items()), highlight=False)
+                      + "  ".join(f"L{layer} {_pct(r.ua)}" for layer, r in results.items()), highlight=False,
+                      soft_wrap=True)  # one line per fold at any width (25 layers of WavLM Large)
     about = {"cache": str(cache_path), "model": str(model), "classes": classes, "protocol": config.protocol,
              "vad_mode": config.vad_mode, "probe": {"statistics": STATISTICS_NAME,
                                                     "classifier": "standardized ridge classifier, class-balanced",
