@@ -32,7 +32,8 @@ from extract.corpora import DATASETS
 from heads.config import (AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config,
                           parse_ensemble, recipe_of)
 from heads.demo import DemoConfig
-from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT
+from extract.segments import SegmentRule
+from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT, LAYERS_JSON, LAYERS_PLOT, SEGMENTS_FILE, TIMELINE_PLOT
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.
@@ -415,6 +416,43 @@ def baseline(
     typer.echo(f"run folder: {run} (summarize with `cli report {run}`)")
 
 
+# `cli layers` reads the fold plan and VAD mode from TrainConfig, and with --heads the head's main settings.
+LAYERS_TRAIN = ("vad_mode", "protocol", "pooling", "ensemble", "epochs", "seed", "memory_gb", "device")
+
+
+@app.command()
+@user_errors
+@takes(Settings(TrainConfig, "config", only=LAYERS_TRAIN, helps={
+    "pooling": "with --heads: the pooling of each layer's head",
+    "ensemble": "with --heads: heads per fold, averaged (N or auto)",
+    "epochs": "with --heads: maximum epochs", "seed": "with --heads: random seed",
+    "memory_gb": "with --heads: RAM budget for preloading features", "device": "with --heads: auto, cpu or cuda"}))
+def layers(
+    config: TrainConfig,
+    cache: CacheOpt,
+    out: Annotated[Path | None, typer.Option("--out", help=f"folder for {LAYERS_JSON}, {LAYERS_PLOT} (and layer-KK/ run folders) [default: runs/<cache stem>-layers]")] = None,
+    heads: Annotated[bool, typer.Option("--heads", help="also train the head on each layer alone (train-head --layer K --all-folds) and show its UA beside the probe's")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=f"print only the JSON summary (what {LAYERS_JSON} holds)")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """UA per cached layer: a linear probe on each layer's utterance means, fitted on every fold's training
+    speakers and scored on its test speaker (and, with --heads, the head on that layer alone); mean and
+    95% CI over folds as a table, layers.json and layers.png."""
+    from heads.evaluate.layers import render_layers
+    from heads.evaluate.report import table_width
+    from heads.runfolder import json_safe
+    from heads.train.layer_scan import scan_layers
+
+    summary = scan_layers(cache, config, heads=heads, out=out, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+        return
+    table = render_layers(summary, title=f"{cache.name}: UA per layer, mean over {summary['folds']} folds (95% CI)")
+    Console(width=max(80, table_width(table))).print(table)  # full width, never wrapped, even in a pipe
+    for p in summary["files"]:
+        typer.echo(f"wrote {p}")
+
+
 # Fine-tuning takes the head's settings at the paper's fine-tuning values (heads.config.finetune_config);
 # the input statistics, layer mix, ensembles and step minimum are for heads on a cache.
 FINETUNE_TRAIN = ("recipe", "pooling", "vad_mode", "epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "alpha",
@@ -461,17 +499,24 @@ def finetune(
 
 @app.command()
 @user_errors
+@takes(Settings(SegmentRule, "rule"))
 def predict(
+    rule: SegmentRule,
     audio: Annotated[list[Path], typer.Argument(help="audio files (any format soundfile reads)")],
     run: Annotated[Path, typer.Option("--run", help="a trained fold folder RUN/fold-KK, or a run folder RUN (all its folds averaged)")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list instead of a line per file")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list instead of a line per file (with --segments: one JSON object, the summary)")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "cpu",
+    segments: Annotated[bool, typer.Option("--segments", help=f"one long recording: stream it, cut it into speech segments with the run's VAD and predict each into OUT/{SEGMENTS_FILE} and OUT/{TIMELINE_PLOT}")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="with --segments: the output folder [default: <audio stem>-segments]")] = None,
 ) -> None:
     """Emotion probabilities (and valence/arousal, when the head learned them) and the VAD speech ratio of each
-    file; bad files are reported, not fatal; files a fold trained on are flagged."""
+    file; bad files are reported, not fatal; files a fold trained on are flagged. With --segments, the same
+    for every speech segment of one long recording, in memory that does not grow with its length."""
     from heads.predict import format_line, load_predictor, seen_warning
     from heads.runfolder import json_safe
 
+    if segments:
+        return _predict_segments(audio, run, rule, device, out, as_json)
     predictor = load_predictor(run, device=device)
     results = []
     for path in audio:
@@ -487,6 +532,32 @@ def predict(
     failed = sum(not p.ok for p in results)
     if failed:
         typer.echo(f"error: {failed} of {len(results)} files could not be read", err=True)
+        raise typer.Exit(code=1)
+
+
+def _predict_segments(audio: list[Path], run: Path, rule: SegmentRule, device: str, out: Path | None,
+                      as_json: bool) -> None:
+    from heads.predict import format_line, load_predictor, write_segments
+    from heads.runfolder import json_safe
+
+    if len(audio) != 1:
+        raise UserError(f"--segments takes one recording at a time, got {len(audio)} files")
+    rule.validate()
+    predictor = load_predictor(run, device=device)
+    out = out or Path(f"{audio[0].stem}-segments")
+
+    def show(s: Any) -> None:
+        if not as_json or not s.prediction.ok:
+            typer.echo(format_line(s.prediction), err=not s.prediction.ok)
+
+    done = write_segments(predictor, audio[0], out, rule, on_segment=show)
+    if as_json:
+        typer.echo(json.dumps(json_safe(done), indent=2, allow_nan=False))
+        return
+    typer.echo(f"{done['segments']} segments, {done['segment_seconds']:.1f} s of {done['seconds']:.1f} s; wrote "
+               + " and ".join(done["files"]))
+    if done["failed"]:
+        typer.echo(f"error: {done['failed']} segments could not be predicted", err=True)
         raise typer.Exit(code=1)
 
 

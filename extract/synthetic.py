@@ -24,11 +24,13 @@ speaker and utterance, so the same seed writes byte-identical files.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import soundfile as sf
@@ -147,12 +149,47 @@ def generate(
     return manifest
 
 
+def write_recording(path: str | Path, seconds: float, speech: Sequence[tuple[float, float]], *, seed: int = 0,
+                    emotions: Sequence[str] = CLASSES_4) -> list[tuple[float, float, str]]:
+    """A long recording for `cli predict --segments`: room noise with spoken chunks at `speech` [(start,
+    end) seconds, sorted, disjoint], written piece by piece (never held whole), 16 kHz 16-bit.
+
+    Chunk i speaks emotion `emotions[i % len]` in one synthetic voice. Returns (start, end, emotion) of
+    each chunk as written (sample-exact, in seconds).
+    """
+    spk = make_speakers(seed, 1)[0]
+    total = round(seconds * SR)
+    bounds = [(round(a * SR), round(b * SR)) for a, b in speech]
+    if any(not 0 <= a < b <= total for a, b in bounds) or any(b > c for (_, b), (c, _) in itertools.pairwise(bounds)):
+        raise ValueError("speech spans must be sorted, disjoint and inside the recording")
+    rng = np.random.default_rng([seed, 7_000_001])
+    written = []
+    with sf.SoundFile(str(path), "w", samplerate=SR, channels=1, subtype="PCM_16") as fh:
+        pos = 0
+        for i, (a, b) in enumerate([*bounds, (total, total)]):
+            while pos < a:  # room noise, 10 s at a time
+                n = min(a - pos, 10 * SR)
+                fh.write(to_int16(_background(rng, n, spk.noise_dbfs)))
+                pos += n
+            if a == total:
+                break
+            emotion = emotions[i % len(emotions)]
+            chunk = voiced_chunk(rng, spk, _expressed(PROSODY[emotion], spk.expressivity), (b - a) / SR, 0.0, 0.0)
+            chunk = np.pad(chunk, (0, max(0, b - a - len(chunk))))[: b - a]  # syllable rounding: exactly b - a
+            fh.write(to_int16(np.clip(chunk + _background(rng, b - a, spk.noise_dbfs), -0.99, 0.99)))
+            written.append((a / SR, b / SR, emotion))
+            pos = b
+    return written
+
+
 def read(root: Path, *, classes: tuple[str, ...], strict: bool, seed: int = 0, **gen_options) -> Corpus:
     """Read the synthetic corpus in folder `root`, generating it first if it has no manifest.csv.
 
     A folder generated with other options is refused rather than silently reused.
     """
-    from extract import csv_manifest as manifest_reader  # another corpus module; imported on use
+    from extract import (
+        csv_manifest as manifest_reader,  # another corpus module; imported on use
+    )
 
     unknown = sorted(set(gen_options) - set(DEFAULTS))
     if unknown:

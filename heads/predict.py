@@ -30,17 +30,24 @@ fold's predictions.csv, and the head was never trained on longer inputs.
 
 Each file is predicted alone (no padding). A file that cannot be read is
 reported with its reason and the others go on.
+
+Long recordings (`--segments`, `predict_segments`, `write_segments`): the file
+is streamed in blocks, cut into speech segments by the run's WebRTC VAD mode
+under a documented rule (extract/segments.py), and each segment is predicted
+as `predict_array` predicts those samples; rows go to segments.csv as they
+are made, so memory does not grow with the recording's length.
 """
 
 from __future__ import annotations
 
 import abc
+import csv
 import math
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +56,8 @@ from core.devices import resolve_device
 from core.errors import UserError
 from core.folds import folds_from_config
 from core.frames import SAMPLE_RATE, FrameGrid
-from extract.audio import AudioError, load_audio
+from extract.audio import AudioError, AudioStream, load_audio
+from extract.segments import SegmentRule, segments
 from extract.vad import speech_ratio, vad_masks
 from heads.model.head import SERHead
 from heads.runfolder import (
@@ -58,6 +66,8 @@ from heads.runfolder import (
     BASELINE_FILE,
     CONFIG_FILE,
     OUTPUTS,
+    SEGMENTS_FILE,
+    TIMELINE_PLOT,
     backbone_config,
     fold_number,
     fold_outputs,
@@ -211,6 +221,11 @@ class _Predicts(abc.ABC):
             return Prediction(path=name, ok=False, error=str(err))
         return self._predict(name, wave, truncated, "")
 
+    def predict_segments(self, path: str | Path, rule: SegmentRule | None = None) -> Iterator[SegmentPrediction]:
+        """The speech segments of a long recording (`rule`, extract/segments.py), each predicted as soon as
+        the stream has passed it; see `predict_segments`."""
+        return predict_segments(self, path, rule)
+
     def _prediction(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str, probs: np.ndarray,
                     va: np.ndarray, ratio: float, folds: Sequence[int]) -> Prediction:
         """probs (C,) and valence/arousal (2,) as a Prediction; `folds` are the ones whose training saw utt_id."""
@@ -305,6 +320,7 @@ class Ensemble(_Predicts):
         shared = None if str(first.config.get("mode", "")).startswith("finetune") else first.encoder
         self.members = [first] + [Predictor(f, device=device, encoder=shared, seen=first.seen) for f in folds[1:]]
         self.classes = first.classes
+        self.vad_mode = first.vad_mode  # a run's folds share its settings
         self.outputs: tuple[str, ...] = tuple(o for o in OUTPUTS if all(o in m.outputs for m in self.members))
         self.seen = first.seen
         self.folds = [m.fold for m in self.members]
@@ -507,24 +523,125 @@ class BaselinePredictor:
         self.outputs = tuple(fold_outputs(self.fold_dir))
         self.encoder = _CachedModelEncoder(cfg, resolve_device(device))
 
+    @property
+    def max_seconds(self) -> float:
+        return self.encoder.max_seconds
+
     def predict_one(self, path: str | Path):
         try:
             audio = load_audio(path, max_seconds=self.encoder.max_seconds)
         except AudioError as err:
             return Prediction(path=str(path), ok=False, error=str(err))
-        x = self.encoder(audio.samples)[0].cpu().numpy()  # (T, L, D), the cache's values
-        vad = vad_masks(audio.samples, self.encoder.grid)[self.vad_mode]  # (T,)
+        return self._predict(str(path), audio.samples, audio.truncated)
+
+    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
+        """(N,) or (N, channels) audio at `sample_rate` -> a Prediction, as `Predictor.predict_array`."""
+        try:
+            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
+        except PredictError as err:
+            return Prediction(path=name, ok=False, error=str(err))
+        return self._predict(name, wave, truncated)
+
+    def predict_segments(self, path: str | Path, rule: SegmentRule | None = None) -> Iterator[SegmentPrediction]:
+        return predict_segments(self, path, rule)
+
+    def _predict(self, name: str, samples: np.ndarray, truncated: bool) -> Prediction:
+        x = self.encoder(samples)[0].cpu().numpy()  # (T, L, D), the cache's values
+        vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]  # (T,)
         if len(vad) != len(x):
-            raise RuntimeError(f"{path}: {len(x)} feature frames but {len(vad)} VAD frames")
+            raise RuntimeError(f"{name}: {len(x)} feature frames but {len(vad)} VAD frames")
         use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
         stats = utterance_statistics(x, use, self.statistics).astype(np.float32)  # as cache_statistics stores it
         probs, va = self.model.predict(stats[None])
         return Prediction(
-            path=str(path), ok=True, emotion=self.classes[int(probs[0].argmax())],
+            path=name, ok=True, emotion=self.classes[int(probs[0].argmax())],
             probs={c: float(p) for c, p in zip(self.classes, probs[0])},
             valence=float(va[0, 0]), arousal=float(va[0, 1]), speech_ratio=speech_ratio(vad),
-            seconds=len(audio.samples) / 16_000, truncated=audio.truncated, outputs=self.outputs,
+            seconds=len(samples) / SAMPLE_RATE, truncated=truncated, outputs=self.outputs,
         )
 
     def predict(self, paths: Sequence[str | Path]) -> list:
         return [self.predict_one(p) for p in paths]
+
+
+# --- long recordings: speech segments --------------------------------------------------------
+
+
+@dataclass
+class SegmentPrediction:
+    """One speech segment of a long recording: where it lies (seconds, padding included) and its prediction."""
+
+    start: float
+    end: float
+    prediction: Prediction
+
+
+def predict_segments(predictor: Any, path: str | Path, rule: SegmentRule | None = None) -> Iterator[SegmentPrediction]:
+    """Stream `path` (extract.audio.AudioStream), cut it with `rule` under the run's VAD mode
+    (extract.segments) and yield each segment's prediction, made by `predictor.predict_array` on the
+    segment's 16 kHz samples. Raises AudioError (a UserError) at once for a file that cannot be opened."""
+    rule = rule or SegmentRule()
+    rule.validate()
+    longest = rule.max_segment + 2 * rule.pad
+    if 0 < predictor.max_seconds < longest:
+        raise PredictError(f"this run truncates its input at {predictor.max_seconds:g} s, and a segment may last "
+                           f"{longest:g} s (--max-segment plus twice --pad); give a --max-segment of at most "
+                           f"{predictor.max_seconds - 2 * rule.pad:g}")
+    stream = AudioStream(path)  # opened now: a missing or unreadable file fails before anything is written
+
+    def predicted() -> Iterator[SegmentPrediction]:
+        for seg in segments(iter(stream), rule, predictor.vad_mode):
+            start, end = seg.seconds
+            yield SegmentPrediction(start, end, predictor.predict_array(seg.samples, SAMPLE_RATE,
+                                                                        name=f"{start:.2f}-{end:.2f} s"))
+
+    return predicted()
+
+
+def segment_columns(classes: Sequence[str], outputs: Sequence[str]) -> list[str]:
+    """segments.csv's header: only the outputs the head learned."""
+    emotion = ["emotion", *[f"prob_{c}" for c in classes]] if "emotion" in outputs else []
+    return ["start", "end", *emotion, *[d for d in ("valence", "arousal") if d in outputs], "speech_ratio"]
+
+
+def segment_row(s: SegmentPrediction, columns: Sequence[str]) -> list[str]:
+    p = s.prediction
+    values = {"start": f"{s.start:.3f}", "end": f"{s.end:.3f}", "emotion": p.emotion,
+              "valence": f"{p.valence:.4f}", "arousal": f"{p.arousal:.4f}", "speech_ratio": f"{p.speech_ratio:.4f}",
+              **{f"prob_{c}": f"{v:.6f}" for c, v in p.probs.items()}}
+    return [values[c] for c in columns]
+
+
+def write_segments(predictor: Any, path: str | Path, out: str | Path, rule: SegmentRule | None = None, *,
+                   on_segment: Callable[[SegmentPrediction], None] | None = None) -> dict[str, Any]:
+    """OUT/segments.csv (a row per segment, written and flushed as each is predicted) and OUT/timeline.png
+    (drawn from the CSV once the recording has ended); returns what was done."""
+    from heads.evaluate.plots import timeline_png
+
+    rule = rule or SegmentRule()
+    found = predictor.predict_segments(path, rule)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / SEGMENTS_FILE
+    columns = segment_columns(predictor.classes, predictor.outputs)
+    n = failed = 0
+    speech = 0.0
+    with table.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for s in found:
+            if on_segment:
+                on_segment(s)
+            if not s.prediction.ok:
+                failed += 1
+                continue
+            writer.writerow(segment_row(s, columns))
+            fh.flush()
+            n += 1
+            speech += s.end - s.start
+    seconds = AudioStream(path).seconds
+    plot = timeline_png(table, predictor.classes, predictor.outputs, seconds, out / TIMELINE_PLOT,
+                        title=f"{Path(path).name}: {n} speech segments")
+    return {"audio": str(path), "seconds": seconds, "segments": n, "segment_seconds": round(speech, 3),
+            "failed": failed, "rule": asdict(rule), "vad_mode": predictor.vad_mode, "classes": list(predictor.classes),
+            "outputs": list(predictor.outputs), "files": [str(table), str(plot)]}

@@ -16,6 +16,13 @@ knows the cache's).
         model.safetensors + backbone/   a fine-tuned fold's backbone weights and configs
         checkpoint/        a fine-tuned fold's epoch checkpoints while it trains
 
+    LAYERS/                `cli layers`' folder (not a run folder; it holds some)
+      layers.json, layers.png      UA per layer: the probe's (and the heads') mean and 95% CI over folds
+      layer-KK/            with --heads: the run folder of the head trained on layer KK alone
+
+`cli predict --segments` writes segments.csv (one row per speech segment, as it is predicted) and
+timeline.png into its own folder.
+
 Which outputs a head learned: the classifier and each regressor train only
 where the training split had labels. A fold trained on a corpus without
 valence/arousal (most manifest corpora) has regressors that never saw a
@@ -61,6 +68,10 @@ BASELINE_FILE = "baseline.safetensors"
 BACKBONE_FILE = "model.safetensors"
 BACKBONE_DIR = "backbone"
 CHECKPOINT_DIR = "checkpoint"
+LAYERS_JSON = "layers.json"
+LAYERS_PLOT = "layers.png"
+SEGMENTS_FILE = "segments.csv"
+TIMELINE_PLOT = "timeline.png"
 FOLD_DIR = re.compile(r"^fold-(\d+)$")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_ua", "val_wa", "lr")
 UTTERANCE_COLUMNS = ("utt_id", "path", "speaker", "session", "split")
@@ -76,6 +87,11 @@ class RunFolderError(UserError):
 
 def fold_dir(run: str | Path, k: int) -> Path:
     return Path(run) / f"fold-{k:02d}"
+
+
+def layer_run_dir(layers_dir: str | Path, layer: int) -> Path:
+    """`cli layers --heads`: the run folder of the head trained on one layer."""
+    return Path(layers_dir) / f"layer-{layer:02d}"
 
 
 def fold_number(path: str | Path) -> int | None:

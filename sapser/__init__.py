@@ -9,6 +9,9 @@ the `cli` commands are thin wrappers over these same functions:
     ablate(cache, TrainConfig(...))                cli ablate       GAP, SAP and SR over all folds
     summarize_run(run)                             cli report       UA/WA mean and 95 % CI over folds
     load_predictor(fold_or_run)                    cli predict      .predict_one(path), .predict_array(x, sr)
+      .predict_segments(path, SegmentRule(...))    cli predict --segments   a long recording, segment by segment
+    write_segments(predictor, path, out)           cli predict --segments   ... into segments.csv + timeline.png
+    scan_layers(cache, TrainConfig(...))           cli layers       UA per layer: a linear probe on every fold
     run_finetune(dataset, root, config, settings)  cli finetune     end-to-end fine-tuning
     read_corpus(dataset, root) + plan_folds(...)   cli manifest     a corpus and its fold plan
 
@@ -30,12 +33,21 @@ from core.folds import plan as plan_folds
 from extract.config import ExtractConfig
 from extract.corpora import read_corpus
 from extract.pipeline import run_extract as extract
+from extract.segments import SegmentRule
 from heads.config import FinetuneSettings
 from heads.evaluate.report import load_run
 from heads.evaluate.report import summarize as summarize_run
 from heads.finetune.run import run_finetune
-from heads.predict import Ensemble, Prediction, Predictor, load_predictor
+from heads.predict import (
+    Ensemble,
+    Prediction,
+    Predictor,
+    SegmentPrediction,
+    load_predictor,
+    write_segments,
+)
 from heads.train.fold_loop import ablate, train_folds
+from heads.train.layer_scan import scan_layers
 from heads.train.trainer import TrainConfig
 
 try:
@@ -45,6 +57,6 @@ except PackageNotFoundError:  # a source checkout without `pip install -e .`
 
 __all__ = [
     "PROTOCOLS", "Ensemble", "ExtractConfig", "FeatureCache", "FinetuneSettings", "Fold", "Prediction", "Predictor",
-    "TrainConfig", "UserError", "ablate", "extract", "load_predictor", "load_run", "plan_folds", "read_corpus", "run_finetune",
-    "summarize_run", "train_folds",
+    "SegmentPrediction", "SegmentRule", "TrainConfig", "UserError", "ablate", "extract", "load_predictor", "load_run",
+    "plan_folds", "read_corpus", "run_finetune", "scan_layers", "summarize_run", "train_folds", "write_segments",
 ]

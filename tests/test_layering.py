@@ -44,7 +44,8 @@ FORBIDDEN = {
 LIBRARIES = ("core", "cache", "extract", "heads")
 # What the run folder holds (heads/runfolder.py); no other product module spells these names.
 RUN_FOLDER_NAMES = ("config.json", "metrics.json", "predictions.csv", "utterances.csv", "head.safetensors",
-                    "history.csv", "baseline.safetensors", "confusion.png", "curves.png", "wave-index.npz")
+                    "history.csv", "baseline.safetensors", "confusion.png", "curves.png", "wave-index.npz",
+                    "layers.json", "layers.png", "segments.csv", "timeline.png")
 RUN_FOLDER_OWNER = "heads.runfolder"
 
 

@@ -127,3 +127,80 @@ def write_run_plots(run: Run) -> list[Path]:
     if histories:
         written.append(curves_png(histories, run.path / CURVES_PLOT, title=f"{run.name}: training curves"))
     return written
+
+
+def layers_png(summary: dict, path: str | Path, *, title: str = "") -> Path:
+    """UA per layer (`cli layers`): the probe's mean over folds with its 95% CI as error bars, and the
+    head's beside it when it was trained; a dashed line at chance (1 / classes present)."""
+    rows = summary["layers"]
+    layers = np.array([r["layer"] for r in rows])
+    fig = Figure(figsize=(max(5.0, 0.35 * len(layers) + 3.0), 4.0))
+    ax = fig.add_subplot()
+    styles = {"probe": ("tab:blue", "o", -0.08), "head": ("tab:orange", "s", 0.08)}
+    shown = [m for m in styles if rows and f"{m}_ua" in rows[0]]
+    for method in shown:
+        colour, marker, shift = styles[method]
+        shift = shift if len(shown) > 1 else 0.0  # side by side, so the error bars do not hide each other
+        key = f"{method}_ua"
+        mean = np.array([np.nan if r[key]["mean"] is None else 100 * r[key]["mean"] for r in rows])
+        ci = [r[key]["ci95"] for r in rows]
+        lo = np.array([np.nan if c is None else 100 * c[0] for c in ci])
+        hi = np.array([np.nan if c is None else 100 * c[1] for c in ci])
+        err = np.nan_to_num(np.vstack([mean - lo, hi - mean]))  # (2, L); no interval (one fold): no bar
+        label = {"probe": "linear probe", "head": "head on the layer alone"}[method]
+        ax.errorbar(layers + shift, mean, yerr=err, color=colour, marker=marker, capsize=3, lw=1.4, label=label)
+    classes = summary.get("classes")
+    if classes:
+        ax.axhline(100 / len(classes), color="grey", ls="--", lw=1, label="chance")
+    ax.set_xticks(layers)
+    ax.set(xlabel="layer", ylabel="test UA (%)",
+           title=title or f"UA per layer: mean and 95% CI over {summary['folds']} folds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(path))
+
+
+def timeline_png(table: str | Path | pd.DataFrame, classes: Sequence[str], outputs: Sequence[str], seconds: float,
+                 path: str | Path, *, title: str = "") -> Path:
+    """A long recording's segments over time (`cli predict --segments`): a bar per segment in its emotion's
+    lane (darker = more probable), and valence/arousal per segment when the head learned them.
+
+    `table` is segments.csv (or its frame): start, end, emotion, prob_<class>..., valence, arousal.
+    """
+    rows = table if isinstance(table, pd.DataFrame) else pd.read_csv(table)
+    panels = (["emotion"] if "emotion" in outputs else []) + (["dims"] if {"valence", "arousal"} & set(outputs)
+                                                                  else [])
+    panels = panels or ["emotion"]
+    fig = Figure(figsize=(12, 1.2 + 0.45 * len(classes) + (2.2 if "dims" in panels else 0)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [0.45 * len(classes) + 0.6 if p == "emotion" else 2.2
+                                                       for p in panels]})[:, 0]
+    colours = colormaps["tab10"]
+    for ax, panel in zip(axes, panels):
+        if panel == "emotion":
+            for i, c in enumerate(classes):
+                mine = rows[rows["emotion"] == c] if "emotion" in rows else rows.iloc[:0]
+                if len(mine):
+                    shade = [(*colours(i)[:3], 0.35 + 0.65 * float(p)) for p in mine[f"prob_{c}"]]
+                    ax.broken_barh(list(zip(mine["start"], mine["end"] - mine["start"])), (i - 0.4, 0.8),
+                                   facecolors=shade, edgecolor="white", linewidth=0.6)  # parts of a split run show
+            ax.set_yticks(range(len(classes)), labels=list(classes))
+            ax.set_ylim(-0.6, len(classes) - 0.4)
+            ax.set_ylabel("emotion")
+            ax.grid(axis="x", alpha=0.3)
+        else:
+            for d, colour in (("valence", "tab:green"), ("arousal", "tab:red")):
+                if d in outputs and d in rows:
+                    ax.hlines(rows[d], rows["start"], rows["end"], color=colour, lw=2.5, label=d)  # no line across pauses
+            ax.set_ylabel("label scale")
+            ax.legend(fontsize=8, loc="upper right")
+            ax.grid(alpha=0.3)
+    last = axes[-1]
+    last.set_xlim(0, max(seconds, float(rows["end"].max()) if len(rows) else 0.0, 1e-3))
+    if seconds > 120:  # minutes:seconds reads better than thousands of seconds
+        last.xaxis.set_major_formatter(lambda x, _: f"{int(x // 60)}:{int(x % 60):02d}")
+        last.set_xlabel("time (min:s)")
+    else:
+        last.set_xlabel("time (s)")
+    axes[0].set_title(title or f"{len(rows)} speech segments")
+    return _save(fig, Path(path))
