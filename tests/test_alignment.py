@@ -5,7 +5,7 @@ length of utterances, valence/arousal level) a table shifted by one utterance or
 up with its labels, so these tests assert alignment directly, row by row, against the cache:
 
 - a fold's prepared splits (heads/train/fold_inputs.py, both paths): ids, labels, frame counts, SAP frames
-  and fixed statistics of each row are that utterance's;
+  and fixed statistics of each row are that utterance's, and --pooled-norm is fitted on the training rows;
 - the stack's table of every fold (heads/train/stack.py) gives each fold's rows back;
 - predictions.csv of every fold of a head run and of a baseline run: ids, truth, probabilities recomputed
   from the utterance's own frames, fold sizes;
@@ -27,12 +27,14 @@ from safetensors.torch import load_file
 from cache.reader import FeatureCache
 from core.records import class_indices
 from heads.config import BaselineConfig, TrainConfig
+from heads.model.input_norm import floor_std
 from heads.model.pooling import speech_frames
 from heads.runfolder import BASELINE_FILE, read_config, read_predictions, read_run_utterances
 from heads.train.baseline import LinearModel, cache_statistics, run_baseline
 from heads.train.fold_inputs import (
     build_head,
     cache_moments,
+    fixed_columns,
     fixed_statistics,
     prepare_fold,
     prepare_fold_from_moments,
@@ -79,6 +81,7 @@ def test_every_row_of_a_prepared_fold_is_its_utterance(cache, path, mode):
         data, layers, fold = prepared(fc, path, mode)
         head = fold.template
         scale, shift = fold.affine if fold.affine is not None else (1.0, 0.0)
+        raw = {}  # split -> each row's fixed statistics before --pooled-norm, computed here
         for split in ("train", "val"):
             s = fold.splits[split]
             ids = data.split(split)
@@ -98,10 +101,17 @@ def test_every_row_of_a_prepared_fold_is_its_utterance(cache, path, mode):
                 assert int(s.count[i]) == int(sap.sum()) and bool(s.no_speech[i]) == bool(no_speech[0]), u
                 with torch.no_grad():
                     mixed = head.mixed(x, padding)  # (1, T, D)
-                    want = standardize(head, fixed_statistics(head, mixed, padding, sap))[0]
+                    raw.setdefault(split, []).append(fixed_statistics(head, mixed, padding, sap)[0].double())
+                    want = standardize(head, raw[split][-1][None].float())[0]
                 got = fold.frames[int(s.start[i]) : int(s.start[i] + s.count[i])].float() * scale + shift
                 torch.testing.assert_close(got, mixed[0][sap[0]], atol=2e-2, rtol=2e-3)  # float16 frames
                 torch.testing.assert_close(s.fixed[i], want, atol=5e-3, rtol=1e-3)
+        # --pooled-norm: the training rows' mean and (floored) std, nothing of the validation rows
+        train = torch.stack(raw["train"])  # (N, F)
+        cols = fixed_columns(head)
+        torch.testing.assert_close(head.pooled_norm.mean[cols].double(), train.mean(0), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(head.pooled_norm.std[cols].double(), floor_std(train.std(0, unbiased=False)),
+                                   atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("path", ["mix", "one-layer"])
