@@ -23,6 +23,7 @@ came from the copy; a run that imported this checkout's code stops the script.
     python bench/mutate.py --out /tmp/m.md --timeout 300
     python bench/mutate.py --kind split --kind align --kind option --append   # issue 27's mutants, a new
                                                   # dated section at the end of bench/results/mutation-cpu.md
+    python bench/mutate.py --only NAME --tests tests/test_stack.py   # against other tests than its own
 
 Issue 27's mutants carry a `kind`, the three ways a wrong number gets published
 without a failing test: "split" (a statistic fitted with held-out speakers in
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -315,6 +316,10 @@ MUTATIONS: tuple[Mutation, ...] = (
              "if s.early.update(s.epoch, val_loss[h], self.config.patience):",
              "the stack's early stopping waits the configured patience, not the one the step plan grew",
              ("tests/test_options_reach.py",), kind="option"),
+    Mutation("stack-ignores-sap-frames", "heads/train/stack.py",
+             "cap = self.config.sap_frames", "cap = None",
+             "--sap-frames never reaches the stack: SAP attends to every frame in training",
+             ("tests/test_options_reach.py",), kind="option"),
     Mutation("resume-loads-oldest", "heads/finetune/checkpoint.py",
              "for d in reversed(dirs):", "for d in dirs:",
              "a resume with two complete checkpoints loads the older one",
@@ -556,9 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the table and whether each entry applies")
     parser.add_argument("--kind", action="append", choices=list(KINDS),
                         help="run only issue 27's mutants of this class (repeatable)")
-    parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)} for a full run)")
+    parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)} for a full run "
+                                                 "or with --append; else printed only)")
     parser.add_argument("--append", action="store_true",
                         help="add the results as a dated section at the end of the results file, not replace it")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="run every chosen mutant against these test files or node ids instead of its own "
+                             "(e.g. the suite before a mutant's tests were written)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
     opts = parser.parse_args(argv)
     if opts.list:
@@ -572,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     refused = [why for m in mutants if (why := problem(m))]
     if refused:
         sys.exit("mutate: refusing to run: " + "; ".join(refused))
-    out = opts.out or (None if opts.only else RESULTS)
+    if opts.tests:
+        mutants = [replace(m, tests=tuple(opts.tests)) for m in mutants]
+    full = not (opts.only or opts.kind or opts.tests)  # only a full run replaces the results file by default
+    out = opts.out or (RESULTS if full or opts.append else None)
     command = "python bench/mutate.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sapser-mutate-") as tmp:

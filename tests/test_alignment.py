@@ -31,6 +31,7 @@ from heads.model.input_norm import floor_std
 from heads.model.pooling import speech_frames
 from heads.runfolder import BASELINE_FILE, read_config, read_predictions, read_run_utterances
 from heads.train.baseline import LinearModel, cache_statistics, run_baseline
+from heads.train.batches import preload
 from heads.train.fold_inputs import (
     build_head,
     cache_moments,
@@ -68,6 +69,9 @@ def sap_mask(fc: FeatureCache, utt_id: str, mode: int) -> np.ndarray:
 
 def prepared(fc: FeatureCache, path: str, mode: int, k: int = 2):
     data = fold_data(fc, k)
+    if path == "mix-ram":  # the layers preloaded: the fold reads RAM batches, not the cache's reader
+        preload(fc, [0, 1, 2], 1.0)
+        path = "mix"
     if path == "mix":
         return data, [0, 1, 2], prepare_fold(fc, data, config(vad_mode=mode), [0, 1, 2], seed=0, device=CPU)
     moments = cache_moments(fc, data.train + data.val, 1, "train", mode, CPU, 2**30)
@@ -75,7 +79,7 @@ def prepared(fc: FeatureCache, path: str, mode: int, k: int = 2):
 
 
 # mode 1 also checks that --vad-mode reaches the SAP frames and their statistics (its masks differ from mode 3's)
-@pytest.mark.parametrize("path, mode", [("mix", 3), ("mix", 1), ("one-layer", 3), ("one-layer", 1)])
+@pytest.mark.parametrize("path, mode", [("mix", 3), ("mix", 1), ("mix-ram", 1), ("one-layer", 3), ("one-layer", 1)])
 def test_every_row_of_a_prepared_fold_is_its_utterance(cache, path, mode):
     with open_cache(cache) as fc:
         data, layers, fold = prepared(fc, path, mode)
@@ -127,8 +131,10 @@ def test_the_stacks_table_gives_every_fold_its_own_rows(cache, path):
             moments = cache_moments(fc, ids, 1, "train", 3, CPU, 2**30)
             folds = [prepare_fold_from_moments(moments, fc, d, config(layer=1), CPU) for d in datas]
     assert len({len(f.splits["train"].utt_id) for f in folds}) == len(folds)
-    stack = Stack(folds, [(i, 0) for i in range(len(folds))], CPU)
-    for h, fold in enumerate(folds):
+    heads = [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]  # ensemble members: a head's index is not its fold's
+    stack = Stack(folds, heads, CPU)
+    for h, (f, _) in enumerate(heads):
+        fold = folds[f]
         for split in ("train", "val"):
             s = fold.splits[split]
             picks = [list(range(len(s.utt_id)))[::-1]]  # every row, in another order than stored
@@ -146,7 +152,8 @@ def test_the_stacks_table_gives_every_fold_its_own_rows(cache, path):
 
 @pytest.fixture(scope="module")
 def head_run(cache, tmp_path_factory) -> Path:
-    run, _ = train_folds(cache, config(layer=2, pooling="sr"), out=tmp_path_factory.mktemp("runs") / "sr",
+    # two heads per fold: in the stack a head's index is not its fold's
+    run, _ = train_folds(cache, config(layer=2, pooling="sr", ensemble=2), out=tmp_path_factory.mktemp("runs") / "sr",
                          progress=False)
     return run
 
@@ -178,18 +185,23 @@ def test_head_predictions_csv_rows_are_their_utterances(cache, head_run):
             assert (m["n_train"], m["n_val"], m["n_test"]) == (len(data.train), len(data.val), len(data.test))
             assert m["n_test"] == sizes[data.fold.test] and m["n_val"] == sizes[data.fold.val]
             assert m["no_speech"] == sum(not fc.vad(u, 3).any() for u in data.test)
-            head = build_head(TrainConfig(**settings), (1, int(fc.hidden_size)), len(fc.classes))
-            head.load_state_dict(load_file(str(fold / "head.safetensors")))
-            head.eval()
+            members = []
+            for name in ("head.safetensors", "head-2.safetensors"):
+                head = build_head(TrainConfig(**settings), (1, int(fc.hidden_size)), len(fc.classes))
+                head.load_state_dict(load_file(str(fold / name)))
+                members.append(head.eval())
             for u, row in zip(data.test, pred.itertuples()):
                 x = torch.from_numpy(fc.features(u, [2]).astype(np.float32))[None]
                 padding = torch.ones(1, x.shape[1], dtype=torch.bool)
+                probs, va = [], []
                 with torch.no_grad():
-                    out = head(x, padding, torch.from_numpy(fc.vad(u, 3))[None])
-                probs = torch.softmax(out.logits, 1)[0].numpy()
-                np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in fc.classes], probs, atol=2e-5)
-                np.testing.assert_allclose([row.valence, row.arousal], head.to_corpus_scale(out.va)[0].numpy(),
-                                           atol=2e-4)
+                    for head in members:  # the fold's outputs are its members' mean
+                        out = head(x, padding, torch.from_numpy(fc.vad(u, 3))[None])
+                        probs.append(torch.softmax(out.logits, 1)[0].numpy())
+                        va.append(head.to_corpus_scale(out.va)[0].numpy())
+                np.testing.assert_allclose([getattr(row, f"prob_{c}") for c in fc.classes], np.mean(probs, 0),
+                                           atol=2e-5)
+                np.testing.assert_allclose([row.valence, row.arousal], np.mean(va, 0), atol=2e-4)
     used = read_run_utterances(head_run)
     with FeatureCache(cache) as fc:
         for col in ("speaker", "session"):

@@ -255,6 +255,89 @@ def test_train_head_steps_the_optimizer_every_grad_accum_batches_along_the_plan(
                                rtol=1e-6)
 
 
+# ---- the options the stack and the single-head trainer share --------------------------------------------
+
+
+def test_the_stack_and_the_single_head_trainer_agree_away_from_every_shared_default(cache):
+    """Two implementations of one head, each reading the options itself: at values other than every default
+    they share (loss weights, rate, warm-up, weight decay, accumulation, batch, patience, the weight average,
+    pooling, layer, VAD mode), an option one of them drops shows as a disagreement. Dropout is off and frames
+    float32 (--norm none) so that both compute the same numbers (tests/test_stack.py)."""
+    from heads.train.feature_trainer import FeatureTrainer
+    from heads.train.fold_group import test as test_head
+    from heads.train.fold_inputs import prepare_fold
+    from heads.train.folds import open_cache
+    from heads.train.stack import Stack
+
+    cfg = config(pooling="gap", layer=1, vad_mode=2, norm="none", dropout=0.0, epochs=4, batch_size=8, lr=5e-3,
+                 warmup_ratio=0.3, weight_decay=0.2, grad_accum=2, patience=2, ema=0.5, alpha=0.7, beta=0.1,
+                 gamma=0.2, min_steps=30, spread=False, speech_stats=True, seed=3)
+    with open_cache(cache) as fc:
+        data = fold_data(fc, 3)
+        single = FeatureTrainer(cfg, data, cache=fc, layers=[1]).run()
+        fold = prepare_fold(fc, data, cfg, [1], seed=cfg.seed, device=torch.device("cpu"))
+        stack = Stack([fold], [(0, cfg.seed)], torch.device("cpu"))
+        stack.train()
+        result = test_head(stack, 0, stack.head(0), fc, [1], None)
+    assert single.metrics["plan"] == result.metrics["plan"] and result.metrics["plan"]["epochs"] > cfg.epochs
+    ours, theirs = pd.DataFrame(result.history), pd.DataFrame(single.history)
+    np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), rtol=1e-4, atol=1e-5)
+    assert result.test.utt_id == single.test.utt_id
+    np.testing.assert_allclose(result.test.probs, single.test.probs, atol=1e-4)
+    assert result.test.loss == pytest.approx(single.test.loss, rel=1e-4)
+    assert result.metrics["no_speech"] == single.metrics["no_speech"]
+
+
+def test_sap_frames_caps_what_the_stack_attends_to_in_training_only(cache, tmp_path):
+    base = config(pooling="sap", layer=2, epochs=2, dropout=0.0)
+    runs = {}
+    for cap in (None, 3):
+        runs[cap], _ = train_folds(cache, config(**{**vars(base), "sap_frames": cap}), folds=[1],
+                                   out=tmp_path / f"cap{cap}", progress=False)
+    loss = {cap: pd.read_csv(run / "fold-01" / "history.csv")["train_loss"] for cap, run in runs.items()}
+    assert not np.allclose(loss[None], loss[3])  # three frames per utterance: another training
+    settings = json.loads((runs[3] / "config.json").read_text())["settings"]
+    assert settings["sap_frames"] == 3
+    with FeatureCache(cache) as fc:  # at test, every speech frame: predictions.csv is the head on all of them
+        head = build_head(config(**settings), (1, int(fc.hidden_size)), len(fc.classes))
+        head.load_state_dict(load_file(str(runs[3] / "fold-01" / "head.safetensors")))
+        head.eval()
+        pred = read_predictions(runs[3] / "fold-01").set_index("utt_id")
+        for u in pred.index[:5]:
+            x = torch.from_numpy(fc.features(u, [2]).astype(np.float32))[None]
+            with torch.no_grad():
+                out = head(x, torch.ones(1, x.shape[1], dtype=torch.bool), torch.from_numpy(fc.vad(u, 3))[None])
+            np.testing.assert_allclose(pred.loc[u, [f"prob_{c}" for c in fc.classes]].to_numpy(np.float64),
+                                       torch.softmax(out.logits, 1)[0].numpy(), atol=2e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="--sap-frames never reaches the single-head trainer (--layer-weights joint, "
+                                       "heads/train/trainer.py): SAP attends to every frame and the run records "
+                                       "sap_frames as if it had been applied")
+def test_sap_frames_reaches_the_single_head_trainer_or_is_refused(cache, tmp_path):
+    from core.errors import UserError
+
+    base = config(pooling="sap", layer_weights="joint", epochs=1, dropout=0.0)
+    try:
+        capped, _ = train_folds(cache, config(**{**vars(base), "sap_frames": 3}), folds=[1], out=tmp_path / "cap",
+                                progress=False)
+    except UserError as err:  # refusing the combination in one line is as good
+        assert "--sap-frames" in str(err)
+        return
+    full, _ = train_folds(cache, base, folds=[1], out=tmp_path / "full", progress=False)
+    a, b = (pd.read_csv(run / "fold-01" / "history.csv")["train_loss"] for run in (capped, full))
+    assert not np.allclose(a, b)
+
+
+@pytest.mark.xfail(strict=True, reason="BaselineConfig (heads/config.py) has a sap_frames setting, so `cli baseline "
+                                       "--sap-frames N` is offered and accepted, and recorded in config.json, but "
+                                       "the baseline has no SAP: the option does nothing")
+def test_the_baseline_offers_no_option_it_does_not_use(cache, tmp_path):
+    code, out = cli("baseline", "--cache", cache, "--fold", 1, "--layer", 2, "--sap-frames", 4, "--out",
+                    tmp_path / "b", "--quiet")
+    assert code == 2, out
+
+
 # ---- patience as the step plan sets it ---------------------------------------------------------------
 
 
