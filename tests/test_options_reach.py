@@ -258,34 +258,30 @@ def test_train_head_steps_the_optimizer_every_grad_accum_batches_along_the_plan(
 # ---- the options the stack and the single-head trainer share --------------------------------------------
 
 
-def test_the_stack_and_the_single_head_trainer_agree_away_from_every_shared_default(cache):
-    """Two implementations of one head, each reading the options itself: at values other than every default
-    they share (loss weights, rate, warm-up, weight decay, accumulation, batch, patience, the weight average,
-    pooling, layer, VAD mode), an option one of them drops shows as a disagreement. Dropout is off and frames
-    float32 (--norm none) so that both compute the same numbers (tests/test_stack.py)."""
+def test_the_stack_and_the_single_head_trainer_agree_away_from_every_shared_default(cache, tmp_path):
+    """Two implementations of one head, each reading the options itself: train-head's stack (a one-layer read:
+    the run's moments, heads/train/fold_group.py) and the single-head trainer, at values other than every
+    default they share (loss weights, rate, warm-up, weight decay, accumulation, batch, patience, the weight
+    average, pooling, layer, VAD mode, seed): an option one of them drops shows as a disagreement. Dropout is
+    off and frames float32 (--norm none) so that both compute the same numbers (tests/test_stack.py)."""
     from heads.train.feature_trainer import FeatureTrainer
-    from heads.train.fold_group import test as test_head
-    from heads.train.fold_inputs import prepare_fold
     from heads.train.folds import open_cache
-    from heads.train.stack import Stack
 
     cfg = config(pooling="gap", layer=1, vad_mode=2, norm="none", dropout=0.0, epochs=4, batch_size=8, lr=5e-3,
                  warmup_ratio=0.3, weight_decay=0.2, grad_accum=2, patience=2, ema=0.5, alpha=0.7, beta=0.1,
                  gamma=0.2, min_steps=30, spread=False, speech_stats=True, seed=3)
+    run, (m,) = train_folds(cache, cfg, folds=[3], out=tmp_path / "run", progress=False)
     with open_cache(cache) as fc:
-        data = fold_data(fc, 3)
-        single = FeatureTrainer(cfg, data, cache=fc, layers=[1]).run()
-        fold = prepare_fold(fc, data, cfg, [1], seed=cfg.seed, device=torch.device("cpu"))
-        stack = Stack([fold], [(0, cfg.seed)], torch.device("cpu"))
-        stack.train()
-        result = test_head(stack, 0, stack.head(0), fc, [1], None)
-    assert single.metrics["plan"] == result.metrics["plan"] and result.metrics["plan"]["epochs"] > cfg.epochs
-    ours, theirs = pd.DataFrame(result.history), pd.DataFrame(single.history)
-    np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), rtol=1e-4, atol=1e-5)
-    assert result.test.utt_id == single.test.utt_id
-    np.testing.assert_allclose(result.test.probs, single.test.probs, atol=1e-4)
-    assert result.test.loss == pytest.approx(single.test.loss, rel=1e-4)
-    assert result.metrics["no_speech"] == single.metrics["no_speech"]
+        single = FeatureTrainer(cfg, fold_data(fc, 3), cache=fc, layers=[1]).run()
+    assert single.metrics["plan"] == m["plan"] and m["plan"]["epochs"] > cfg.epochs
+    ours = pd.read_csv(run / "fold-03" / "history.csv")
+    np.testing.assert_allclose(ours.to_numpy(), pd.DataFrame(single.history)[list(ours.columns)].to_numpy(),
+                               rtol=1e-4, atol=1e-5)
+    pred = read_predictions(run / "fold-03").set_index("utt_id").loc[single.test.utt_id]
+    np.testing.assert_allclose(pred[[f"prob_{c}" for c in single.metrics["labels"]]].to_numpy(), single.test.probs,
+                               atol=1e-4)
+    assert m["test_loss"] == pytest.approx(single.test.loss, rel=1e-4)
+    assert (m["no_speech"], m["best_epoch"]) == (single.metrics["no_speech"], single.metrics["best_epoch"])
 
 
 def test_sap_frames_caps_what_the_stack_attends_to_in_training_only(cache, tmp_path):
