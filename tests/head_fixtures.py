@@ -94,9 +94,9 @@ def make_cache(path: Path, *, seed: int = 0, per_class: int = 6, dims: bool = Tr
 def _make_varied(path: Path, *, seed: int, per_class: int, no_speech_every: int, sessions: tuple[str, ...],
                  transform: Callable[[str, np.ndarray], np.ndarray] | None, relabel: Relabel | None) -> Path:
     """The varied corpus (module docstring). Speaker j (0-based, sorted) has per_class - 1 + (c + j) % 4
-    utterances of class c (at least 1; j more of class j % 4), in a shuffled order, lengths from 10 + 4 j to 30 + 8 j frames, and
-    valence/arousal shifted by 0.3 j and -0.2 j. VAD modes 0, 1, 2 add 30, 20, 10 % random frames to
-    mode 3's speech frames, so every mode's mask differs."""
+    utterances of class c (at least 1; j more of class j % 4), in a shuffled order, lengths from 10 + 4 j
+    to 30 + 8 j frames, and valence/arousal shifted by 0.3 j and -0.2 j. VAD modes 0, 1, 2 add 30, 20 and
+    10 % random frames to mode 3's speech frames, so every mode's mask differs."""
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 1, (len(CLASSES_4), D)).astype(np.float32)
     fingerprint = {"model": "synthetic-test", "layers": list(LAYERS), "classes": list(CLASSES_4), "dtype": "float16",
