@@ -21,6 +21,14 @@ came from the copy; a run that imported this checkout's code stops the script.
     python bench/mutate.py --list                 # the table, and whether each entry still applies
     python bench/mutate.py --only ua-is-accuracy  # one mutant (repeatable), printed, no results file
     python bench/mutate.py --out /tmp/m.md --timeout 300
+    python bench/mutate.py --kind split --kind align --kind option --append   # issue 27's mutants, a new
+                                                  # dated section at the end of bench/results/mutation-cpu.md
+    python bench/mutate.py --only NAME --tests tests/test_stack.py   # against other tests than its own
+
+Issue 27's mutants carry a `kind`, the three ways a wrong number gets published
+without a failing test: "split" (a statistic fitted with held-out speakers in
+it), "align" (a per-utterance table's rows out of line with its labels),
+"option" (a non-default option that never reaches its use).
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +63,11 @@ class Mutation:
     description: str
     tests: tuple[str, ...]
     known: bool = False  # one of the four bugs issue 12 found the suite let through
+    kind: str = ""  # issue 27's class: split | align | option (KINDS); "" for the earlier mutants
+
+
+KINDS = {"split": "statistics fitted on the wrong split", "align": "rows out of line with their labels",
+         "option": "a non-default option that never reaches its use"}
 
 
 # The four bugs the issue found uncaught come first (known=True). Two of them live in
@@ -73,7 +87,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "early stopping takes a tie in validation loss as an improvement (<= instead of <)",
              ("tests/test_head_training.py",), known=True),
     Mutation("warmup-from-zero", "heads/train/trainer.py",
-             "lambda step: theirs(step + 1)", "lambda step: theirs(step)",
+             "return (step + 1) / (warmup + 1)", "return step / (warmup + 1)",
              "the warm-up starts at learning rate 0 (a wasted first step)",
              ("tests/test_head_training.py",), known=True),
     # --- core: frame grids and fold plans
@@ -185,6 +199,144 @@ MUTATIONS: tuple[Mutation, ...] = (
              "x.std(ddof=1) / math.sqrt(x.size)", "x.std() / math.sqrt(x.size)",
              "the 95% CI over folds uses the population std (ddof=0): too narrow",
              ("tests/test_report.py",)),
+    # --- issue 27, class 1 (split): a statistic fitted with held-out speakers in it
+    Mutation("one-layer-norm-takes-validation", "heads/train/fold_inputs.py",
+             "moments.combined(data.train)", "moments.combined(data.train + data.val)",
+             "a one-layer read's --norm train statistics also take the validation speaker's frames",
+             ("tests/test_split_hygiene.py",), kind="split"),
+    Mutation("pooled-norm-takes-validation", "heads/train/fold_inputs.py",
+             'fit_pooled(template, fixed_all["train"].to(device))',
+             'fit_pooled(template, torch.cat([fixed_all["train"], fixed_all["val"]]).to(device))',
+             "--pooled-norm train of a layer mix is fitted on the training and validation rows",
+             ("tests/test_split_hygiene.py", "tests/test_alignment.py"), kind="split"),
+    Mutation("one-layer-pooled-norm-takes-validation", "heads/train/fold_inputs.py",
+             'fit_pooled(template, fixed_all["train"])',
+             'fit_pooled(template, torch.cat([fixed_all["train"], fixed_all["val"]]))',
+             "--pooled-norm train of a one-layer read is fitted on the training and validation rows",
+             ("tests/test_split_hygiene.py",), kind="split"),
+    Mutation("target-scale-takes-held-out", "heads/train/fold_inputs.py",
+             "template.set_target_scale(va_mean.to(device), va_std.to(device))",
+             'template.set_target_scale(*target_scale(data.labels.loc[data.train + data.val + data.test]'
+             '[["valence", "arousal"]].to_numpy()))',
+             "a layer mix's valence/arousal scale is fitted on every split, the test speaker's included",
+             ("tests/test_split_hygiene.py",), kind="split"),
+    Mutation("class-weights-take-validation", "heads/train/fold_inputs.py",
+             'class_weights(train["emotion"].to_numpy(), len(data.classes)).to(device), plan, {},',
+             'class_weights(data.labels.loc[data.train + data.val, "emotion"].to_numpy(), '
+             'len(data.classes)).to(device), plan, {},',
+             "a one-layer read's class weights count the validation speaker's emotions too",
+             ("tests/test_split_hygiene.py",), kind="split"),
+    Mutation("joint-pooled-norm-reads-validation", "heads/train/statistics.py",
+             'for batch in (loader if mixed else trainer.pass_loader("train")):',
+             'for batch in (loader if mixed else trainer.pass_loader("val")):',
+             "the single-head trainer fits --pooled-norm on the validation speaker's utterances",
+             ("tests/test_split_hygiene.py",), kind="split"),
+    Mutation("baseline-chooses-on-test", "heads/train/baseline.py",
+             "model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config)",
+             'model, chosen = fit_fold({**split_stats, "val": split_stats["test"]}, '
+             '{**split_labels, "val": split_labels["test"]}, len(data.classes), config)',
+             "the baseline chooses C and alpha on the test speaker instead of the validation speaker",
+             ("tests/test_split_hygiene.py", "tests/test_alignment.py"), kind="split"),
+    # --- issue 27, class 2 (align): a per-utterance table out of line with its labels
+    Mutation("probe-labels-out-of-order", "heads/train/layer_weights.py",
+             "data.labels.loc[data.train + data.val])", "data.labels.loc[data.val + data.train])",
+             "the layer probe's labels list the validation speaker first, its rows the training speakers",
+             ("tests/test_alignment.py",), kind="align"),
+    Mutation("probe-rows-shifted", "heads/train/layer_weights.py",
+             "row = {u: i for i, u in enumerate(ids)}", "row = {u: (i + 1) % len(ids) for i, u in enumerate(ids)}",
+             "the scan writes each utterance's layer means into the next utterance's row",
+             ("tests/test_alignment.py",), kind="align"),
+    Mutation("one-layer-rows-shifted", "heads/train/fold_inputs.py",
+             "rows = torch.tensor([moments.row[u] for u in data.split(split)])",
+             "rows = torch.tensor([moments.row[u] for u in data.split(split)]).roll(1)",
+             "a one-layer fold's fixed statistics are shifted by one utterance against its labels",
+             ("tests/test_alignment.py",), kind="align"),
+    Mutation("prepared-names-reversed", "heads/train/fold_inputs.py",
+             "for name, n_sap, st, f in zip(names, counts, stats.cpu(), flag.tolist()):",
+             "for name, n_sap, st, f in zip(names[::-1], counts, stats.cpu(), flag.tolist()):",
+             "a layer mix's fold files each batch's statistics and frames under the utterances in reverse",
+             ("tests/test_alignment.py",), kind="align"),
+    Mutation("stack-labels-folds-reversed", "heads/train/stack.py",
+             "torch.cat([s.emotion.to(d) for s in splits]", "torch.cat([s.emotion.to(d) for s in splits[::-1]]",
+             "the stack's table holds the folds' emotions in reverse fold order (a shift by whole folds)",
+             ("tests/test_alignment.py",), kind="align"),
+    Mutation("baseline-rows-mapped-by-another-order", "heads/train/baseline.py",
+             "row = {u: i for i, u in enumerate(ids)}",
+             "row = {u: i for i, u in enumerate(sorted(ids, key=lambda u: u[::-1]))}",
+             "the baseline looks each utterance's statistics up in another order than they were computed in",
+             ("tests/test_alignment.py",), kind="align"),
+    # --- issue 27, class 3 (option): a non-default option that never reaches its use
+    Mutation("predict-reads-vad-mode-3", "heads/predict.py",
+             "vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]",
+             "vad = vad_masks(samples, self.encoder.grid)[3]",
+             "cli predict on a head reads VAD mode 3 whatever mode the run trained with",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("baseline-predict-ignores-frames", "heads/predict.py",
+             'use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)',
+             "use = vad if vad.any() else np.ones(len(x), dtype=bool)",
+             "cli predict on a baseline fold uses the speech frames even when it was fitted on --frames all",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("predict-ignores-max-seconds", "heads/predict.py",
+             'self.max_seconds = float(fp.get("max_seconds") or 0.0)', "self.max_seconds = 0.0",
+             "cli predict on a head reads whole files although the cache kept only the first --max-seconds",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("cli-predict-ignores-device", "cli.py",
+             "predictor = load_predictor(run, device=device)", "predictor = load_predictor(run)",
+             "cli predict --device never reaches the predictor (always the CPU)",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("baseline-reads-vad-mode-3", "heads/train/baseline.py",
+             "frames=config.frames, vad_mode=config.vad_mode,", "frames=config.frames, vad_mode=3,",
+             "the baseline's statistics read VAD mode 3 whatever --vad-mode says",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("baseline-folds-by-speaker", "heads/train/baseline.py",
+             "datas = [fold_data(cache, k, config.protocol) for k in ks]", "datas = [fold_data(cache, k) for k in ks]",
+             "the baseline numbers its folds by --protocol but builds leave-one-speaker-out folds",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("test-split-reads-vad-mode-3", "heads/train/fold_group.py",
+             "loader = make_loader(cache, data.test, layers=layers, vad_mode=config.vad_mode,",
+             "loader = make_loader(cache, data.test, layers=layers, vad_mode=3,",
+             "train-head tests every fold with VAD mode 3's masks whatever --vad-mode it trained with",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("one-layer-moments-read-vad-mode-3", "heads/train/fold_group.py",
+             "moments = cache_moments(cache, ids, layers[0], config.norm, config.vad_mode, device, budget)",
+             "moments = cache_moments(cache, ids, layers[0], config.norm, 3, device, budget)",
+             "a one-layer run's SAP frames and speech statistics come from VAD mode 3 whatever --vad-mode says",
+             ("tests/test_options_reach.py", "tests/test_alignment.py"), kind="option"),
+    Mutation("plan-ignores-grad-accum", "heads/train/step_plan.py",
+             "n_train * epochs // (min_steps * grad_accum)", "n_train * epochs // min_steps",
+             "the step plan shrinks the batch as if every micro-batch were an optimizer step",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("stack-schedule-counts-micro-batches", "heads/train/stack.py",
+             "lr_factor(folds[s.fold].plan.epochs * math.ceil(s.steps_per_epoch / c.grad_accum),",
+             "lr_factor(folds[s.fold].plan.epochs * s.steps_per_epoch,",
+             "the stack's warm-up and cosine span micro-batches, not optimizer steps, under gradient accumulation",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("stack-patience-from-config", "heads/train/stack.py",
+             "if s.early.update(s.epoch, val_loss[h], f.plan.patience):",
+             "if s.early.update(s.epoch, val_loss[h], self.config.patience):",
+             "the stack's early stopping waits the configured patience, not the one the step plan grew",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("stack-ignores-sap-frames", "heads/train/stack.py",
+             "cap = self.config.sap_frames", "cap = None",
+             "--sap-frames never reaches the stack: SAP attends to every frame in training",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("resume-loads-oldest", "heads/finetune/checkpoint.py",
+             "for d in reversed(dirs):", "for d in dirs:",
+             "a resume with two complete checkpoints loads the older one",
+             ("tests/test_options_reach.py",
+              "tests/test_finetune.py::test_resume_after_an_interruption_equals_the_uninterrupted_run"), kind="option"),
+    Mutation("checkpoints-ordered-by-name", "heads/finetune/checkpoint.py",
+             "found.append((int(m.group(1)), p))", "found.append((m.group(1), p))",
+             "checkpoint folders are ordered by name, so epoch 10000 sorts before epoch 9999",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("predict-flags-by-speaker-folds", "core/folds.py",
+             'f.get("protocol", protocol)', '"speaker"',
+             "a run's recorded folds are read back as leave-one-speaker-out whatever its --protocol",
+             ("tests/test_options_reach.py",), kind="option"),
+    Mutation("baselines-paired-across-fold-plans", "heads/evaluate/compare.py",
+             'key = ("fingerprint", "folds", "classes")', 'key = ("fingerprint", "classes")',
+             "a run is compared with a baseline made on another fold plan (fold K is another held-out group)",
+             ("tests/test_options_reach.py",), kind="option"),
 )
 LEAD_OWNED = ("heads/config.py", "heads/train/trainer.py", "heads/train/fold_loop.py")  # only the known bugs may target these
 
@@ -342,31 +494,50 @@ def machine() -> str:
            f"{platform.python_version()}"
 
 
-def kill_rate(rows: list[tuple[Mutation, Outcome]], known: bool) -> str:
-    part = [o for m, o in rows if m.known == known]
+def kill_rate(rows: list[tuple[Mutation, Outcome]], known: bool | None = None, kind: str | None = None) -> str:
+    part = [o for m, o in rows if (known is None or m.known == known) and (kind is None or m.kind == kind)]
     return f"{sum(o.result == 'killed' for o in part)}/{len(part)}"
 
 
-def report(rows: list[tuple[Mutation, Outcome]], baseline: Outcome, wall: float, command: str) -> str:
+def tally(rows: list[tuple[Mutation, Outcome]]) -> str:
+    """The kill rates, one phrase per group of mutants that the run holds."""
+    parts = []
+    if any(m.known for m, _ in rows):
+        parts.append(f"the four bugs issue 12 found uncaught {kill_rate(rows, known=True)}")
+    if any(not m.known and not m.kind for m, _ in rows):
+        parts.append(f"issue 12's new mutants {kill_rate(rows, known=False, kind='')}")
+    parts += [f"{kind} ({what}) {kill_rate(rows, kind=kind)}" for kind, what in KINDS.items()
+              if any(m.kind == kind for m, _ in rows)]
+    return ", ".join(parts) + f"; all {kill_rate(rows)}"
+
+
+def report(rows: list[tuple[Mutation, Outcome]], baseline: Outcome, wall: float, command: str, *,
+           section: bool = False) -> str:
+    """The results as markdown: a whole file, or (`section`) a dated section to append to one."""
+    kinds = sorted({m.kind for m, _ in rows if m.kind}, key=list(KINDS).index)
+    title = "Mutation check: one-line bugs planted in a copy, caught by the tests?"
+    title += f" (issue 27: {', '.join(kinds)})" if kinds else " (issue 12)"
+    now = datetime.now(timezone.utc)
     lines = [
-        "# Mutation check: one-line bugs planted in a copy, caught by the tests? (issue 12)",
+        ("## " if section else "# ") + f"{now:%Y-%m-%d}: {title}",
         "",
-        f"Commit {commit()}; {machine()}.",
+        f"- Date: {now:%Y-%m-%d %H:%M} UTC",
+        f"- Commit: {commit()}",
+        f"- Machine: {machine()}",
+        f"- Command: `{command}`",
         "",
-        "    " + command,
+        f"Killed: {tally(rows)}. Unmutated selection: {baseline.result} in {baseline.seconds:.0f} s; "
+        f"whole run {wall / 60:.1f} min.",
         "",
-        f"Killed: the four bugs the issue found uncaught {kill_rate(rows, True)}, new mutants "
-        f"{kill_rate(rows, False)}, all {sum(o.result == 'killed' for _, o in rows)}/{len(rows)}. "
-        f"Unmutated selection: {baseline.result} in {baseline.seconds:.0f} s; whole run {wall / 60:.1f} min.",
-        "",
-        "| mutation | file | what it breaks | caught by | result | s |",
-        "|---|---|---|---|---|---:|",
+        "| mutation | kind | file | what it breaks | caught by | result | s |",
+        "|---|---|---|---|---|---|---:|",
     ]
     for m, o in rows:
         name = f"{m.name} (known)" if m.known else m.name
         caught = f"`{o.caught_by}`" if o.caught_by else "-"
         result = o.result + (f": {o.detail}" if o.detail else "")
-        lines.append(f"| {name} | {m.file} | {m.description} | {caught} | {result} | {o.seconds:.0f} |")
+        lines.append(f"| {name} | {m.kind or '-'} | {m.file} | {m.description} | {caught} | {result} | "
+                     f"{o.seconds:.0f} |")
     lines += ["", "Each mutant ran `python -m pytest -q -x -p no:cacheprovider` on its selection (the entries of "
               "`MUTATIONS` in bench/mutate.py) in a copy of the tracked tree, with the copy's modules checked to be "
               "the ones imported.", ""]
@@ -379,8 +550,8 @@ def list_table() -> int:
         why = problem(m)
         bad += why is not None
         state = f"REFUSED: {why}" if why else "applies"
-        print(f"{m.name:34s} {m.file:26s} {'known ' if m.known else ''}{state}\n    {m.description}\n"
-              f"    tests: {' '.join(m.tests)}")
+        print(f"{m.name:34s} {m.file:26s} {'known ' if m.known else ''}{m.kind + ' ' if m.kind else ''}{state}\n"
+              f"    {m.description}\n    tests: {' '.join(m.tests)}")
     return 1 if bad else 0
 
 
@@ -388,7 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the table and whether each entry applies")
-    parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)} for a full run)")
+    parser.add_argument("--kind", action="append", choices=list(KINDS),
+                        help="run only issue 27's mutants of this class (repeatable)")
+    parser.add_argument("--out", type=Path, help=f"results file (default {RESULTS.relative_to(ROOT)} for a full run "
+                                                 "or with --append; else printed only)")
+    parser.add_argument("--append", action="store_true",
+                        help="add the results as a dated section at the end of the results file, not replace it")
+    parser.add_argument("--tests", nargs="+", metavar="TEST",
+                        help="run every chosen mutant against these test files or node ids instead of its own "
+                             "(e.g. the suite before a mutant's tests were written)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run (default 300)")
     opts = parser.parse_args(argv)
     if opts.list:
@@ -397,11 +576,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(opts.only or ()) - names)
     if unknown:
         parser.error(f"no mutant named {', '.join(unknown)}; see --list")
-    mutants = [m for m in MUTATIONS if not opts.only or m.name in opts.only]
+    mutants = [m for m in MUTATIONS
+               if (not opts.only or m.name in opts.only) and (not opts.kind or m.kind in opts.kind)]
     refused = [why for m in mutants if (why := problem(m))]
     if refused:
         sys.exit("mutate: refusing to run: " + "; ".join(refused))
-    out = opts.out or (None if opts.only else RESULTS)
+    if opts.tests:
+        mutants = [replace(m, tests=tuple(opts.tests)) for m in mutants]
+    full = not (opts.only or opts.kind or opts.tests)  # only a full run replaces the results file by default
+    out = opts.out or (RESULTS if full or opts.append else None)
     command = "python bench/mutate.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sapser-mutate-") as tmp:
@@ -426,11 +609,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name}: {outcome.result} in {outcome.seconds:.0f} s {outcome.caught_by or outcome.detail}",
                   flush=True)
     wall = time.perf_counter() - start
-    text = report(rows, baseline, wall, command)
-    print(f"killed: known {kill_rate(rows, True)}, new {kill_rate(rows, False)}; {wall / 60:.1f} min")
+    text = report(rows, baseline, wall, command, section=opts.append and out is not None and out.exists())
+    print(f"killed: {tally(rows)}; {wall / 60:.1f} min")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        if opts.append and out.exists():
+            out.write_text(out.read_text().rstrip("\n") + "\n\n" + text)
+        else:
+            out.write_text(text)
         print(f"wrote {out}")
     return 0
 

@@ -21,7 +21,7 @@ from extract.synthetic import generate
 from extract.vad import vad_masks
 from heads.config import FinetuneSettings, finetune_config
 from heads.finetune.backbone import BackboneSettings, load_backbone, normalize_waves, trainable_state
-from heads.finetune.checkpoint import STATE_FILE, load_checkpoint, rng_state, set_rng_state
+from heads.finetune.checkpoint import STATE_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from heads.finetune.distributed import DistContext
 from heads.finetune.run import run_finetune
 from heads.finetune.trainer import FineTuneTrainer
@@ -98,6 +98,20 @@ def test_run_folder_has_the_train_head_contract_plus_the_backbone(full_run):
     assert not (fold / "checkpoint").exists()  # removed once the fold is done
 
 
+def test_the_only_statistic_fine_tuning_fits_is_the_training_speakers_target_scale(corpus, full_run):
+    """Fine-tuning fits no input or pooled statistics (the backbone moves); its valence/arousal scale (and
+    its class weights, heads/train/trainer.py) come from the training speakers alone (issue 27)."""
+    cfg = json.loads((full_run / "config.json").read_text())
+    train = set(cfg["folds"][0]["train"])
+    with corpus.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["speaker"] in train]
+    va = np.array([[float(r["valence"]), float(r["arousal"])] for r in rows])  # (N, 2)
+    stored = load_file(str(full_run / "fold-01" / "head.safetensors"))
+    np.testing.assert_allclose(stored["va_mean"].numpy(), va.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stored["va_std"].numpy(), va.std(axis=0), rtol=1e-6)
+    assert not any(k.startswith(("norm.", "pooled_norm.")) for k in stored)  # nothing else was fitted
+
+
 def test_head_modules_are_the_train_head_classes(corpus, tiny):
     corp = read_corpus("manifest", corpus)
     index = build_wave_index(corp.utterances, load_backbone(BackboneSettings.of(settings(tiny))).grid, 0.0)
@@ -124,6 +138,13 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(corpus, tiny,
     state = torch.load(ckpt / "epoch-0001" / STATE_FILE, weights_only=True)  # plain data only
     assert state["epoch"] == 1 and "optimizer" in state and "scheduler" in state and "rng_all" in state
     assert load_checkpoint(ckpt).model  # safetensors weights, tagged with the same epoch
+    # a kill between renaming a checkpoint into place and deleting the previous one leaves two complete ones:
+    # an older one (here: epoch 0, zeroed weights) beside epoch 1 must not be what the run resumes from
+    older = load_checkpoint(ckpt)
+    older.epoch, older.best, older.best_epoch = 0, None, None
+    older.model = {k: torch.zeros_like(v) for k, v in older.model.items()}
+    save_checkpoint(tmp_path / "scratch", older).rename(ckpt / "epoch-0000")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch-0000", "epoch-0001"]
     with pytest.raises(UserError, match="--resume"):
         run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False, log=quiet)
     second = run_finetune("manifest", corpus, config(), settings(tiny), folds=[1], out=out, progress=False,

@@ -51,6 +51,22 @@ def test_the_table_holds_the_four_known_bugs_and_at_least_sixteen_new_ones():
     assert not [m.name for m in MUTATIONS if not m.known and m.file in mutate.LEAD_OWNED]
 
 
+def test_issue_27s_three_classes_each_hold_at_least_four_mutants():
+    kinds = [m.kind for m in MUTATIONS if m.kind]
+    assert set(kinds) == set(mutate.KINDS) and all(kinds.count(k) >= 4 for k in mutate.KINDS)
+    assert not [m.name for m in MUTATIONS if m.kind and m.known]
+
+
+def test_the_report_counts_each_class_and_an_appended_section_is_dated():
+    rows = [(m, mutate.Outcome("killed" if i % 3 else "survived", 1.0)) for i, m in enumerate(MUTATIONS) if m.kind]
+    text = mutate.report(rows, mutate.Outcome("passed", 2.0), 60.0, "python bench/mutate.py --kind split", section=True)
+    first = text.splitlines()[0]
+    assert first.startswith("## 20") and "issue 27: split, align, option" in first
+    for kind in mutate.KINDS:
+        assert f"{kind} ({mutate.KINDS[kind]}) {mutate.kill_rate(rows, kind=kind)}" in text
+    assert "- Command: `python bench/mutate.py --kind split`" in text and "- Commit: " in text
+
+
 def test_a_text_that_is_not_exactly_once_in_its_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "a.py").write_text("x = 1\nx = 1\n")
     twice = mutate.Mutation("twice", "a.py", "x = 1", "x = 2", "d", ("tests/t.py",))

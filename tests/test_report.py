@@ -30,7 +30,7 @@ WA = [11 / 14, 14 / 16, 10 / 14]
 SUMMED = [[9, 3, 0, 0], [1, 9, 2, 0], [0, 1, 12, 1], [0, 0, 1, 5]]
 SUMMARY_KEYS = {"run", "folds", "labels", "ua", "wa", "macro_f1", "recall", "valence_mae", "arousal_mae",
                 "valence_ccc", "arousal_ccc", "no_speech", "confusion", "recall_pooled", "pooling", "method",
-                "settings", "heads_per_fold"}
+                "settings", "heads_per_fold", "recipe"}
 
 
 def scipy_ci(values):

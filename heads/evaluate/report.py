@@ -334,6 +334,18 @@ PART_TITLES = {("recall", "dims"): "Per-class recall (%) and valence/arousal: me
                ("dims",): "Valence (V) and arousal (A): mean over folds"}
 
 
+PLAN_TITLES = {"speaker": "Leave-one-speaker-out cross-validation", "session": "Leave-one-session-out cross-validation",
+               "split": "The official split"}  # core/folds.py's protocols
+
+
+def plan_title(summaries: Sequence[dict]) -> str:
+    """The table's title: the fold plan the runs were made with (`--protocol`; runs made before it: speaker)."""
+    plans = {str(s["settings"].get("protocol", "speaker")) for s in summaries}
+    name = PLAN_TITLES.get(next(iter(plans)), "Cross-validation") if len(plans) == 1 else \
+        "Cross-validation on different fold plans"
+    return f"{name}: mean over folds (95% CI)"
+
+
 def render_table(summaries: Sequence[dict], title: str | None = None,
                  *, parts: Sequence[str] = ALL_PARTS, caption: bool = True) -> Table:
     """Rows = runs; columns = the paper's Table 1 (UA, WA mean and 95% CI) plus macro-F1,
@@ -341,7 +353,7 @@ def render_table(summaries: Sequence[dict], title: str | None = None,
 
     The full table is about 170 characters wide; `render_tables` splits it for narrow consoles.
     """
-    table = Table(title=title or "Leave-one-speaker-out cross-validation: mean over folds (95% CI)",
+    table = Table(title=title or plan_title(summaries),
                   title_justify="left", box=box.SIMPLE_HEAD,
                   caption=CAPTION if caption else None, caption_justify="left")
     for header, _ in _columns(summaries, parts):
