@@ -516,8 +516,12 @@ def predict(
     from heads.runfolder import json_safe
 
     if segments:
-        return _predict_segments(audio, run, rule, device, out, as_json)
+        if len(audio) != 1:
+            raise UserError(f"--segments takes one recording at a time, got {len(audio)} files")
+        rule.validate()
     predictor = load_predictor(run, device=device)
+    if segments:
+        return _predict_segments(predictor, audio[0], rule, out, as_json)
     results = []
     for path in audio:
         p = predictor.predict_one(path)
@@ -535,22 +539,17 @@ def predict(
         raise typer.Exit(code=1)
 
 
-def _predict_segments(audio: list[Path], run: Path, rule: SegmentRule, device: str, out: Path | None,
-                      as_json: bool) -> None:
-    from heads.predict import format_line, load_predictor, write_segments
+def _predict_segments(predictor: Any, recording: Path, rule: SegmentRule, out: Path | None, as_json: bool) -> None:
+    from heads.predict import format_line, write_segments
     from heads.runfolder import json_safe
 
-    if len(audio) != 1:
-        raise UserError(f"--segments takes one recording at a time, got {len(audio)} files")
-    rule.validate()
-    predictor = load_predictor(run, device=device)
-    out = out or Path(f"{audio[0].stem}-segments")
+    out = out or Path(f"{recording.stem}-segments")
 
     def show(s: Any) -> None:
         if not as_json or not s.prediction.ok:
             typer.echo(format_line(s.prediction), err=not s.prediction.ok)
 
-    done = write_segments(predictor, audio[0], out, rule, on_segment=show)
+    done = write_segments(predictor, recording, out, rule, on_segment=show)
     if as_json:
         typer.echo(json.dumps(json_safe(done), indent=2, allow_nan=False))
         return

@@ -191,8 +191,8 @@ MUTATIONS: tuple[Mutation, ...] = (
              "cli predict reports valence/arousal in standardized units, not the corpus scale",
              ("tests/test_predict.py::test_head_only_fold_predicts_what_its_predictions_csv_says",)),
     Mutation("baseline-scaler-sees-test", "heads/train/baseline.py",
-             'scaler = StandardScaler().fit(stats["train"].astype(np.float64))',
-             'scaler = StandardScaler().fit(np.concatenate([stats[s] for s in ("train", "val", "test")]))',
+             'scaler = StandardScaler().fit(train.astype(np.float64))',
+             'scaler = StandardScaler().fit(np.concatenate([stats[s] for s in ("train", "val", "test")]).astype(np.float64))',
              "the baseline's feature scaler is fitted on every split, test included",
              ("tests/test_baseline.py",)),
     Mutation("report-ci-population-std", "heads/evaluate/report.py",
@@ -232,9 +232,9 @@ MUTATIONS: tuple[Mutation, ...] = (
              "the single-head trainer fits --pooled-norm on the validation speaker's utterances",
              ("tests/test_split_hygiene.py",), kind="split"),
     Mutation("baseline-chooses-on-test", "heads/train/baseline.py",
-             "model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config)",
+             "model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config, span=span)",
              'model, chosen = fit_fold({**split_stats, "val": split_stats["test"]}, '
-             '{**split_labels, "val": split_labels["test"]}, len(data.classes), config)',
+             '{**split_labels, "val": split_labels["test"]}, len(data.classes), config, span=span)',
              "the baseline chooses C and alpha on the test speaker instead of the validation speaker",
              ("tests/test_split_hygiene.py", "tests/test_alignment.py"), kind="split"),
     # --- issue 27, class 2 (align): a per-utterance table out of line with its labels

@@ -273,8 +273,6 @@ class BaselineConfig:
     statistics: str = setting("mean+std", f"per-dimension statistics: {STATISTICS.help()}", flag="--stats")
     frames: str = setting("speech", FRAMES.help())
     layer: int | None = setting(None, "statistics of this one cached layer [default: every cached layer, concatenated]")
-    sap_frames: int | None = setting(None, "in training, SAP attends among at most this many of an utterance's "
-                                           "speech frames, drawn at random each step (all of them at test)")
     vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask `--frames "
                                "speech` uses")
     protocol: str = setting("speaker", f"fold plan: {PROTOCOLS.help()}")  # the fold plan, as for the heads

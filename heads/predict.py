@@ -226,6 +226,13 @@ class _Predicts(abc.ABC):
         the stream has passed it; see `predict_segments`."""
         return predict_segments(self, path, rule)
 
+    def _speech(self, samples: np.ndarray, n_frames: int) -> np.ndarray:
+        """(T,) bool: the run's VAD mode's mask of 16 kHz samples on the encoder's frame grid (T = n_frames)."""
+        vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]  # (T,)
+        if len(vad) != n_frames:
+            raise RuntimeError(f"{n_frames} feature frames but {len(vad)} VAD frames")
+        return vad
+
     def _prediction(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str, probs: np.ndarray,
                     va: np.ndarray, ratio: float, folds: Sequence[int]) -> Prediction:
         """probs (C,) and valence/arousal (2,) as a Prediction; `folds` are the ones whose training saw utt_id."""
@@ -290,9 +297,7 @@ class Predictor(_Predicts):
         """16 kHz samples (N,) -> class probabilities (C,), valence/arousal (2,) on the corpus scale, speech ratio."""
         feats = self.encoder(samples)  # (1, T, L, D) or (1, T, D)
         t = feats.shape[1]
-        vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]  # (T,)
-        if len(vad) != t:
-            raise RuntimeError(f"{t} feature frames but {len(vad)} VAD frames")
+        vad = self._speech(samples, t)  # (T,)
         padding = torch.ones(1, t, dtype=torch.bool, device=self.device)  # (1, T)
         vad_t = torch.from_numpy(vad)[None].to(self.device)  # (1, T)
         probs, va = [], []
@@ -504,7 +509,7 @@ def seen_warning(p: Prediction) -> str | None:
             f"split of fold {folds}: that prediction is optimistic")
 
 
-class BaselinePredictor:
+class BaselinePredictor(_Predicts):
     """`cli predict` on a baseline fold: features re-extracted as the cache made them (the extractor's
     backend, the cached layers, the storage dtype's rounding), the same statistics, the saved linear model."""
 
@@ -521,47 +526,21 @@ class BaselinePredictor:
         self.vad_mode = int(settings["vad_mode"])
         self.model = LinearModel.load(self.fold_dir / BASELINE_FILE)
         self.outputs = tuple(fold_outputs(self.fold_dir))
+        self.fold = fold_number(self.fold_dir) or 0
+        self.seen = TrainingSets(self.fold_dir.parent, cfg)
         self.encoder = _CachedModelEncoder(cfg, resolve_device(device))
 
     @property
     def max_seconds(self) -> float:
         return self.encoder.max_seconds
 
-    def predict_one(self, path: str | Path):
-        try:
-            audio = load_audio(path, max_seconds=self.encoder.max_seconds)
-        except AudioError as err:
-            return Prediction(path=str(path), ok=False, error=str(err))
-        return self._predict(str(path), audio.samples, audio.truncated)
-
-    def predict_array(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE, name: str = "<array>") -> Prediction:
-        """(N,) or (N, channels) audio at `sample_rate` -> a Prediction, as `Predictor.predict_array`."""
-        try:
-            wave, truncated = prepare_array(samples, sample_rate, self.max_seconds)
-        except PredictError as err:
-            return Prediction(path=name, ok=False, error=str(err))
-        return self._predict(name, wave, truncated)
-
-    def predict_segments(self, path: str | Path, rule: SegmentRule | None = None) -> Iterator[SegmentPrediction]:
-        return predict_segments(self, path, rule)
-
-    def _predict(self, name: str, samples: np.ndarray, truncated: bool) -> Prediction:
+    def _predict(self, name: str, samples: np.ndarray, truncated: bool, utt_id: str) -> Prediction:
         x = self.encoder(samples)[0].cpu().numpy()  # (T, L, D), the cache's values
-        vad = vad_masks(samples, self.encoder.grid)[self.vad_mode]  # (T,)
-        if len(vad) != len(x):
-            raise RuntimeError(f"{name}: {len(x)} feature frames but {len(vad)} VAD frames")
+        vad = self._speech(samples, len(x))  # (T,)
         use = vad if self.frames == "speech" and vad.any() else np.ones(len(x), dtype=bool)
         stats = utterance_statistics(x, use, self.statistics).astype(np.float32)  # as cache_statistics stores it
         probs, va = self.model.predict(stats[None])
-        return Prediction(
-            path=name, ok=True, emotion=self.classes[int(probs[0].argmax())],
-            probs={c: float(p) for c, p in zip(self.classes, probs[0])},
-            valence=float(va[0, 0]), arousal=float(va[0, 1]), speech_ratio=speech_ratio(vad),
-            seconds=len(samples) / SAMPLE_RATE, truncated=truncated, outputs=self.outputs,
-        )
-
-    def predict(self, paths: Sequence[str | Path]) -> list:
-        return [self.predict_one(p) for p in paths]
+        return self._prediction(name, samples, truncated, utt_id, probs[0], va[0], speech_ratio(vad), [self.fold])
 
 
 # --- long recordings: speech segments --------------------------------------------------------

@@ -299,3 +299,35 @@ def test_cli_predict_on_a_baseline_fold_equals_its_predictions_csv(tmp_path):
                                    atol=1e-5)
         assert p["emotion"] == row["pred"]
         assert p["valence"] == pytest.approx(float(row["valence"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("missing_va", [False, True])
+def test_fit_in_the_training_rows_span_equals_the_plain_fit(missing_va):
+    """Wide statistics (F > N, as every cached layer of an SSL model): the span fit is the same model.
+
+    Rows of rank < N (duplicates, as frameless utterances' zero statistics) and V/A labels missing on
+    some rows included."""
+    rng = np.random.default_rng(1)
+    n, f = 60, 300
+    y = np.arange(n) % 4
+    x = rng.normal(0, 1, (n, 80)) @ rng.normal(0, 1, (80, f)) + 0.5 * y[:, None] * rng.normal(0, 1, f)
+    x[5] = x[6]  # an exactly dependent row
+    va = np.column_stack([x[:, 0] * 0.1 + y, -x[:, 1] * 0.05 + y]) + rng.normal(0, 0.1, (n, 2))
+    if missing_va:
+        va[::3, 0] = np.nan
+    labels = np.column_stack([y, va])
+    stats = {"train": x[:45].astype(np.float32), "val": x[45:].astype(np.float32)}
+    split_labels = {"train": labels[:45], "val": labels[45:]}
+    plain, chosen_plain = fit_fold(stats, split_labels, 4, BaselineConfig(), span=False)
+    span, chosen_span = fit_fold(stats, split_labels, 4, BaselineConfig(), span=True)
+    assert chosen_span["span_rank"] == 43 and chosen_plain["span_rank"] is None  # 45 rows, centered, one duplicate
+    assert {k: v for k, v in chosen_span.items() if k != "span_rank"} == \
+        {k: v for k, v in chosen_plain.items() if k != "span_rank"}
+    test = rng.normal(0, 1, (20, f))
+    p_plain, va_plain = plain.predict(test)
+    p_span, va_span = span.predict(test)
+    np.testing.assert_allclose(p_span, p_plain, atol=2e-4)
+    np.testing.assert_allclose(va_span, va_plain, rtol=1e-6, atol=1e-6)
+    # the default chooses the span exactly when the statistics outnumber the training rows
+    _, chosen_default = fit_fold(stats, split_labels, 4, BaselineConfig())
+    assert chosen_default["span_rank"] == 43

@@ -71,8 +71,11 @@ def test_every_protocol_plans_folds():
                          "session": [f"S{i}" for i in range(3) for _ in "FM"],
                          "split": ["train", "train", "train", "val", "test", "test"]},
                         index=[f"u{i}" for i in range(6)])
+    # three corpora of two utterances each, the last one test-only: one cross-corpus fold
+    meta["corpus"] = [f"C{i}" for i in range(3) for _ in "FM"]
+    meta["corpus_role"] = ["train"] * 4 + ["test"] * 2
     counts = {name: len(plan(meta, name)) for name in PROTOCOLS}
-    assert counts == {"speaker": 6, "session": 3, "split": 1}
+    assert counts == {"speaker": 6, "session": 3, "split": 1, "corpus": 1}
 
 
 def test_every_dataset_has_a_reader():

@@ -30,7 +30,7 @@ WA = [11 / 14, 14 / 16, 10 / 14]
 SUMMED = [[9, 3, 0, 0], [1, 9, 2, 0], [0, 1, 12, 1], [0, 0, 1, 5]]
 SUMMARY_KEYS = {"run", "folds", "labels", "ua", "wa", "macro_f1", "recall", "valence_mae", "arousal_mae",
                 "valence_ccc", "arousal_ccc", "no_speech", "confusion", "recall_pooled", "pooling", "method",
-                "settings", "heads_per_fold", "recipe"}
+                "settings", "heads_per_fold", "recipe", "cross_corpus"}
 
 
 def scipy_ci(values):
@@ -85,6 +85,7 @@ def test_summarize_known_run(runs):
     s = summarize(runs["sr"])
     assert set(s) == SUMMARY_KEYS
     assert s["run"] == "iemocap-sr" and s["folds"] == 3 and s["pooling"] == "sr"
+    assert s["cross_corpus"] is None  # one corpus: no "trained on A, tested on B" line
     assert s["labels"] == ["angry", "happy", "neutral", "sad"]
     assert s["ua"]["mean"] == pytest.approx(55 / 72, abs=1e-12)
     assert s["ua"]["ci95"] == pytest.approx(list(scipy_ci(UA)), abs=1e-12)

@@ -46,6 +46,7 @@ from cache.reader import FeatureCache
 from heads.config import STATISTICS, BaselineConfig
 from heads.evaluate.metrics import classification_metrics, fold_scores
 from heads.runfolder import Predictions, prepare_run_dir, run_config, trained_outputs, write_fold
+from heads.train import rowspan
 from heads.train.folds import (FoldData, cross_corpus, fold_count, fold_data, open_cache, run_name,
                                select_layers)
 
@@ -181,47 +182,101 @@ def _fit_classifier(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.n
     return clf.classes_.astype(np.int64), coef, intercept, chosen
 
 
+def _choose(fits, y_val: np.ndarray, config: BaselineConfig) -> tuple[Any, Any]:
+    """The first (smallest) alpha with the lowest validation MAE among `fits`: (alpha, fit) -> (alpha, what it fitted).
+
+    `fits(alpha)` returns (whatever the caller keeps, validation predictions); no validation target: the middle
+    of the grid.
+    """
+    keep_val = ~np.isnan(y_val)
+    best: tuple[float, Any, Any] | None = None
+    for alpha in config.alpha_grid:
+        fitted, pred = fits(alpha)
+        mae = float(np.mean(np.abs(pred[keep_val] - y_val[keep_val]))) if keep_val.any() else math.nan
+        score = math.inf if math.isnan(mae) else mae
+        if best is None or score < best[0]:
+            best = (score, alpha, fitted)
+    if best[0] == math.inf:
+        alpha = sorted(config.alpha_grid)[len(config.alpha_grid) // 2]
+        return alpha, fits(alpha)[0]
+    return best[1], best[2]
+
+
 def _fit_regressor(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                    config: BaselineConfig) -> tuple[np.ndarray, float, float | None]:
     """(coef (F,), intercept, alpha) of a Ridge on the rows whose target exists; NaN coefficients if none."""
     from sklearn.linear_model import Ridge
 
-    keep, keep_val = ~np.isnan(y), ~np.isnan(y_val)
+    keep = ~np.isnan(y)
     if not keep.any():
         return np.full(x.shape[1], np.nan), math.nan, None
-    best: tuple[float, Any] | None = None
-    for alpha in config.alpha_grid:
+
+    def fits(alpha: float) -> tuple[Any, np.ndarray]:
         reg = Ridge(alpha=alpha).fit(x[keep], y[keep])
-        mae = float(np.mean(np.abs(reg.predict(x_val[keep_val]) - y_val[keep_val]))) if keep_val.any() else math.nan
-        score = math.inf if math.isnan(mae) else mae
-        if best is None or score < best[0]:
-            best = (score, reg)
-    if best[0] == math.inf:
-        alpha = sorted(config.alpha_grid)[len(config.alpha_grid) // 2]
-        reg = Ridge(alpha=alpha).fit(x[keep], y[keep])
-    else:
-        reg = best[1]
-    return reg.coef_.astype(np.float64), float(reg.intercept_), float(reg.alpha)
+        return reg, reg.predict(x_val)
+
+    alpha, reg = _choose(fits, y_val, config)
+    return reg.coef_.astype(np.float64), float(reg.intercept_), float(alpha)
+
+
+def _fit_span_regressor(ridge: rowspan.KernelRidge | None, y_val: np.ndarray,
+                        config: BaselineConfig) -> tuple[np.ndarray | None, float, float | None]:
+    """_fit_regressor in the training rows' span: ((N,) weights on the training rows, intercept, alpha)."""
+    if ridge is None:
+        return None, math.nan, None
+
+    def fits(alpha: float) -> tuple[Any, np.ndarray]:
+        weights, intercept, pred = ridge.fit(alpha)
+        return (weights, intercept), pred
+
+    alpha, (weights, intercept) = _choose(fits, y_val, config)
+    return weights, intercept, float(alpha)
 
 
 def fit_fold(stats: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_classes: int,
-             config: BaselineConfig) -> tuple[LinearModel, dict[str, Any]]:
-    """Fit one fold from `stats["train"|"val"]` (N, F) and `labels[...]` (N, 3): emotion index, valence, arousal."""
+             config: BaselineConfig, *, span: bool | None = None) -> tuple[LinearModel, dict[str, Any]]:
+    """Fit one fold from `stats["train"|"val"]` (N, F) and `labels[...]` (N, 3): emotion index, valence, arousal.
+
+    `span`: fit in the span of the standardized training rows (heads/train/rowspan.py): the same models,
+    computed on (N, r) coordinates instead of the (N, F) rows. None: when the statistics outnumber the
+    training utterances, where it is the cheaper way (every cached layer of an SSL model).
+    """
     from sklearn.preprocessing import StandardScaler
 
+    train, val = stats["train"], stats["val"]
     # float64 from here on: the statistics are stored as float32, the fits and predict() run in float64
-    scaler = StandardScaler().fit(stats["train"].astype(np.float64))
-    x, x_val = (scaler.transform(stats[s].astype(np.float64)) for s in ("train", "val"))
+    scaler = StandardScaler().fit(train.astype(np.float64))
+    mean, scale = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
     y, y_val = labels["train"], labels["val"]
     has, has_val = y[:, 0] >= 0, y_val[:, 0] >= 0
-    class_index, coef, intercept, chosen = _fit_classifier(
-        x[has], y[has, 0].astype(np.int64), x_val[has_val], y_val[has_val, 0].astype(np.int64), n_classes, config)
-    va_coef, va_intercept = np.empty((2, x.shape[1])), np.empty(2)
-    for j, name in ((0, "valence"), (1, "arousal")):
-        va_coef[j], va_intercept[j], chosen[f"{name}_alpha"] = _fit_regressor(x, y[:, 1 + j], x_val, y_val[:, 1 + j],
-                                                                               config)
-    model = LinearModel(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64), class_index, coef,
-                        intercept, va_coef, va_intercept, n_classes)
+    emotion, emotion_val = y[has, 0].astype(np.int64), y_val[has_val, 0].astype(np.int64)
+    va_coef, va_intercept = np.empty((2, train.shape[1])), np.empty(2)
+    if not (train.shape[1] > len(train) if span is None else span):
+        x, x_val = (scaler.transform(s.astype(np.float64)) for s in (train, val))
+        class_index, coef, intercept, chosen = _fit_classifier(x[has], emotion, x_val[has_val], emotion_val,
+                                                               n_classes, config)
+        for j, name in ((0, "valence"), (1, "arousal")):
+            va_coef[j], va_intercept[j], chosen[f"{name}_alpha"] = _fit_regressor(x, y[:, 1 + j], x_val,
+                                                                                   y_val[:, 1 + j], config)
+        chosen["span_rank"] = None
+    else:
+        k, cross = rowspan.gram(train, val, mean, scale)  # (N, N), (N_val, N)
+        span_ = rowspan.Span.of(k)
+        class_index, coef, intercept, chosen = _fit_classifier(span_.train[has], emotion,
+                                                               span_.coordinates(cross)[has_val], emotion_val,
+                                                               n_classes, config)
+        weights = span_.row_weights(coef)  # (C', N)
+        rows = [weights]
+        for j, name in ((0, "valence"), (1, "arousal")):
+            target = y[:, 1 + j]
+            keep = ~np.isnan(target)
+            ridge = rowspan.KernelRidge(k, cross, target, keep) if keep.any() else None
+            w, va_intercept[j], chosen[f"{name}_alpha"] = _fit_span_regressor(ridge, y_val[:, 1 + j], config)
+            rows.append(np.full((1, len(train)), np.nan) if w is None else w[None])
+        lifted = rowspan.lift(np.vstack(rows), train, mean, scale)  # (C' + 2, F)
+        coef, va_coef = lifted[: len(weights)], lifted[len(weights):]
+        chosen["span_rank"] = len(span_.pivots)
+    model = LinearModel(mean, scale, class_index, coef, intercept, va_coef, va_intercept, n_classes)
     return model, chosen
 
 
@@ -241,11 +296,11 @@ def _label_matrix(data: FoldData, ids: Sequence[str]) -> np.ndarray:
 
 
 def run_fold(data: FoldData, stats: np.ndarray, no_speech: np.ndarray, row: dict[str, int],
-             config: BaselineConfig) -> FoldOutput:
-    """Fit on the training speakers, choose on the validation speaker, test on the test speaker."""
+             config: BaselineConfig, *, span: bool | None = None) -> FoldOutput:
+    """Fit on the training speakers, choose on the validation speaker, test on the test speaker (`span`: fit_fold's)."""
     split_stats = {s: stats[[row[u] for u in data.split(s)]] for s in ("train", "val", "test")}
     split_labels = {s: _label_matrix(data, data.split(s)) for s in ("train", "val", "test")}
-    model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config)
+    model, chosen = fit_fold(split_stats, split_labels, len(data.classes), config, span=span)
     probs, va = model.predict(split_stats["test"])
     truth = split_labels["test"]
     emotion = truth[:, 0].astype(np.int64)
