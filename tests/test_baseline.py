@@ -127,7 +127,7 @@ def sklearn_fold(stats, row, data):
 
     (xt, yt), (xv, yv), (xs, ys) = (part(s, "emotion") for s in ("train", "val", "test"))
     split = PredefinedSplit([-1] * len(xt) + [0] * len(xv))
-    clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=5000))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=5000, tol=1e-6))
     search = GridSearchCV(clf, {"logisticregression__C": list(C_GRID)}, scoring="balanced_accuracy", cv=split,
                           refit=False).fit(np.vstack([xt, xv]), np.concatenate([yt, yv]))
     clf.set_params(**search.best_params_).fit(xt, yt)
@@ -185,7 +185,7 @@ def test_binary_and_one_class_models_give_proper_probabilities():
               "val": np.column_stack([y[:10], np.full((10, 2), np.nan)])}
     model, chosen = fit_fold(stats, labels, 4, BaselineConfig())
     probs, va = model.predict(x)
-    ref = make_pipeline(StandardScaler(), LogisticRegression(C=chosen["C"], class_weight="balanced", max_iter=5000))
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=chosen["C"], class_weight="balanced", max_iter=5000, tol=1e-6))
     ref.fit(x, y)
     np.testing.assert_allclose(probs[:, [0, 2]], ref.predict_proba(x), atol=1e-6)
     assert np.all(probs[:, [1, 3]] == 0) and np.all(np.isnan(va))  # unseen classes 0; no V/A labels: NaN
@@ -321,12 +321,12 @@ def test_fit_in_the_training_rows_span_equals_the_plain_fit(missing_va):
     plain, chosen_plain = fit_fold(stats, split_labels, 4, BaselineConfig(), span=False)
     span, chosen_span = fit_fold(stats, split_labels, 4, BaselineConfig(), span=True)
     assert chosen_span["span_rank"] == 43 and chosen_plain["span_rank"] is None  # 45 rows, centered, one duplicate
-    assert {k: v for k, v in chosen_span.items() if k != "span_rank"} == \
-        {k: v for k, v in chosen_plain.items() if k != "span_rank"}
+    assert {k: v for k, v in chosen_span.items() if k not in ("span_rank", "iterations")} == \
+        {k: v for k, v in chosen_plain.items() if k not in ("span_rank", "iterations")}
     test = rng.normal(0, 1, (20, f))
     p_plain, va_plain = plain.predict(test)
     p_span, va_span = span.predict(test)
-    np.testing.assert_allclose(p_span, p_plain, atol=2e-4)
+    np.testing.assert_allclose(p_span, p_plain, atol=1e-5)
     np.testing.assert_allclose(va_span, va_plain, rtol=1e-6, atol=1e-6)
     # the default chooses the span exactly when the statistics outnumber the training rows
     _, chosen_default = fit_fold(stats, split_labels, 4, BaselineConfig())
