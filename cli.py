@@ -429,7 +429,7 @@ LAYERS_TRAIN = ("vad_mode", "protocol", "pooling", "ensemble", "epochs", "seed",
     "memory_gb": "with --heads: RAM budget for preloading features", "device": "with --heads: auto, cpu or cuda"}))
 def layers(
     config: TrainConfig,
-    cache: CacheOpt,
+    cache: Annotated[Path, typer.Option("--cache", metavar="F.h5", help="feature cache F.h5 (from `cli extract`)")],
     out: Annotated[Path | None, typer.Option("--out", help=f"folder for {LAYERS_JSON}, {LAYERS_PLOT} (and layer-KK/ run folders) [default: runs/<cache stem>-layers]")] = None,
     heads: Annotated[bool, typer.Option("--heads", help="also train the head on each layer alone (train-head --layer K --all-folds) and show its UA beside the probe's")] = False,
     as_json: Annotated[bool, typer.Option("--json", help=f"print only the JSON summary (what {LAYERS_JSON} holds)")] = False,

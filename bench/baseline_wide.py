@@ -5,20 +5,15 @@ std over the speech frames: 7 x 2 x 512 = 7,168 for Whisper base, 25 x 2 x
 1,024 = 51,200 for WavLM Large, against a few hundred (real-speech corpora
 here) to ~4,400 (IEMOCAP) training utterances per fold.
 
-    python bench/baseline_wide.py build [--dir /work/rs/base] [--utts 5531] [--layers 25] [--dim 1024]
-                                        [--frames 20,40]
     python bench/baseline_wide.py time --cache F.h5 [--folds 1,2] [--method plain|span|both] [--out rows.jsonl]
-    python bench/baseline_wide.py report rows.jsonl... [--out bench/results/baseline-wide-cpu.md]
+    python bench/baseline_wide.py synthetic [--utts 5531] [--features 51200] [--folds 1] [--method ...] [--out ...]
 
-`build` writes an IEMOCAP-shaped synthetic cache with cache.writer.CacheWriter:
-5,531 utterances of 10 speakers in 5 sessions, IEMOCAP's 4-class proportions,
-25 layers x 1,024 float16, but SHORT utterances (20-40 frames, uniform): a
-full-length IEMOCAP cache is 64 GB, and the baseline's fits depend only on the
-per-utterance statistics, whose width (51,200) and count (5,531) are those of
-IEMOCAP whatever the lengths. Frames are low-rank plus noise, as SSL hidden
-states are: a 32-dim latent per frame (class mean + speaker offset + noise)
-mapped to every layer by its own random matrix, plus per-dimension noise;
-about 65% of frames are speech, in 200 ms runs.
+`synthetic` times the fits on IEMOCAP-shaped statistics made in memory: 5,531
+utterances of 10 speakers, IEMOCAP's 4-class proportions, 51,200 statistics
+(WavLM Large's 25 layers x mean and std x 1,024), low rank plus noise. The
+fits depend only on the statistics' count and width; the statistics pass
+before them is linear in the cache's frames (`time` measures it on a real
+cache), so a 64 GB full-length cache is not needed to time them.
 
 `time` runs the baseline's steps on the given folds with timers: the
 statistics pass (once per run), the scaler, the Gram matrices (span only),
@@ -46,7 +41,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 
-from core.records import CLASSES_4, Utterance  # noqa: E402
+from core.records import CLASSES_4  # noqa: E402
 
 FRAMES_PER_SECOND = 50
 IEMOCAP_UTTS = 5531
@@ -54,38 +49,55 @@ IEMOCAP_CLASS_COUNTS = {"angry": 1103, "happy": 1636, "neutral": 1708, "sad": 10
 LATENT = 32
 
 
-def build_cache(path: Path, *, utts: int, layers: int, dim: int, frames: tuple[int, int], seed: int = 0) -> Path:
-    """The IEMOCAP-shaped synthetic cache (see the module docstring); reused when it exists."""
-    from cache.writer import CacheWriter
-
-    if path.exists():
-        return path
+def synthetic_statistics(utts: int, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IEMOCAP-shaped per-utterance statistics: (N, F) float32, labels (N, 3) (emotion index, valence, arousal),
+    speaker index (N,) over 10 speakers. Low rank plus noise, as SSL statistics are: a 32-dim latent per
+    utterance (class mean + speaker offset + noise) mapped to the F statistics by one random matrix."""
     rng = np.random.default_rng(seed)
-    speakers = [(f"Ses0{s}{g}", f"Ses0{s}") for s in range(1, 6) for g in "FM"]
     p = np.array([IEMOCAP_CLASS_COUNTS[c] for c in CLASSES_4], dtype=float)
     classes = rng.choice(len(CLASSES_4), size=utts, p=p / p.sum())  # (N,)
-    class_mean = rng.normal(0, 0.35, (len(CLASSES_4), LATENT)).astype(np.float32)  # (4, k)
-    speaker_mean = rng.normal(0, 0.5, (len(speakers), LATENT)).astype(np.float32)  # (10, k)
-    mix = (rng.standard_normal((LATENT, layers * dim)) / math.sqrt(LATENT)).astype(np.float32)  # (k, L*D)
-    fp = {"model": "bench-baseline-wide", "layers": list(range(layers)), "classes": list(CLASSES_4),
-          "dtype": "float16", "utts": utts, "dim": dim, "frames": list(frames), "seed": seed}
-    with CacheWriter(path, fp) as writer:
-        for i in range(utts):
-            s = i % len(speakers)
-            speaker, session = speakers[s]
-            c = int(classes[i])
-            t = int(rng.integers(frames[0], frames[1] + 1))
-            h = rng.standard_normal((t, LATENT), dtype=np.float32) + speaker_mean[s]  # (T, k)
-            speech = np.repeat(rng.random(t // 10 + 1) < 0.65, 10)[:t]  # (T,) 200 ms runs
-            h[speech] += class_mean[c]
-            x = (h @ mix).reshape(t, layers, dim)  # (T, L, D)
-            x += rng.standard_normal(x.shape, dtype=np.float32)
-            vad = np.tile(speech, (4, 1))  # (4, T)
-            utt = Utterance(utt_id=f"{speaker}_{i:05d}", path=f"/bench/{i}.wav", speaker=speaker, session=session,
-                            emotion=CLASSES_4[c], valence=1.0 + c + 0.5 * float(rng.standard_normal()),
-                            arousal=5.0 - c + 0.5 * float(rng.standard_normal()), dataset="bench")
-            writer.add(utt, x.astype(np.float16), vad, duration=t / FRAMES_PER_SECOND, truncated=False)
-    return path
+    speakers = np.arange(utts) % 10  # (N,)
+    class_mean = rng.normal(0, 0.35, (len(CLASSES_4), LATENT))  # (4, k)
+    speaker_mean = rng.normal(0, 0.5, (10, LATENT))  # (10, k)
+    h = rng.standard_normal((utts, LATENT)) + speaker_mean[speakers] + class_mean[classes]  # (N, k)
+    stats = np.empty((utts, features), dtype=np.float32)  # (N, F)
+    for lo in range(0, features, 4096):  # blocks: (N, 4096) float64 at a time
+        hi = min(lo + 4096, features)
+        mix = rng.standard_normal((LATENT, hi - lo)) / math.sqrt(LATENT)  # (k, b)
+        stats[:, lo:hi] = h @ mix + 0.5 * rng.standard_normal((utts, hi - lo))
+    labels = np.column_stack([classes, 1.0 + classes + 0.5 * rng.standard_normal(utts),
+                              5.0 - classes + 0.5 * rng.standard_normal(utts)])
+    return stats, labels, speakers
+
+
+def time_synthetic(utts: int, features: int, folds: list[int], methods: list[str]) -> list[dict]:
+    """fit_fold on leave-one-speaker-out folds of synthetic_statistics (fold k tests speaker k - 1 and
+    validates on speaker k % 10), with the step timers."""
+    from heads.config import BaselineConfig
+    from heads.train.baseline import fit_fold
+
+    stats, labels, speakers = synthetic_statistics(utts, features)
+    rows = []
+    for k in folds:
+        test, val = k - 1, k % 10
+        split = {"train": ~np.isin(speakers, [test, val]), "val": speakers == val, "test": speakers == test}
+        for method in methods:
+            load0 = load_now()
+            with Timers() as timers:
+                wall, cpu = time.perf_counter(), time.process_time()
+                model, chosen = fit_fold({s: stats[m] for s, m in split.items()},
+                                         {s: labels[m] for s, m in split.items()}, 4, BaselineConfig(),
+                                         span=method == "span")
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            probs, _ = model.predict(stats[split["test"]])
+            acc = float(np.mean(probs.argmax(1) == labels[split["test"], 0]))
+            rows.append({"cache": f"synthetic IEMOCAP-shaped statistics {utts} x {features}", "step": "fold",
+                         "fold": k, "method": method, "n_train": int(split["train"].sum()), "features": features,
+                         "wall": wall, "cpu": cpu, "steps_wall": timers.wall, "steps_cpu": timers.cpu,
+                         "iterations": timers.iterations, "test_accuracy": acc, "C": chosen["C"],
+                         "load": [load0, load_now()], "threads": blas_threads()})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 class Timers:
@@ -201,12 +213,12 @@ def blas_threads() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="write the IEMOCAP-shaped synthetic cache")
-    b.add_argument("--dir", type=Path, default=Path("/work/rs/base"))
-    b.add_argument("--utts", type=int, default=IEMOCAP_UTTS)
-    b.add_argument("--layers", type=int, default=25)
-    b.add_argument("--dim", type=int, default=1024)
-    b.add_argument("--frames", default="20,40", help="utterance lengths in frames, uniform: MIN,MAX")
+    f = sub.add_parser("synthetic", help="time the fits on IEMOCAP-shaped synthetic statistics")
+    f.add_argument("--utts", type=int, default=IEMOCAP_UTTS)
+    f.add_argument("--features", type=int, default=25 * 2 * 1024, help="[default: WavLM Large's 25 x 2 x 1,024]")
+    f.add_argument("--folds", default="1")
+    f.add_argument("--method", default="span", choices=["plain", "span", "both"])
+    f.add_argument("--out", type=Path, help="append the rows to this JSON-lines file")
     t = sub.add_parser("time", help="time the baseline's steps on some folds of a cache")
     t.add_argument("--cache", type=Path, required=True)
     t.add_argument("--folds", default="", help="comma-separated fold numbers [default: every fold]")
@@ -214,6 +226,7 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=1)
     t.add_argument("--out", type=Path, help="append the rows to this JSON-lines file")
     args = ap.parse_args()
+    methods = ["plain", "span"] if args.method == "both" else [args.method]
     if args.command == "time":
         methods = ["plain", "span"] if args.method == "both" else [args.method]
         folds = [int(k) for k in args.folds.split(",") if k]
@@ -221,13 +234,12 @@ def main() -> None:
         if args.out:
             with args.out.open("a") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
-    if args.command == "build":
-        lo, hi = (int(v) for v in args.frames.split(","))
-        path = args.dir / f"iemocap-shaped-{args.utts}-{args.layers}x{args.dim}.h5"
-        start = time.perf_counter()
-        build_cache(path, utts=args.utts, layers=args.layers, dim=args.dim, frames=(lo, hi))
-        print(f"{path} in {time.perf_counter() - start:.0f} s")
-
+    if args.command == "synthetic":
+        methods = ["plain", "span"] if args.method == "both" else [args.method]
+        rows = time_synthetic(args.utts, args.features, [int(k) for k in args.folds.split(",")], methods)
+        if args.out:
+            with args.out.open("a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 if __name__ == "__main__":
     main()

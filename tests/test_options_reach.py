@@ -307,9 +307,6 @@ def test_sap_frames_caps_what_the_stack_attends_to_in_training_only(cache, tmp_p
                                        torch.softmax(out.logits, 1)[0].numpy(), atol=2e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="--sap-frames never reaches the single-head trainer (--layer-weights joint, "
-                                       "heads/train/trainer.py): SAP attends to every frame and the run records "
-                                       "sap_frames as if it had been applied")
 def test_sap_frames_reaches_the_single_head_trainer_or_is_refused(cache, tmp_path):
     from core.errors import UserError
 
@@ -325,9 +322,6 @@ def test_sap_frames_reaches_the_single_head_trainer_or_is_refused(cache, tmp_pat
     assert not np.allclose(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="BaselineConfig (heads/config.py) has a sap_frames setting, so `cli baseline "
-                                       "--sap-frames N` is offered and accepted, and recorded in config.json, but "
-                                       "the baseline has no SAP: the option does nothing")
 def test_the_baseline_offers_no_option_it_does_not_use(cache, tmp_path):
     code, out = cli("baseline", "--cache", cache, "--fold", 1, "--layer", 2, "--sap-frames", 4, "--out",
                     tmp_path / "b", "--quiet")

@@ -196,3 +196,21 @@ def test_gap_head_pools_each_layer_before_mixing_with_the_same_result():
     mixed = head.mix(feats)  # (B, T, D): mix every frame, then GAP
     expected = head.classifier(head.proj(head.pool(mixed, pad, vad)))
     torch.testing.assert_close(head(feats, pad, vad).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_keep_at_most_keeps_cap_frames_of_the_mask_and_leaves_shorter_rows_alone():
+    from heads.model.pooling import keep_at_most
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 50, dtype=torch.bool)
+    mask[0, ::2] = True  # 25 frames
+    mask[1, :3] = True  # 3 frames: under the cap
+    mask[3, 10:40] = True  # 30 frames
+    kept = keep_at_most(mask, 8, g)
+    assert kept.sum(dim=1).tolist() == [8, 3, 0, 8]
+    assert not (kept & ~mask).any() and torch.equal(kept[1], mask[1])
+    again = keep_at_most(mask, 8, g)
+    assert not torch.equal(again, kept)  # drawn anew each call
+    # every frame of a row can be drawn: uniform over the row's frames
+    counts = sum(keep_at_most(mask, 8, g)[3].long() for _ in range(300))
+    assert counts[10:40].min() > 40 and counts[:10].sum() == 0  # expected 300 * 8 / 30 = 80 per frame

@@ -89,8 +89,10 @@ class SERHead(nn.Module):
         self.input_size = hidden_size
         self.output_size = n_classes + 2
 
-    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
-        """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool."""
+    def forward(self, features: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor,
+                sap_mask: torch.Tensor | None = None) -> HeadOutput:
+        """`features (B, T, L, D)` or `(B, T, D)`, masks `(B, T)` bool; `sap_mask (B, T)`: the frames SAP
+        attends among instead of the speech frames (`--sap-frames` in training), the rest unchanged."""
         if isinstance(self.pool, GAP) and self.norm.per_frame_affine and not (self.spread or self.speech_stats):
             # GAP, the normalization and the mix are all linear: pool each layer, then normalize and
             # mix (B, L, D), so neither touches every frame (one pass over the features).
@@ -99,7 +101,7 @@ class SERHead(nn.Module):
             per_layer = torch.einsum("btld,bt->bld", x, w) / w.sum(dim=1).clamp(min=1)[:, None, None]  # (B, L, D)
             pooled = self.mix(per_layer.unsqueeze(1), self.norm.affine()).squeeze(1)  # (B, D)
             return self.outputs(pooled, padding_mask, vad_mask)
-        return self.from_mixed(self.mixed(features, padding_mask), padding_mask, vad_mask)
+        return self.from_mixed(self.mixed(features, padding_mask), padding_mask, vad_mask, sap_mask)
 
     def mixed(self, features: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """Normalized and mixed frames: `(B, T, L, D)` or `(B, T, D)` -> `(B, T, D)`."""
@@ -108,13 +110,16 @@ class SERHead(nn.Module):
         x = features if features.dim() == 4 else features.unsqueeze(2)  # (B, T, L, D)
         return self.mix(self.norm(x, padding_mask))
 
-    def from_mixed(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> HeadOutput:
+    def from_mixed(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor,
+                   sap_mask: torch.Tensor | None = None) -> HeadOutput:
         """Pooling and the task layers on already normalized and mixed frames `x (B, T, D)`."""
-        return self.outputs(self.pooled(x, padding_mask, vad_mask), padding_mask, vad_mask)
+        return self.outputs(self.pooled(x, padding_mask, vad_mask, sap_mask), padding_mask, vad_mask)
 
-    def pooled(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, x: torch.Tensor, padding_mask: torch.Tensor, vad_mask: torch.Tensor,
+               sap_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The pooled vector of mixed frames `x (B, T, D)`: `(B, P)`, before `pooled_norm`."""
-        parts = [self.pool(x, padding_mask, vad_mask)]  # (B, pool.output_size)
+        # the pooling reads the VAD mask for SAP only (GAP takes every real frame)
+        parts = [self.pool(x, padding_mask, vad_mask if sap_mask is None else sap_mask)]  # (B, pool.output_size)
         if self.spread:
             parts.append(masked_std(x, padding_mask))  # (B, D)
         if self.speech_stats:

@@ -43,6 +43,16 @@ def speech_frames(padding_mask: torch.Tensor, vad_mask: torch.Tensor) -> tuple[t
     return mask, no_speech
 
 
+def keep_at_most(mask: torch.Tensor, cap: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`mask (B, T)` with at most `cap` True frames per row: rows with more keep `cap` of them drawn
+    uniformly without replacement (`--sap-frames` in training); other rows unchanged."""
+    if mask.numel() == 0 or int(mask.sum(dim=1).max()) <= cap:
+        return mask
+    keys = torch.rand(mask.shape, generator=generator, device=mask.device).masked_fill(~mask, 2.0)  # (B, T)
+    rank = keys.argsort(dim=1).argsort(dim=1)  # (B, T) each frame's place in its row's random order
+    return mask & (rank < cap)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over T of `x (B, T, D)` where `mask (B, T)` is True; 0 for an all-False row."""
     weights = mask.to(x.dtype)  # (B, T)

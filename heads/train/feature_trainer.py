@@ -16,6 +16,8 @@ import time
 from typing import Any, Callable, Iterable
 
 from heads.config import TrainConfig
+from heads.model.head import HeadOutput
+from heads.model.pooling import keep_at_most, speech_frames
 from heads.train.batches import make_loader, resident_copy
 from heads.train.folds import FoldData
 from heads.train.layer_weights import SLICE_VALUES, prepare_inputs
@@ -57,6 +59,20 @@ class FeatureTrainer(Trainer):
             start = time.perf_counter()
             fit_pooled_norm(self, head)
             self.input_seconds["pooled_norm"] = time.perf_counter() - start
+
+    def forward(self, batch: dict) -> HeadOutput:
+        """The Trainer's forward; in training with `--sap-frames N`, SAP attends among at most N of each
+        utterance's speech frames (all real frames when it has none), drawn at random each step, as in the
+        stacked trainer (heads/train/stack.py)."""
+        cap = self.config.sap_frames
+        if not (self.model.training and cap and self.config.pooling in ("sap", "sr")):
+            return super().forward(batch)
+        features, padding, vad = self.encode(batch)
+        sap_mask = keep_at_most(speech_frames(padding, vad)[0], cap)  # (B, T)
+        head = self.head(self.model)
+        if batch.get("mixed"):
+            return head.from_mixed(features, padding, vad, sap_mask)
+        return head(features, padding, vad, sap_mask)
 
     def pass_loader(self, split: str) -> Iterable[dict]:
         """Batches for prepare_inputs' one-off passes over a split, in order.
