@@ -10,15 +10,16 @@ from heads.model.pooling import GAP, SAP, SR, attention_heads, compact, flash_pa
 D = 16
 
 
-@pytest.fixture(params=["flash", "chunked"])
+@pytest.fixture(params=["flash", "chunked", "dense"])
 def sap_path(request, monkeypatch):
-    """Run the test with SAP forced onto one of its two formulations.
+    """Run the test with SAP forced onto one of its formulations.
 
-    chunked: blocks of 5 queries, so most batches take several blocks, the
-    last one partial.
+    chunked: MeanSoftmax in blocks of 5 queries, so most batches take several
+    blocks, the last one partial; dense: mean_softmax's autograd form.
     """
     monkeypatch.setattr(heads.model.pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if request.param == "flash" else 0.0)
     monkeypatch.setattr(heads.model.pooling, "query_block", lambda batch, heads, frames: 5)
+    monkeypatch.setattr(heads.model.pooling, "DENSE_MAX_ELEMENTS", 2**40 if request.param == "dense" else 0)
     return request.param
 
 

@@ -38,9 +38,10 @@ def cache_path(tmp_path_factory) -> Path:
     return make_cache(tmp_path_factory.mktemp("stack") / "c.h5", per_class=5)
 
 
-@pytest.mark.parametrize("flash", [True, False])
-def test_the_stacked_sap_is_sap_per_head_values_and_gradients(cache_path, monkeypatch, flash):
-    monkeypatch.setattr(pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if flash else 0.0)
+@pytest.mark.parametrize("path", ["flash", "dense", "chunked"])
+def test_the_stacked_sap_is_sap_per_head_values_and_gradients(cache_path, monkeypatch, path):
+    monkeypatch.setattr(pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if path == "flash" else 0.0)
+    monkeypatch.setattr(pooling, "DENSE_MAX_ELEMENTS", 2**40 if path == "dense" else 0)
     config = TrainConfig(**{**SETTINGS, "layer": 2})
     with open_cache(cache_path) as cache:
         data = fold_data(cache, 1)

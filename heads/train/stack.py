@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from heads.evaluate.metrics import ua_wa
 from heads.model.head import SERHead
-from heads.model.pooling import MeanSoftmax, attendable_keys, flash_pays
+from heads.model.pooling import attendable_keys, flash_pays, mean_softmax
 from heads.train.batches import BucketBatchSampler
 from heads.train.fold_inputs import FoldInputs, build_head
 from heads.train.statistics import TrainingError
@@ -221,7 +221,7 @@ class Stack:
             else:
                 bias = torch.zeros(len(rows), 1, 1, s, dtype=x.dtype, device=x.device)
                 bias.masked_fill_(~keys[:, None, None, :], float("-inf"))
-                abar = MeanSoftmax.apply(heads_qkv[0] / math.sqrt(d), heads_qkv[1], bias, weights)  # (n_g, nh, S)
+                abar = mean_softmax(heads_qkv[0] / math.sqrt(d), heads_qkv[1], bias, weights)  # (n_g, nh, S)
                 parts.append(torch.einsum("nhs,nsd->nhd", abar, xf[index]))  # (n_g, nh, D)
                 masses.append(abar.sum(-1))  # (n_g, nh)
             done.append(rows)
