@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure bench/results/ needs, in ONE call of under 8 minutes on a machine lent a GPU
-# (limits 170 + 120 + 70 + 100 s = 7 min 40 s at worst):
+# Every GPU figure bench/results/ needs, in ONE call of under 9 minutes on a machine lent a GPU
+# (limits 170 + 120 + 70 + 60 + 100 s = 8 min 40 s at worst):
 #
 #   bash bench/gpu.sh                 # writes bench/results/*-gpu.md (commit them)
 #   bash bench/gpu.sh --dry-run DIR   # tiny sizes on the CPU in about a minute (tests/test_gpu_script.py)
@@ -10,7 +10,9 @@
 #    a --batch-seconds sweep (50 and 400 vs the default 100) to check the GPU batch policy;
 # 2. the head trainer's epoch on the GPU, 25-layer IEMOCAP-shaped cache (bench/train_head.py,
 #    when it has --layer-scaling; else that part says so);
-# 3. fine-tuning step time and peak memory at the paper's batch, 64 x 19 s (bench/finetune.py).
+# 3. the stacked head trainer's arithmetic rate against the GPU's matmul peak, D = 512 and 1,024,
+#    and its all-folds IEMOCAP extrapolation (bench/head_flops.py);
+# 4. fine-tuning step time and peak memory at the paper's batch, 64 x 19 s (bench/finetune.py).
 # Each part has its own time limit, and a part that fails does not stop the others: the
 # summary at the end says which parts wrote results.
 set -uo pipefail
@@ -46,10 +48,12 @@ if [[ $DRY == 1 ]]; then
     STATUS[extract-batch]="covered by extract in a dry run"
     if "$PY" bench/train_head.py --help 2>/dev/null | grep -q -- "--layer-scaling"; then
         part train-head 300 "$PY" bench/train_head.py --layer-scaling --device cpu --layers 3 --dim 32 --utts 40 \
-            --frames 40 --epochs 1 --dir "$WORK/head" --out "$OUT/train-head-gpu.md"
+            --frames 40 --epochs 1 --poolings sr --cases one,pooled --dir "$WORK/head" --out "$OUT/train-head-gpu.md"
     else
         STATUS[train-head]="skipped: bench/train_head.py has no --layer-scaling on this branch"
     fi
+    part head-flops 120 "$PY" bench/head_flops.py --device cpu --dim 32 --utts 40 --steps 2 --work "$WORK/flops" \
+        --out "$OUT/head-flops-gpu.md"
     part finetune 300 "$PY" bench/finetune.py --model tiny --device cpu --batch-size 4 --seconds 1 \
         --step-seconds 4 --steps 2 --workers 0 --checkpointing off --dir "$WORK/ft" --out "$OUT/finetune-gpu.md"
 else
@@ -65,11 +69,13 @@ else
     else
         STATUS[train-head]="skipped: bench/train_head.py has no --layer-scaling on this branch"
     fi
+    part head-flops 60 "$PY" bench/head_flops.py --device cuda --dim 512 --dim 1024 --work "$WORK/flops" \
+        --out "$OUT/head-flops-gpu.md"
     part finetune 100 "$PY" bench/finetune.py --model large --device cuda --batch-size 64 --seconds 19 \
         --step-seconds 200 --steps 4 --dir "$WORK/ft" --out "$OUT/finetune-gpu.md"
 fi
 
 echo "=== summary (results in $OUT)"
-for name in extract extract-batch train-head finetune; do
+for name in extract extract-batch train-head head-flops finetune; do
     echo "$name: ${STATUS[$name]:-not run}"
 done

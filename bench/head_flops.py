@@ -77,6 +77,16 @@ def step_flops(stack: Stack, counts: torch.Tensor) -> float:
     return float(3 * (projections + attention))  # backward ~ 2x forward
 
 
+def next_batch(state, step: int) -> list[int]:
+    """The head's next training batch, starting another epoch when one runs out (a small --utts)."""
+    try:
+        return next(state.batches)
+    except StopIteration:
+        state.sampler.set_epoch(step + 2)
+        state.batches = iter(state.sampler)
+        return next(state.batches)
+
+
 def measure(dim: int, utts: int, steps: int, device: torch.device, work: Path, heads: str) -> dict:
     path = build_cache(work / f"flops-{utts}x{dim}.h5", utts=utts, layers=1, dim=dim, frames=250)
     config = TrainConfig(device=str(device), ensemble=heads)
@@ -96,7 +106,7 @@ def measure(dim: int, utts: int, steps: int, device: torch.device, work: Path, h
         stack.states[h].batches = iter(stack.states[h].sampler)
     flops, seconds, rows = 0.0, 0.0, 0
     for i in range(steps + 1):
-        picks = [next(stack.states[h].batches) for h in active]
+        picks = [next_batch(stack.states[h], i) for h in active]
         table = stack.rows(active, "train", picks)
         counts = table["count"].clamp(max=config.sap_frames) if config.sap_frames else table["count"]
         if device.type == "cuda":

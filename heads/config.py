@@ -77,6 +77,19 @@ def parse_ensemble(value: int | str) -> int | str:
     return int(text)
 
 
+SAP_FRAMES = 32  # --sap-frames: SAP attends among at most this many frames while training (docs/training.md)
+
+
+def parse_sap_frames(value: object) -> int | None:
+    """`--sap-frames`: a whole number of frames, or "all" (None: every speech frame)."""
+    if value is None or str(value).strip().lower() == "all":
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UserError(f"--sap-frames must be a whole number of frames or all, not {value!r}") from None
+
+
 def heads_for(ensemble: int | str, n_train: int) -> int:
     """Heads trained on a fold with `n_train` training utterances under `--ensemble ensemble`."""
     n = parse_ensemble(ensemble)  # API callers may pass "AUTO" or "3" as the CLI does
@@ -127,8 +140,10 @@ class TrainConfig:
     pooled_dropout: float = setting(0.0, "dropout on the pooled vector before the projection (training only; 0: none, "
                                          "as in the paper)")
     layer_weights: str = setting("probe", f"how the layer mix is learned: {LAYER_WEIGHTS.help()}")
-    sap_frames: int | None = setting(None, "in training, SAP attends among at most this many of an utterance's "
-                                           "speech frames, drawn at random each step (all of them at test)")
+    sap_frames: int | None = setting(SAP_FRAMES, "while training, SAP attends among at most this many of an "
+                                                 "utterance's speech frames, drawn at random each step (validation: "
+                                                 "evenly spaced ones; test: every frame); all: every frame, as in the "
+                                                 "paper", metavar="N|all", parse=parse_sap_frames)
     vad_mode: int = setting(3, f"WebRTC VAD aggressiveness {min(VAD_MODES)}-{max(VAD_MODES)} whose mask SAP uses")
     epochs: int = setting(30, "maximum epochs")
     batch_size: int = setting(64, "utterances per batch")
@@ -139,7 +154,7 @@ class TrainConfig:
     patience: int = setting(5, "early stopping: epochs without a better validation loss")
     ema: float = setting(0.0, "validate, keep and save a moving average of the head's weights with this decay per "
                               "optimizer step (0: the weights themselves, as in the paper)")  # heads/train/weight_average.py
-    min_steps: int = setting(1000, "optimizer steps every fold gets at least: on a small corpus the batch shrinks "
+    min_steps: int = setting(500, "optimizer steps every fold gets at least: on a small corpus the batch shrinks "
                                    "(not below 16), then epochs and patience grow; 0: exactly as given")
     seed: int = setting(0, "random seed (same seed, same machine: same metrics)")
     ensemble: int | str = setting(AUTO, (

@@ -21,6 +21,7 @@ def test_gpu_script_dry_run_writes_every_result(tmp_path):
     summary = done.stdout[done.stdout.index("=== summary"):]
     assert "extract: exit 0" in summary and "finetune: exit 0" in summary, summary
     assert "train-head: exit 0" in summary or "train-head: skipped" in summary, summary
+    assert "head-flops: exit 0" in summary and "| 32 |" in (out / "head-flops-gpu.md").read_text(), summary
     extract = (out / "extract-gpu.md").read_text()
     assert "| plain |" in extract and "| ours |" in extract and "| b2 |" in extract
     assert "whole process" in extract and "steady state" in extract

@@ -54,3 +54,15 @@ def test_the_cli_applies_the_recipe_under_explicit_options_and_the_run_says_so(c
 def test_an_unknown_recipe_is_one_line(cache, tmp_path):
     code, out = cli("train-head", "--cache", cache, "--fold", 1, "--recipe", "fast", "--out", tmp_path / "x")
     assert code == 2 and out.strip() == "error: --recipe must be one of default, paper, not 'fast'"
+
+
+def test_sap_frames_takes_a_count_or_all():
+    from core.errors import UserError
+    from heads.config import SAP_FRAMES, parse_sap_frames
+
+    assert TrainConfig().sap_frames == SAP_FRAMES == 32
+    assert parse_sap_frames("all") is None and parse_sap_frames("ALL") is None and parse_sap_frames("8") == 8
+    with pytest.raises(UserError, match="--sap-frames must be a whole number of frames or all"):
+        parse_sap_frames("many")
+    with pytest.raises(UserError, match="--sap-frames must be at least 1"):
+        TrainConfig(sap_frames=0).validate()

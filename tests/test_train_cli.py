@@ -48,7 +48,7 @@ def test_all_folds_through_the_cli_learn_and_write_the_run_folder(cache, tmp_pat
     assert code == 0, out
     assert "fold 06" in out
     config = json.loads((run / "config.json").read_text())
-    assert config["settings"]["pooling"] == "sr" and config["settings"]["lr"] == 1e-3 and config["settings"]["min_steps"] == 1000
+    assert config["settings"]["pooling"] == "sr" and config["settings"]["lr"] == 1e-3 and config["settings"]["min_steps"] == 500 and config["settings"]["sap_frames"] == 32
     assert config["fingerprint"]["model"] == "synthetic-test" and config["layers"] == [0, 1, 2]
     assert config["settings"]["ensemble"] == "auto"
     for k in range(1, 7):
