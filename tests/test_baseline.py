@@ -159,7 +159,8 @@ def test_metrics_equal_a_direct_scikit_learn_computation(cache, run):
             assert m["arousal_mae"] == pytest.approx(ref["arousal_mae"], rel=1e-6)
             with (run / f"fold-{k:02d}" / "predictions.csv").open() as fh:
                 probs = {r["utt_id"]: [float(r[f"prob_{c}"]) for c in data.classes] for r in csv.DictReader(fh)}
-            np.testing.assert_allclose([probs[u] for u in data.test], ref["probs"], atol=2e-6)
+            # the baseline warm-starts along the C grid, the reference starts cold: both stop within tol 1e-6
+            np.testing.assert_allclose([probs[u] for u in data.test], ref["probs"], atol=5e-5)
             uas.append(m["ua"])
     assert np.mean(uas) > 0.6  # the statistics carry the class (chance 0.25)
 
