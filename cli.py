@@ -572,7 +572,7 @@ def demo(
                                              "triples them on this tiny corpus")] = DEMO.epochs,
     batch_size: Annotated[int, typer.Option(help="head batch size (16: the demo corpus is tiny)")] = DEMO.batch_size,
     ensemble: Annotated[str, typer.Option(metavar="N|auto", help=f"heads per fold, averaged: a count or {AUTO} "
-                                               f"(train-head's default; {AUTO_HEADS} here, ~2.4x the demo's time)")] = str(DEMO.ensemble),
+                                               f"(train-head's default: {AUTO_HEADS} on folds this small)")] = str(DEMO.ensemble),
     backends: Annotated[str, typer.Option(help="comma-separated: fbank, tiny-wavlm")] = "fbank,tiny-wavlm",
     jobs: Annotated[int, typer.Option(help="folds trained in parallel processes (1 torch thread each on 2 cores)")] = 2,
 ) -> None:

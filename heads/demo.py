@@ -41,9 +41,9 @@ class DemoConfig:
     # The demo corpus has ~100 training utterances per fold: batch 64 would give 2 optimizer
     # steps per epoch and an under-trained head, so the demo uses 16 (real corpora keep 64).
     batch_size: int = 16
-    # One head per fold: train-head's `--ensemble auto` would average 3 on folds this small
-    # and take the demo from ~1.7 to ~4 minutes on 2 cores (measured) for the same SR figure.
-    ensemble: int | str = 1
+    # train-head's default: three heads per fold on folds this small, trained as one stacked computation
+    # (~1.2x one head's time; bench/results/demo-cpu.md)
+    ensemble: int | str = "auto"
     backends: tuple[str, ...] = ("fbank", "tiny-wavlm")
     ablation_backend: str = "fbank"  # the one run with GAP, SAP and SR; the others with SR only
     # Two single-threaded fold processes beat one two-threaded one on a small head
