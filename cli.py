@@ -14,26 +14,33 @@ import inspect
 import json
 import pickle
 import signal
+import sys
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Callable, get_type_hints
 
-import typer
-from rich.console import Console
+if "--multiprocessing-fork" in getattr(sys, "orig_argv", ()):
+    # A worker started by multiprocessing's spawn re-imports this module before any of our code runs in it;
+    # Ctrl-C reaches the whole process group and is the parent's to handle (core/processes.py quiet_child),
+    # so a worker interrupted while still importing must not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 
 # The tables below hold every default and list of choices the options show; none imports torch.
-from core.errors import UserError, os_error_message
-from core.folds import PROTOCOLS
-from core.interrupts import signals_interrupt, stopped
-from core.records import CLASSES_4, parse_classes
-from extract.config import ExtractConfig
-from extract.corpora import DATASETS
-from heads.config import (AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config,
+from core.errors import UserError, os_error_message  # noqa: E402
+from core.folds import PROTOCOLS  # noqa: E402
+from core.interrupts import signals_interrupt, stopped  # noqa: E402
+from core.records import CLASSES_4, parse_classes  # noqa: E402
+from extract.config import ExtractConfig  # noqa: E402
+from extract.corpora import DATASETS  # noqa: E402
+from heads.config import (AUTO, AUTO_HEADS, BaselineConfig, FinetuneSettings, TrainConfig, finetune_config,  # noqa: E402
                           parse_ensemble, recipe_of)
-from heads.demo import DemoConfig
-from extract.segments import SegmentRule
-from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT, LAYERS_JSON, LAYERS_PLOT, SEGMENTS_FILE, TIMELINE_PLOT
+from heads.demo import DemoConfig  # noqa: E402
+from extract.segments import SegmentRule  # noqa: E402
+from heads.runfolder import CONFUSION_PLOT, CURVES_PLOT, LAYERS_JSON, LAYERS_PLOT, SEGMENTS_FILE, TIMELINE_PLOT  # noqa: E402
 
 # torch warns about the pickle protocol of a file it then refuses to load anyway (see user_errors):
 # noise in front of the one-line refusal.

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from head_fixtures import make_cache
@@ -167,3 +171,14 @@ def test_after_an_interrupt_helper_threads_reporting_through_sys_excepthook_stay
                           capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
     assert "RuntimeError" not in done.stderr and "ValueError: the main thread's own error" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("worker", [True, False])
+def test_a_spawned_worker_ignores_ctrl_c_from_its_first_import(worker):
+    """A multiprocessing spawn child re-imports cli before any of our code runs in it: Ctrl-C, sent to the
+    whole process group, is the parent's to handle, so the child must ignore it from the start (else a
+    child interrupted while importing prints a traceback beside the parent's one line)."""
+    code = "import signal, cli; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    args = [sys.executable, "-c", code] + (["--multiprocessing-fork"] if worker else [])
+    out = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1], check=True).stdout.strip()
+    assert out == str(worker)
