@@ -1,14 +1,21 @@
 """The stacked head trainer's arithmetic rate on wide caches, against this machine's matmul peak.
 
 Where frames are wide (Whisper base's D = 512, WavLM Large's 1,024), SAP's
-attention is real arithmetic: per frame the query/key(/value) projections
-(2 x D x 2D or 3D multiply-adds), per utterance of S attended frames the
-scores (2 x S^2 x D) and, in the formulation that runs the values per frame,
-their weighted sum (2 x S^2 x D); a training step is the forward pass plus
-the backward pass, counted as twice the forward's arithmetic (the frames
-themselves take no gradient, so each projection's backward is one matmul for
-its weight and one for its input's gradient only where needed). The head's
-projection and classifier are negligible beside it and not counted.
+attention is real arithmetic. A step's arithmetic is counted as what it needs
+(`step_flops`, 2 FLOP per multiply-add), forward and backward apart, for a
+row of S attended frames (nh attention heads):
+- per frame, the query and key projections (D x 2D; 3D with the values in
+  the fused-kernel formulation): once forward, once backward for the weights'
+  gradient only (the cached frames take no gradient);
+- the scores (S^2 x D), and in the fused-kernel formulation the weighted
+  values (S^2 x D): once forward, twice backward (both operands' gradients);
+- in the chunked formulation, the attention-weighted frames (nh x S x D):
+  once forward, once backward (the frames take no gradient);
+- per row, the value and output projections (D x D each, both gradients
+  backward). The head's projection and classifier (32-d) are not counted.
+An earlier version of this bench counted the whole step as three forward
+passes, which overstated the projections' backward by half (results before
+2026-12-08's second entry).
 
 Builds an IEMOCAP-shaped synthetic cache of one layer (bench/head_bench.py: 10
 speakers in 5 sessions, median 250 frames, ~65% speech), prepares every fold as
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -42,6 +50,7 @@ import torch  # noqa: E402
 
 from bench.head_bench import build_cache  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
+from core.heap import kept_heap  # noqa: E402
 from heads.config import TrainConfig  # noqa: E402
 from heads.model.pooling import flash_pays  # noqa: E402
 from heads.train.batches import preload  # noqa: E402
@@ -53,7 +62,7 @@ from heads.train.stack import Stack  # noqa: E402
 REPO = _HERE.parent
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 20) -> float:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -68,13 +77,16 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def step_flops(stack: Stack, counts: torch.Tensor) -> float:
-    """Forward + backward multiply-add arithmetic (2 FLOP each) of SAP on rows with `counts` attended frames."""
-    d = stack.hidden
+    """Forward + backward arithmetic (2 FLOP per multiply-add) a training step needs for SAP on rows with
+    `counts` attended frames (module docstring)."""
+    d, nh = stack.hidden, stack.n_heads
     s = counts[counts > 0].double()
     flash = flash_pays(int(s.mean()), d)
-    projections = 2 * s.sum() * d * (3 if flash else 2) * d
-    attention = 2 * (s.square() * d).sum() * (2 if flash else 1)
-    return float(3 * (projections + attention))  # backward ~ 2x forward
+    projections = 2 * s.sum() * d * (3 if flash else 2) * d * 2  # forward + weight gradient
+    scores = 2 * (s.square() * d).sum() * (2 if flash else 1) * 3  # forward + both operands' gradients
+    weighted = 0.0 if flash else 2 * nh * s.sum() * d * 2  # abar @ frames: forward + abar's gradient
+    per_row = 2 * len(s) * d * d * (1 if flash else 2) * 3  # value (chunked) and output projections
+    return float(projections + scores + weighted + per_row)
 
 
 def next_batch(state, step: int) -> list[int]:
@@ -105,22 +117,28 @@ def measure(dim: int, utts: int, steps: int, device: torch.device, work: Path, h
         stack.states[h].sampler.set_epoch(1)
         stack.states[h].batches = iter(stack.states[h].sampler)
     flops, seconds, rows = 0.0, 0.0, 0
-    for i in range(steps + 1):
-        picks = [next_batch(stack.states[h], i) for h in active]
-        table = stack.rows(active, "train", picks)
-        counts = table["count"].clamp(max=config.sap_frames) if config.sap_frames else table["count"]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        stack.step(active, picks)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first step warms the kernels up
-            seconds += time.perf_counter() - t0
-            flops += step_flops(stack, counts)
-            rows += int((table["count"] > 0).sum())
+    with kept_heap() if device.type == "cpu" else nullcontext():  # as Stack.train runs its steps
+        for i in range(steps + 1):
+            step = timed_step(stack, active, config, device, i)
+            if i:  # the first step warms the kernels up
+                flops, seconds, rows = flops + step[0], seconds + step[1], rows + step[2]
     return {"dim": dim, "utts": utts, "heads": len(active), "prep": prep, "step": seconds / steps,
             "gflops": flops / seconds / 1e9, "per_utt_step": seconds / rows, "sap_frames": config.sap_frames}
+
+
+def timed_step(stack: Stack, active: list[int], config: TrainConfig, device: torch.device,
+               i: int) -> tuple[float, float, int]:
+    """Step i of every head: (its arithmetic, its seconds, the rows it trained on)."""
+    picks = [next_batch(stack.states[h], i) for h in active]
+    table = stack.rows(active, "train", picks)
+    counts = table["count"].clamp(max=config.sap_frames) if config.sap_frames else table["count"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    stack.step(active, picks)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return step_flops(stack, counts), time.perf_counter() - start, int((table["count"] > 0).sum())
 
 
 def main(argv: list[str] | None = None) -> None:

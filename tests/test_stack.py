@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import heads.model.pooling as pooling
+import heads.train.stack as stack_module
 from head_fixtures import make_cache
 from heads.config import TrainConfig
 from heads.model.head import SERHead
@@ -28,7 +29,7 @@ from heads.train.feature_trainer import FeatureTrainer
 from heads.train.fold_inputs import cache_moments, fixed_statistics, prepare_fold, prepare_fold_from_moments
 from heads.train.fold_loop import train_folds
 from heads.train.folds import fold_data, open_cache
-from heads.train.stack import GROUP_WASTE, Stack, length_groups
+from heads.train.stack import GROUP_WASTE, Stack, from_stack, length_groups
 
 SETTINGS = dict(epochs=3, batch_size=8, heads=2, device="cpu", min_steps=0, ensemble=1, proj_dim=8)
 
@@ -38,8 +39,10 @@ def cache_path(tmp_path_factory) -> Path:
     return make_cache(tmp_path_factory.mktemp("stack") / "c.h5", per_class=5)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("path", ["flash", "dense", "chunked"])
-def test_the_stacked_sap_is_sap_per_head_values_and_gradients(cache_path, monkeypatch, path):
+def test_the_stacked_sap_is_sap_per_head_values_and_gradients(cache_path, monkeypatch, path, layout):
+    monkeypatch.setattr(stack_module, "GROUP_WASTE", float("inf") if layout == "padded" else 1.0)
     monkeypatch.setattr(pooling, "FLASH_MAX_DIM_PER_FRAME", float("inf") if path == "flash" else 0.0)
     monkeypatch.setattr(pooling, "DENSE_MAX_ELEMENTS", 2**40 if path == "dense" else 0)
     config = TrainConfig(**{**SETTINGS, "layer": 2})
@@ -67,7 +70,8 @@ def test_the_stacked_sap_is_sap_per_head_values_and_gradients(cache_path, monkey
         torch.testing.assert_close(out[h, : len(pick)], ref, atol=1e-5, rtol=1e-5)
         assert torch.equal(out[h, len(pick):], torch.zeros_like(out[h, len(pick):]))  # padded rows give 0
         ref.square().sum().backward()
-        got = stack.params["pool.sap.mhsa.in_proj_weight"].grad[h]
+        grads = {n: p.grad[h] for n, p in stack.params.items() if p.grad is not None}
+        got = from_stack(grads)["pool.sap.mhsa.in_proj_weight"]
         torch.testing.assert_close(got, sap.mhsa.in_proj_weight.grad, atol=1e-4, rtol=1e-4)
 
 

@@ -179,15 +179,13 @@ class SAP(nn.Module):
         """
         B, S, D = x.shape
         H, d = self.heads, D // self.heads
-        w_q, w_k, w_v = self.mhsa.in_proj_weight.chunk(3)  # (D, D) each
-        b_q, b_k, b_v = self.mhsa.in_proj_bias.chunk(3)  # (D,) each
-        q = F.linear(x, w_q, b_q).view(B, S, H, d).transpose(1, 2) / math.sqrt(d)  # (B, H, S, d) pre-scaled
-        k = F.linear(x, w_k, b_k).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
+        w_v, b_v = self.mhsa.in_proj_weight[2 * D :], self.mhsa.in_proj_bias[2 * D :]  # (D, D), (D,)
+        qk = F.linear(x, self.mhsa.in_proj_weight[: 2 * D], self.mhsa.in_proj_bias[: 2 * D])  # (B, S, 2D)
         keys = attendable_keys(mask)  # (B, S)
         key_bias = torch.zeros(B, 1, 1, S, dtype=x.dtype, device=x.device)
         key_bias.masked_fill_(~keys[:, None, None, :], float("-inf"))  # (B, 1, 1, S)
         weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, S) mean over queries
-        abar = mean_softmax(q, k, key_bias, weights)  # (B, H, S) mean attention each key gets
+        abar = mean_softmax(qk, key_bias, weights, H)  # (B, H, S) mean attention each key gets
         z = torch.einsum("bhj,bjd->bhd", abar, x)  # (B, H, D) attention-weighted speech frames per head
         v = torch.einsum("bhd,hed->bhe", z, w_v.view(H, d, D)) + b_v.view(H, d) * abar.sum(-1, keepdim=True)  # (B, H, d)
         out = self.mhsa.out_proj(v.reshape(B, D))  # (B, D)
@@ -259,22 +257,57 @@ class MeanSoftmax(torch.autograd.Function):
         return dq, dk, None, None
 
 
-DENSE_MAX_ELEMENTS = 2**26  # (B, H, S, S) attention weights up to which mean_softmax lets autograd keep them (256 MiB)
+DENSE_MAX_ELEMENTS = 2**26  # (B, H, S, S) attention weights up to which mean_softmax keeps them (256 MiB)
 
 
-def mean_softmax(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """abar (B, H, S) = sum_i w_i softmax_j(q_i . k_j + bias_j), arguments as `MeanSoftmax`'s.
+class DenseMeanSoftmax(torch.autograd.Function):
+    """`MeanSoftmax` for short rows, the (B, H, S, S) weights kept, reading queries and keys as projected.
 
-    Short utterances (`--sap-frames`: S = 32) in the dense form, autograd keeping the (B, H, S, S) weights:
-    the same arithmetic without MeanSoftmax's recomputed softmax in backward (B = 510 rows, H = 8, S = 32,
-    d = 10 on the 2-core CPU: 17 against 30 ms forward + backward; a stack of 60 heads x 38 rows is 75 MB).
-    Longer ones a block of queries at a time.
+    `qk (B, S, 2, H, d)` (a view of the projection's `(B, S, 2D)` output), `key_bias (B, 1, 1, S)`, `w (B, S)`,
+    `scale` -> `abar (B, H, S)`. One copy puts queries and keys in attention-head order; the scale goes on
+    the (B, H, S, S) scores rather than on the queries; backward writes both gradients into one buffer in
+    that order, handed back as a view of the projection's layout. (Autograd's form of the same arithmetic
+    copied queries and keys again for the backward matmuls and once more to reassemble their gradient:
+    ~1.6x the time at S = 32, D = 512.)
     """
-    b, h, s, _ = q.shape
-    if b * h * s * s > DENSE_MAX_ELEMENTS:
-        return MeanSoftmax.apply(q, k, key_bias, w)
-    a = torch.softmax(q @ k.transpose(-1, -2) + key_bias, dim=-1)  # (B, H, S, S)
-    return (w[:, None, None, :] @ a).squeeze(2)  # (B, H, S)
+
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, key_bias: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+        heads = qk.permute(2, 0, 3, 1, 4).contiguous()  # (2, B, H, S, d)
+        q, k = heads[0], heads[1]
+        a = torch.softmax((q @ k.transpose(-1, -2)).mul_(scale).add_(key_bias), dim=-1)  # (B, H, S, S)
+        ctx.save_for_backward(heads, a, w)
+        ctx.scale = scale
+        return (w[:, None, None, :] @ a).squeeze(2)  # (B, H, S)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        heads, a, w = ctx.saved_tensors
+        q, k = heads[0], heads[1]
+        g = g[:, :, None, :]  # (B, H, 1, S)
+        # dL/dlogit_ij = w_i A_ij (g_j - sum_k A_ik g_k), times the scale for the unscaled scores
+        dlogit = (g - a @ g.transpose(-1, -2)).mul_(a).mul_(w[:, None, :, None] * ctx.scale)  # (B, H, S, S)
+        grad = torch.empty_like(heads)  # (2, B, H, S, d)
+        torch.matmul(dlogit, k, out=grad[0])
+        torch.matmul(dlogit.transpose(-1, -2), q, out=grad[1])
+        return grad.permute(1, 3, 0, 2, 4), None, None, None  # (B, S, 2, H, d)
+
+
+def mean_softmax(qk: torch.Tensor, key_bias: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
+    """abar (B, H, S) = sum_i w_i softmax_j(q_i . k_j / sqrt(d) + bias_j) for each attention head.
+
+    `qk (B, S, 2D)`: queries then keys as the in-projection gives them (head h's in columns h*d ...),
+    `key_bias (B, 1, 1, S)` 0 or -inf, `w (B, S)` query weights. Short rows (`--sap-frames`: S = 32) keep
+    the (B, H, S, S) weights (`DenseMeanSoftmax`); longer ones take `MeanSoftmax`, a block of queries at a time.
+    """
+    b, s, width = qk.shape
+    d = width // 2 // heads
+    parts = qk.view(b, s, 2, heads, d)
+    if b * heads * s * s <= DENSE_MAX_ELEMENTS:
+        return DenseMeanSoftmax.apply(parts, key_bias, w, 1 / math.sqrt(d))
+    q, k = parts.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, d) each
+    return MeanSoftmax.apply(q / math.sqrt(d), k, key_bias, w)
 
 
 def query_block(batch: int, heads: int, frames: int) -> int:

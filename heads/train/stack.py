@@ -37,6 +37,7 @@ itself, so little of it is spent on padding.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.heap import kept_heap
 from heads.evaluate.metrics import ua_wa
 from heads.model.head import SERHead
 from heads.model.pooling import attendable_keys, flash_pays, mean_softmax
@@ -108,12 +110,15 @@ class Stack:
         for fold, seed in heads:
             torch.manual_seed(seed)  # the single-head trainer's seeding, so the same initial weights
             members.append(build_head(c, shape, len(folds[fold].data.classes)))
-        self.names = [n for n, p in members[0].named_parameters() if p.requires_grad and not n.startswith("mix.")]
-        self.params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in members]).to(device)
-                       .requires_grad_(True) for n in self.names}  # (H, ...)
+        names = [n for n, p in members[0].named_parameters() if p.requires_grad and not n.startswith("mix.")]
+        stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in members]) for n in names}
+        self.params = {n: p.to(device).requires_grad_(True)
+                       for n, p in to_stack(stacked, self.n_heads).items()}  # (H, ...)
+        self.names = list(self.params)
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.ema = {n: torch.zeros_like(p) for n, p in self.params.items()} if c.ema > 0 else None
+        self.step_counts = torch.zeros(len(members), device=device)  # (H,) AdamW's step count, as its kernel reads it
         self.states = []
         for fold, seed in heads:
             f = folds[fold]
@@ -151,11 +156,11 @@ class Stack:
         c = self.config
         if train and c.pooled_dropout > 0:
             pooled = pooled * self.dropout_mask(pooled.shape, c.pooled_dropout, generators)
-        z = F.gelu(torch.baddbmm(w["proj.0.bias"][:, None], pooled, w["proj.0.weight"].transpose(1, 2)))  # (A, B, proj)
+        z = F.gelu(torch.baddbmm(w["proj.0.bias"][:, None], pooled, w["proj.0.weight"]))  # (A, B, proj)
         if train and c.dropout > 0:
             z = z * self.dropout_mask(z.shape, c.dropout, generators)
-        logits = torch.baddbmm(w["classifier.bias"][:, None], z, w["classifier.weight"].transpose(1, 2))  # (A, B, C)
-        va = torch.baddbmm(w["regressor.bias"][:, None], z, w["regressor.weight"].transpose(1, 2))  # (A, B, 2)
+        logits = torch.baddbmm(w["classifier.bias"][:, None], z, w["classifier.weight"])  # (A, B, C)
+        va = torch.baddbmm(w["regressor.bias"][:, None], z, w["regressor.weight"])  # (A, B, 2)
         return logits, va
 
     def dropout_mask(self, shape: torch.Size, p: float, generators: list[torch.Generator]) -> torch.Tensor:
@@ -172,72 +177,97 @@ class Stack:
         `affine`: (scale (A, D), shift (A, D)) that each head's frames still need (a one-layer read's input
         normalization, heads/train/fold_inputs.py). `cap`: a row with more SAP frames attends among `cap` of
         them drawn at random (each head from its own generator), in their order (`--sap-frames`, training only).
+
+        Two layouts of the frames for the projections: when every row has about the longest row's count
+        (`--sap-frames` caps them all), one padded `(A, B, S, D)` block whose projections feed the attention
+        as they are; otherwise each head's frames packed `(A, F, D)` and regrouped by length (`length_groups`).
         """
         a, b = start.shape
         d_model, nh = self.hidden, self.n_heads
         d = d_model // nh
         pre = self.sap_prefix
-        w_in, b_in = w[pre + "mhsa.in_proj_weight"], w[pre + "mhsa.in_proj_bias"]  # (A, 3D, D), (A, 3D)
+        w_qk, b_qk = w[pre + QK + "weight"], w[pre + QK + "bias"]  # (A, D, 2D), (A, 2D) queries and keys
+        w_v, b_v = w[pre + V + "weight"], w[pre + V + "bias"]  # (A, nh, D, d), (A, D)
         w_out, b_out = w[pre + "mhsa.out_proj.weight"], w[pre + "mhsa.out_proj.bias"]  # (A, D, D), (A, D)
         frame_ids = None
         if cap is not None and bool((count > cap).any()):
             frame_ids, count = sample_frames(start, count, cap, generators)  # None: evenly spaced (validation)
         flat_count = count.reshape(-1)  # (A*B,)
-        per_head = count.sum(dim=1)  # (A,)
-        packed = int(per_head.max())
-        # frame f of the step: its row, its place in the head's packed block, its row in self.frames
+        longest = int(flat_count.max())
+        if longest == 0:  # no row has a frame (all padding)
+            return self.frames.new_zeros((a, b, d_model), dtype=torch.float32)
+        # frame f of the step: its row, its place in the row, its row in self.frames
         row_of = torch.repeat_interleave(torch.arange(a * b, device=count.device), flat_count)  # (n,)
-        row_first = torch.cumsum(flat_count, 0) - flat_count  # (A*B,) first packed frame of each row
+        row_first = torch.cumsum(flat_count, 0) - flat_count  # (A*B,) first frame of each row, rows in order
         within = torch.arange(len(row_of), device=count.device) - row_first[row_of]  # (n,)
-        head_of = row_of // b
-        head_first = torch.cumsum(per_head, 0) - per_head  # (A,)
-        slot = row_first[row_of] - head_first[head_of] + within  # (n,) place in the head's block
-        x = self.frames.new_zeros((a, packed, d_model), dtype=torch.float32)
         if frame_ids is None:  # every SAP frame of each row, in order
             frame_ids = start.reshape(-1)[row_of] + within
-        x[head_of, slot] = self.frames[frame_ids].float()  # (A, F, D)
+        padded = a * b * longest <= GROUP_WASTE * len(row_of)
+        if padded:  # row r's frames at slots r*S ...
+            per_head, slot = b * longest, row_of * longest + within
+        else:  # each head's rows one after another, no gap
+            heads = count.sum(dim=1)  # (A,)
+            head_of = row_of // b
+            head_first = torch.cumsum(heads, 0) - heads  # (A,)
+            per_head = int(heads.max())
+            slot = head_of * per_head + row_first[row_of] - head_first[head_of] + within
+            base = (torch.arange(a, device=count.device) * per_head)[:, None] + \
+                (row_first.view(a, b) - head_first[:, None])  # (A, B) each row's first slot
+        x = self.frames.new_zeros((a * per_head, d_model), dtype=torch.float32)
+        x[slot] = self.frames[frame_ids].float()
+        x = x.view(a, per_head, d_model)  # (A, F, D)
         if affine is not None:
-            x = x * affine[0][:, None] + affine[1][:, None]
-        base = (torch.arange(a, device=count.device) * packed)[:, None] + \
-            (row_first.view(a, b) - head_first[:, None])  # (A, B) each row's first slot in x.view(A*F, D)
+            x.mul_(affine[0][:, None]).add_(affine[1][:, None])
         real = flat_count.nonzero().squeeze(1)  # rows with frames
-        use_flash = flash_pays(int(flat_count[real].float().mean()) if len(real) else 1, d_model)
+        use_flash = flash_pays(int(flat_count[real].float().mean()), d_model)
         width = 3 if use_flash else 2  # the chunked formulation projects only queries and keys per frame
-        proj = torch.baddbmm(b_in[:, None, : width * d_model], x, w_in[:, : width * d_model].transpose(1, 2))
-        proj = proj.view(a * packed, width * d_model)  # (A*F, 2D or 3D)
-        xf = x.view(a * packed, d_model)
+        if use_flash:
+            w_in = torch.cat([w_qk, w_v.permute(0, 2, 1, 3).reshape(a, d_model, d_model)], dim=2)  # (A, D, 3D)
+            b_in = torch.cat([b_qk, b_v], dim=1)  # (A, 3D)
+        else:
+            w_in, b_in = w_qk, b_qk
+        proj = torch.baddbmm(b_in[:, None], x, w_in).view(-1, width * d_model)  # (A*F, 2D or 3D)
+        xf = x.view(-1, d_model)  # (A*F, D)
+        groups = [None] if padded else length_groups(flat_count, real)
         done, parts, masses = [], [], []
-        for rows in length_groups(flat_count, real):
-            s = int(flat_count[rows].max())
-            t = torch.arange(s, device=count.device)
-            mask = t[None, :] < flat_count[rows][:, None]  # (n_g, S)
-            index = torch.where(mask, base.view(-1)[rows][:, None] + t[None, :], base.view(-1)[rows][:, None])
+        for rows in groups:
+            if rows is None:  # the padded block: every row, as it lies
+                rows, s = torch.arange(a * b, device=count.device), longest
+                qkv, frames = proj.view(a * b, s, width * d_model), xf.view(a * b, s, d_model)
+                mask = torch.arange(s, device=count.device)[None, :] < flat_count[:, None]  # (A*B, S)
+            else:
+                s = int(flat_count[rows].max())
+                t = torch.arange(s, device=count.device)
+                mask = t[None, :] < flat_count[rows][:, None]  # (n_g, S)
+                first = base.view(-1)[rows][:, None]
+                index = torch.where(mask, first + t[None, :], first)  # (n_g, S) slots in x
+                qkv, frames = proj[index], xf[index]
             keys = attendable_keys(mask)
-            weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True)  # (n_g, S) the mean over queries
-            heads_qkv = proj[index].view(len(rows), s, width, nh, d).permute(2, 0, 3, 1, 4)  # (width, n_g, nh, S, d)
+            weights = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (n_g, S) the mean over queries
             if use_flash:
+                heads_qkv = qkv.view(len(rows), s, 3, nh, d).permute(2, 0, 3, 1, 4)  # (3, n_g, nh, S, d)
                 h = F.scaled_dot_product_attention(*heads_qkv, attn_mask=keys[:, None, None, :])  # (n_g, nh, S, d)
                 parts.append(torch.einsum("nhsd,ns->nhd", h, weights))  # (n_g, nh, d)
             else:
                 bias = torch.zeros(len(rows), 1, 1, s, dtype=x.dtype, device=x.device)
                 bias.masked_fill_(~keys[:, None, None, :], float("-inf"))
-                abar = mean_softmax(heads_qkv[0] / math.sqrt(d), heads_qkv[1], bias, weights)  # (n_g, nh, S)
-                parts.append(torch.einsum("nhs,nsd->nhd", abar, xf[index]))  # (n_g, nh, D)
+                abar = mean_softmax(qkv, bias, weights, nh)  # (n_g, nh, S)
+                parts.append(torch.einsum("nhs,nsd->nhd", abar, frames))  # (n_g, nh, D)
                 masses.append(abar.sum(-1))  # (n_g, nh)
             done.append(rows)
-        if not done:  # no row has a frame (all padding)
-            return x.new_zeros(a, b, d_model)
-        order = torch.cat(done)  # every row with frames, once
-        if use_flash:
-            mean = x.new_zeros(a * b, nh, d).index_put((order,), torch.cat(parts))
-            mean = mean.view(a, b, d_model)  # (A, B, D) heads concatenated as in nn.MultiheadAttention
+        if padded:
+            mean, mass = parts[0], masses[0] if masses else None
         else:
-            z = x.new_zeros(a * b, nh, d_model).index_put((order,), torch.cat(parts))  # (A*B, nh, D)
-            mass = x.new_zeros(a * b, nh).index_put((order,), torch.cat(masses))  # (A*B, nh)
-            w_v, b_v = w_in[:, 2 * d_model :].reshape(a, nh, d, d_model), b_in[:, 2 * d_model :].reshape(a, 1, nh, d)
-            v = torch.einsum("abhD,ahdD->abhd", z.view(a, b, nh, d_model), w_v) + b_v * mass.view(a, b, nh, 1)
+            order = torch.cat(done)  # every row with frames, once
+            mean = x.new_zeros((a * b,) + parts[0].shape[1:]).index_put((order,), torch.cat(parts))
+            mass = x.new_zeros(a * b, nh).index_put((order,), torch.cat(masses)) if masses else None
+        if use_flash:  # (A*B, nh, d): heads concatenated as in nn.MultiheadAttention
+            mean = mean.view(a, b, d_model)
+        else:  # (A*B, nh, D) attention-weighted frames per head, then each head's value projection
+            z = mean.view(a, b, nh, d_model).transpose(1, 2)  # (A, nh, B, D)
+            v = (z @ w_v).transpose(1, 2) + b_v.view(a, 1, nh, d) * mass.view(a, b, nh, 1)  # (A, B, nh, d)
             mean = v.reshape(a, b, d_model)
-        out = torch.baddbmm(b_out[:, None], mean, w_out.transpose(1, 2))  # (A, B, D)
+        out = torch.baddbmm(b_out[:, None], mean, w_out)  # (A, B, D)
         return out * (count > 0)[..., None].to(out.dtype)
 
     def losses(self, logits: torch.Tensor, va: torch.Tensor, emotion: torch.Tensor, va_true: torch.Tensor,
@@ -288,6 +318,10 @@ class Stack:
 
     def train(self, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> None:
         """Train every head until its epochs run out or its validation loss stops improving."""
+        with kept_heap() if self.device.type == "cpu" else nullcontext():  # core/heap.py
+            self.train_steps(on_epoch)
+
+    def train_steps(self, on_epoch: Callable[[int, dict[str, float]], None] | None) -> None:
         c = self.config
         while True:
             active = [h for h, s in enumerate(self.states) if not s.done]
@@ -342,34 +376,32 @@ class Stack:
 
     @torch.no_grad()
     def update(self, heads: list[int]) -> None:
-        """AdamW on the given heads (torch.optim.AdamW's arithmetic, each head at its own rate and step)."""
+        """AdamW on the given heads (torch.optim.AdamW's arithmetic, each head at its own rate and step).
+
+        One fused kernel call per learning rate (the heads of a fold share their schedule) over the heads'
+        views: each parameter, gradient and moment is read and written once (at D = 1,024 a head holds
+        ~4 M attention weights; the stack's update is memory-bound)."""
         c = self.config
+        by_lr: dict[float, list[int]] = {}
         for h in heads:
+            by_lr.setdefault(c.lr * self.factors[h](self.states[h].step), []).append(h)
             self.states[h].step += 1
-        every = len(heads) == len(self.states)  # the usual case: update in place, no gather and scatter
-        idx = torch.tensor(heads, device=self.device)
-        steps = torch.tensor([self.states[h].step for h in heads], dtype=torch.float64)
-        lrs = torch.tensor([c.lr * self.factors[h](self.states[h].step - 1) for h in heads], dtype=torch.float64)
-        decay = (1 - lrs * c.weight_decay).float().to(self.device)
-        step_size = (lrs / (1 - BETAS[0] ** steps)).float().to(self.device)
-        bc2_sqrt = (1 - BETAS[1] ** steps).sqrt().float().to(self.device)
-        for n, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            g, m, v, q = (t if every else t[idx] for t in (p.grad, self.exp_avg[n], self.exp_avg_sq[n], p.data))
-            q.mul_(decay.view(shape))
-            m.lerp_(g, 1 - BETAS[0])
-            v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
-            denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(EPS)
-            q.sub_(m / denom * step_size.view(shape))
+        self.step_counts[heads] += 1
+        for lr, group in by_lr.items():
+            views = [(self.params[n].data[h], self.params[n].grad[h], self.exp_avg[n][h], self.exp_avg_sq[n][h],
+                      self.step_counts[h]) for h in group for n in self.names]
+            params, grads, avgs, squares, steps = map(list, zip(*views))
+            torch._fused_adamw_(params, grads, avgs, squares, [], steps, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
+                                weight_decay=c.weight_decay, eps=EPS, amsgrad=False, maximize=False)
             if self.ema is not None:
-                e = self.ema[n] if every else self.ema[n][idx]
-                e.mul_(c.ema).add_(q, alpha=1 - c.ema)
-            if every:
-                p.grad.zero_()
-            else:
-                p.data[idx], self.exp_avg[n][idx], self.exp_avg_sq[n][idx], p.grad[idx] = q, m, v, 0
-                if self.ema is not None:
-                    self.ema[n][idx] = e
+                torch._foreach_lerp_([self.ema[n][h] for h in group for n in self.names], params, 1 - c.ema)
+        if len(heads) == len(self.states):  # the usual case: the next backward's gradients are taken as they come
+            for p in self.params.values():
+                p.grad = None
+        else:
+            idx = torch.tensor(heads, device=self.device)
+            for p in self.params.values():
+                p.grad.index_fill_(0, idx, 0.0)
 
     def averaged(self) -> dict[str, torch.Tensor]:
         """The `--ema` weights of every head: the bias-corrected running averages (heads/train/weight_average.py)."""
@@ -437,11 +469,55 @@ class Stack:
             head = build_head(self.config, (template.mix.n_layers, template.input_size), len(template.classifier.bias))
         state = {k: v for k, v in template.state_dict().items()}
         weights = s.best if s.best is not None else {n: p[h].detach() for n, p in self.params.items()}
-        state.update({n: v.detach().clone() for n, v in weights.items()})
+        state.update({n: v.detach().clone() for n, v in from_stack(weights).items()})
         head.load_state_dict(state)
         if head.mix.logits is not None:
             head.mix.fix(head.mix.logits.detach().clone())
         return head.to(self.device).eval()
+
+
+QK, V = "mhsa.in_proj:qk.", "mhsa.in_proj:v."  # the pieces of nn.MultiheadAttention's in_proj_{weight,bias}
+IN_PROJ = "mhsa.in_proj_"
+
+
+def to_stack(params: dict[str, torch.Tensor], n_heads: int) -> dict[str, torch.Tensor]:
+    """`SERHead` parameters stacked over heads `(H, ...)` in the layout the stack computes with.
+
+    Each weight matrix input-major, `(H, in, out)`, so `x @ W` and its gradient `x^T @ dy` come out in the
+    parameter's own layout (a transposed gradient costs a strided copy of every weight each step). The
+    attention input projection in two pieces: queries and keys `(H, D, 2D)` and values by attention head
+    `(H, nh, D, d)`, leaves of their own, since the chunked SAP uses them apart. Biases as they are.
+    """
+    out = {}
+    for name, p in params.items():
+        prefix, sep, kind = name.rpartition(IN_PROJ)
+        dim = p.shape[-1] // 3 if kind == "bias" else p.shape[-1]
+        if sep and kind == "weight":  # (H, 3D, D)
+            out[prefix + QK + kind] = p[:, : 2 * dim].transpose(1, 2).contiguous()
+            out[prefix + V + kind] = p[:, 2 * dim :].reshape(len(p), n_heads, -1, dim).transpose(2, 3).contiguous()
+        elif sep:  # (H, 3D)
+            out[prefix + QK + kind], out[prefix + V + kind] = p[:, : 2 * dim].clone(), p[:, 2 * dim :].clone()
+        elif p.dim() == 3:  # a linear layer's (H, out, in)
+            out[name] = p.transpose(1, 2).contiguous()
+        else:
+            out[name] = p.clone()
+    return out
+
+
+def from_stack(pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One head's weights (no head axis) by `SERHead`'s parameter names and layouts: `to_stack` undone."""
+    out = {}
+    for name, p in pieces.items():
+        prefix, sep, kind = name.rpartition(QK)
+        if sep:
+            v = pieces[prefix + V + kind]
+            if kind == "weight":  # (D, 2D) and (nh, D, d)
+                out[prefix + IN_PROJ + kind] = torch.cat([p.t(), v.transpose(1, 2).reshape(-1, v.shape[1])])
+            else:
+                out[prefix + IN_PROJ + kind] = torch.cat([p, v])
+        elif V not in name:
+            out[name] = p.t() if p.dim() == 2 else p
+    return out
 
 
 def sample_frames(start: torch.Tensor, count: torch.Tensor, cap: int,
