@@ -170,3 +170,20 @@ def test_the_stack_trains_as_the_single_head_trainer(cache_path):
     np.testing.assert_allclose(ours.to_numpy(), theirs.to_numpy(), rtol=1e-4, atol=1e-5)
     assert result.test.utt_id == single.test.utt_id
     np.testing.assert_allclose(result.test.probs, single.test.probs, atol=1e-4)
+
+
+def test_the_folds_of_a_one_layer_read_share_their_frames_in_the_memory_budget(cache_path):
+    """A one-layer read holds every utterance's frames once for all its folds, so folds whose frames fit
+    once are one stack; a read of several layers holds a copy per fold and is split at the same budget."""
+    from heads.train.fold_group import groups
+
+    with open_cache(cache_path) as cache:
+        ks = list(range(1, 7))
+        every = {u for k in ks for u in fold_data(cache, k).train + fold_data(cache, k).val}
+        once = 2 * int(cache.hidden_size) * int(cache.meta.loc[sorted(every), "n_frames"].sum())  # float16 frames
+        config = TrainConfig(**{**SETTINGS, "memory_gb": 1.5 * once / 2**30})
+        assert groups(cache, ks, config, [1]) == [ks]
+        split = groups(cache, ks, config, [0, 1, 2])  # each fold's mixed frames its own
+        assert len(split) > 1 and [k for g in split for k in g] == ks
+        tight = TrainConfig(**{**SETTINGS, "memory_gb": 0.5 * once / 2**30})
+        assert len(groups(cache, ks, tight, [1])) > 1  # one copy that does not fit still splits

@@ -51,22 +51,36 @@ def stacked(config: TrainConfig, layers: list[int]) -> bool:
 def groups(cache: FeatureCache, ks: list[int], config: TrainConfig, layers: list[int]) -> list[list[int]]:
     """The folds in groups whose SAP frames fit `--memory-gb` beside the preloaded features (at least one fold each).
 
-    A fold's frames are at most its training and validation frames, one layer's worth, 2 bytes each
-    (4 under `--norm none`).
+    A fold's frames are at most its training and validation frames, 2 bytes each (4 under `--norm none`).
+    The folds of a one-layer read share one copy of the frames (heads/train/fold_inputs.py `cache_moments`),
+    so a group holds each of its utterances once; a read of several layers holds a copy per fold (per seed
+    under `--layer-weights pooled`), each mixed by the fold's own layer weights.
     """
     width = 4 if config.norm == "none" else 2
     budget = max(0, int(config.memory_gb * 2**30) - (getattr(cache, "preloaded_bytes", 0) or 0))
+    frames = cache.meta["n_frames"]
+    shared = len(layers) == 1
     out: list[list[int]] = [[]]
+    held: set[str] = set()
     used = 0
     for k in ks:
         data = fold_data(cache, k, config.protocol)
-        copies = len(seeds_of(config, data)) if config.layer_weights == "pooled" and len(layers) > 1 else 1
-        need = copies * width * int(cache.hidden_size) * int(cache.meta.loc[data.train + data.val, "n_frames"].sum())
-        if out[-1] and used + need > budget:
+        ids = data.train + data.val
+
+        def need() -> int:
+            if shared:
+                return width * int(cache.hidden_size) * int(frames.loc[[u for u in ids if u not in held]].sum())
+            copies = len(seeds_of(config, data)) if config.layer_weights == "pooled" and len(layers) > 1 else 1
+            return copies * width * int(cache.hidden_size) * int(frames.loc[ids].sum())
+
+        more = need()
+        if out[-1] and used + more > budget:
             out.append([])
-            used = 0
+            held, used = set(), 0
+            more = need()
         out[-1].append(k)
-        used += need
+        held.update(ids)
+        used += more
     return out
 
 
