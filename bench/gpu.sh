@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure bench/results/ needs, in ONE call of under 9 minutes on a machine lent a GPU
-# (limits 170 + 120 + 70 + 60 + 100 s = 8 min 40 s at worst):
+# Every GPU figure bench/results/ needs, in ONE call of under 10 minutes on a machine lent a GPU
+# (limits 170 + 100 + 70 + 60 + 90 + 100 s = 9 min 50 s at worst):
 #
 #   bash bench/gpu.sh                 # writes bench/results/*-gpu.md (commit them)
 #   bash bench/gpu.sh --dry-run DIR   # tiny sizes on the CPU in about a minute (tests/test_gpu_script.py)
@@ -12,7 +12,9 @@
 #    when it has --layer-scaling; else that part says so);
 # 3. the stacked head trainer's arithmetic rate against the GPU's matmul peak, D = 512 and 1,024,
 #    and its all-folds IEMOCAP extrapolation (bench/head_flops.py);
-# 4. fine-tuning step time and peak memory at the paper's batch, 64 x 19 s (bench/finetune.py).
+# 4. whole commands as users run them on the GPU: `cli baseline`, `train-head --all-folds` GAP and SR
+#    (3 epochs) on a 2,000-utterance IEMOCAP-shaped one-layer cache (bench/head_speed.py --synthetic);
+# 5. fine-tuning step time and peak memory at the paper's batch, 64 x 19 s (bench/finetune.py).
 # Each part has its own time limit, and a part that fails does not stop the others: the
 # summary at the end says which parts wrote results.
 set -uo pipefail
@@ -54,13 +56,15 @@ if [[ $DRY == 1 ]]; then
     fi
     part head-flops 120 "$PY" bench/head_flops.py --device cpu --dim 32 --utts 40 --steps 2 --work "$WORK/flops" \
         --out "$OUT/head-flops-gpu.md"
+    part head-speed 120 "$PY" bench/head_speed.py --synthetic 40 --rounds 1 --only gap --work "$WORK/speed" \
+        --out "$OUT/head-speed-gpu.md" -- --device cpu --epochs 1 --min-steps 0
     part finetune 300 "$PY" bench/finetune.py --model tiny --device cpu --batch-size 4 --seconds 1 \
         --step-seconds 4 --steps 2 --workers 0 --checkpointing off --dir "$WORK/ft" --out "$OUT/finetune-gpu.md"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     part extract 170 "$PY" bench/extract.py --device cuda --arch large --amp bf16 --minutes 30 --repeats 2 \
         --work "$WORK/extract" --results "$OUT/extract-gpu.md"
-    part extract-batch 120 "$PY" bench/extract.py --device cuda --arch large --amp bf16 --minutes 30 --repeats 1 \
+    part extract-batch 100 "$PY" bench/extract.py --device cuda --arch large --amp bf16 --minutes 30 --repeats 1 \
         --work "$WORK/extract" --variant "b50=--batch-seconds 50" --variant "b400=--batch-seconds 400" \
         --results "$OUT/extract-gpu-batch.md"
     if "$PY" bench/train_head.py --help 2>/dev/null | grep -q -- "--layer-scaling"; then
@@ -71,11 +75,13 @@ else
     fi
     part head-flops 60 "$PY" bench/head_flops.py --device cuda --dim 512 --dim 1024 --work "$WORK/flops" \
         --out "$OUT/head-flops-gpu.md"
+    part head-speed 90 "$PY" bench/head_speed.py --synthetic 2000 --rounds 1 --only baseline,gap,default \
+        --work "$WORK/speed" --out "$OUT/head-speed-gpu.md" -- --device cuda --epochs 3 --min-steps 0
     part finetune 100 "$PY" bench/finetune.py --model large --device cuda --batch-size 64 --seconds 19 \
         --step-seconds 200 --steps 4 --dir "$WORK/ft" --out "$OUT/finetune-gpu.md"
 fi
 
 echo "=== summary (results in $OUT)"
-for name in extract extract-batch train-head head-flops finetune; do
+for name in extract extract-batch train-head head-flops head-speed finetune; do
     echo "$name: ${STATUS[$name]:-not run}"
 done

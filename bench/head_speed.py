@@ -7,7 +7,11 @@ best wall time kept. Wall and CPU time (the child's user + system), the UA the r
 ratio of each command's wall time to `cli baseline`'s on the same cache.
 
     python bench/head_speed.py --cache A.h5 [--cache B.h5 ...] [--rounds 2] [--out bench/results/head-speed-cpu.md]
-        [--only baseline,gap,sr1,default,ablate]
+        [--only baseline,gap,sr1,default,ablate] [-- TRAIN-HEAD OPTIONS]
+    python bench/head_speed.py --synthetic 5531 --rounds 1 --only baseline,gap,default -- --epochs 2 --min-steps 0
+
+`--synthetic N` adds an IEMOCAP-shaped synthetic cache of N utterances (bench/head_bench.py: 10 speakers
+in 5 sessions, median 250 frames, one layer of D = 1,024, float16), built in `--work` (reused there).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def ua_of(out: Path, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", type=Path, action="append", required=True)
+    ap.add_argument("--cache", type=Path, action="append", default=[])
+    ap.add_argument("--synthetic", type=int, default=0, help="also an IEMOCAP-shaped cache of this many utterances")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default=",".join(COMMANDS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "head-speed-cpu.md")
@@ -78,6 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     work = args.work or Path(tempfile.mkdtemp(prefix="sapser-head-speed-"))
+    if args.synthetic:
+        from bench.head_bench import build_cache
+
+        work.mkdir(parents=True, exist_ok=True)
+        args.cache.append(build_cache(work / f"iemocap-shaped-{args.synthetic}x1024.h5", utts=args.synthetic,
+                                      layers=1, dim=1024, frames=250))
+    if not args.cache:
+        ap.error("give --cache, --synthetic or both")
     rows = []
     for cache in args.cache:
         best: dict[str, dict] = {}

@@ -22,6 +22,8 @@ def test_gpu_script_dry_run_writes_every_result(tmp_path):
     assert "extract: exit 0" in summary and "finetune: exit 0" in summary, summary
     assert "train-head: exit 0" in summary or "train-head: skipped" in summary, summary
     assert "head-flops: exit 0" in summary and "| 32 |" in (out / "head-flops-gpu.md").read_text(), summary
+    assert "head-speed: exit 0" in summary, summary
+    assert "| iemocap-shaped-40x1024.h5 | `train-head --all-folds --pooling gap` |" in (out / "head-speed-gpu.md").read_text()
     extract = (out / "extract-gpu.md").read_text()
     assert "| plain |" in extract and "| ours |" in extract and "| b2 |" in extract
     assert "whole process" in extract and "steady state" in extract
