@@ -27,11 +27,18 @@ a fold trained alone and in a run of all folds give the same predictions
 within float tolerance). The test speaker is then predicted through the full
 path, `SERHead.forward` on every cached layer, as `cli predict` runs it.
 
-SAP's attention over a stack of utterances of different lengths: each step's
-frames are packed per head `(H, F, D)` for the query/key/value projections (one
-batched matmul, no padding between utterances), then the utterances are sorted
-by length into groups of similar length (`length_groups`) for the attention
-itself, so little of it is spent on padding.
+SAP's attention over a stack of utterances of different lengths: when every
+row holds about as many frames as the longest (`--sap-frames` caps them), the
+step's frames are one padded block `(H, B*S, D)` whose query/key projections
+(one batched matmul) feed the attention as they lie. Otherwise they are packed
+per head `(H, F, D)`, no padding between utterances, projected, then sorted by
+length into groups of similar length (`length_groups`) for the attention, so
+little of it is spent on padding.
+
+The weights are held in the layout the step computes with (`to_stack`):
+matrices input-major, the attention's input projection as two leaves (queries
+and keys; values), so every gradient arrives in its parameter's own layout.
+`head()` gives them back as `SERHead`'s (`from_stack`).
 """
 
 from __future__ import annotations
