@@ -1,5 +1,5 @@
 """core/heap.py: inside `kept_heap` freed large blocks stay with the process for the next allocation;
-outside (and after leaving) glibc returns them to the system at once."""
+outside (and after leaving it, and inside an `ordinary_heap` within it) glibc returns them at once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from core.heap import glibc, kept_heap
+from core.heap import glibc, kept_heap, ordinary_heap
 
 pytestmark = pytest.mark.skipif(glibc() is None, reason="glibc's malloc policy; other C libraries are left alone")
 
@@ -44,3 +44,14 @@ def test_leaving_returns_the_kept_memory():
         touched_then_freed()
         inside = resident()
     assert resident() < inside - BLOCK // 2
+
+
+def test_an_ordinary_heap_inside_a_kept_one_returns_blocks_and_the_kept_one_resumes():
+    with kept_heap():
+        touched_then_freed()
+        kept = resident()
+        with ordinary_heap():
+            assert resident() < kept - BLOCK // 2  # what was kept went back on entering
+            assert touched_then_freed() < BLOCK // 4  # and a block of a new size is returned on free
+        assert touched_then_freed() > BLOCK * 3 // 4  # kept again after leaving
+

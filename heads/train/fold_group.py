@@ -16,6 +16,7 @@ from every layer of every frame, trains one head at a time
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch
 from cache.reader import FeatureCache
 from core.devices import resolve_device
 from core.errors import UserError
+from core.heap import ordinary_heap
 from heads.config import TrainConfig, heads_for
 from heads.evaluate.metrics import fold_scores
 from heads.model.head import SERHead
@@ -124,7 +126,8 @@ def train_group(cache: FeatureCache, ks: list[int], config: TrainConfig, layers:
             if k in written or not all(stack.states[i].done for i in mine):
                 return
             models = [stack.head(i) for i in mine]
-            results = [test(stack, i, models[j], cache, layers, resident) for j, i in enumerate(mine)]
+            with ordinary_heap() if device.type == "cpu" else nullcontext():  # whole utterances: core/heap.py
+                results = [test(stack, i, models[j], cache, layers, resident) for j, i in enumerate(mine)]
             seeds = [stack.states[i].seed for i in mine]
             write(k, combine(results, seeds, datas[k].classes), datas[k], models, [r.history for r in results])
             written.add(k)
