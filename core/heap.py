@@ -22,6 +22,7 @@ from typing import Iterator
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
 KEEP = 2**31 - 1  # free memory kept at the heap's top before it is returned (mallopt takes an int)
+_kept = 0  # kept_heap()s entered and not left
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -50,26 +51,31 @@ def kept_heap() -> Iterator[None]:
     (whole utterances of every length) would each extend the heap. Such work inside goes in
     `ordinary_heap`.
     """
+    global _kept
     libc = glibc()
     if libc is None:
         yield
         return
     keep(libc, True)
+    _kept += 1
     try:
         yield
     finally:
-        keep(libc, False)
+        _kept -= 1
+        if not _kept:
+            keep(libc, False)
 
 
 @contextmanager
 def ordinary_heap() -> Iterator[None]:
-    """glibc's defaults (and the kept memory returned) inside a `kept_heap`, which resumes on leaving.
+    """glibc's defaults (and the kept memory returned) inside a `kept_heap`, which resumes on leaving;
+    outside one, nothing to do.
 
     A 25-layer cache's fold test, predicting whole utterances of every length inside the kept heap of
     the head trainer, grew a process to 24 GB in six folds (killed by the kernel's OOM killer).
     """
     libc = glibc()
-    if libc is None:
+    if libc is None or not _kept:
         yield
         return
     keep(libc, False)

@@ -55,3 +55,9 @@ def test_an_ordinary_heap_inside_a_kept_one_returns_blocks_and_the_kept_one_resu
             assert touched_then_freed() < BLOCK // 4  # and a block of a new size is returned on free
         assert touched_then_freed() > BLOCK * 3 // 4  # kept again after leaving
 
+
+def test_an_ordinary_heap_outside_a_kept_one_changes_nothing():
+    with ordinary_heap():
+        assert touched_then_freed() < BLOCK // 4
+    assert touched_then_freed() < BLOCK // 4  # not left in the kept mode
+

@@ -16,7 +16,6 @@ from every layer of every frame, trains one head at a time
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -126,7 +125,7 @@ def train_group(cache: FeatureCache, ks: list[int], config: TrainConfig, layers:
             if k in written or not all(stack.states[i].done for i in mine):
                 return
             models = [stack.head(i) for i in mine]
-            with ordinary_heap() if device.type == "cpu" else nullcontext():  # whole utterances: core/heap.py
+            with ordinary_heap():  # whole utterances of every length: core/heap.py
                 results = [test(stack, i, models[j], cache, layers, resident) for j, i in enumerate(mine)]
             seeds = [stack.states[i].seed for i in mine]
             write(k, combine(results, seeds, datas[k].classes), datas[k], models, [r.history for r in results])

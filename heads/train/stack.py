@@ -125,7 +125,6 @@ class Stack:
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.ema = {n: torch.zeros_like(p) for n, p in self.params.items()} if c.ema > 0 else None
-        self.step_counts = torch.zeros(len(members), device=device)  # (H,) AdamW's step count, as its kernel reads it
         self.states = []
         for fold, seed in heads:
             f = folds[fold]
@@ -393,10 +392,10 @@ class Stack:
         for h in heads:
             by_lr.setdefault(c.lr * self.factors[h](self.states[h].step), []).append(h)
             self.states[h].step += 1
-        self.step_counts[heads] += 1
         for lr, group in by_lr.items():
+            counts = torch.tensor([float(self.states[h].step) for h in group], device=self.device)  # as the kernel reads them
             views = [(self.params[n].data[h], self.params[n].grad[h], self.exp_avg[n][h], self.exp_avg_sq[n][h],
-                      self.step_counts[h]) for h in group for n in self.names]
+                      counts[i]) for i, h in enumerate(group) for n in self.names]
             params, grads, avgs, squares, steps = map(list, zip(*views))
             torch._fused_adamw_(params, grads, avgs, squares, [], steps, lr=lr, beta1=BETAS[0], beta2=BETAS[1],
                                 weight_decay=c.weight_decay, eps=EPS, amsgrad=False, maximize=False)
